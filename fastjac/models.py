@@ -1,0 +1,206 @@
+"""The recurrent self-attention models of DESIGN section 1: ItrSA and AKOrN, as torch.nn.Modules.
+
+One call is one step; ``unroll`` iterates it. Every fastjac function recognises these models and takes the
+analytic path for them; any other callable ``X -> X`` goes through torch.func.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from .ops.akorn import omega_apply, proj_forward
+from .ops.attention import AttnParams, msa_forward
+from .ops.norm import NORMS, NormParams, norm_forward
+from .ops.step import AKOrNLinearization, AKOrNParams, ItrSALinearization, ItrSAParams
+
+
+def _check_int(name: str, v, minimum: int = 1) -> int:
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise TypeError(f"{name}: expected an int, got {type(v).__name__}")
+    if v < minimum:
+        raise ValueError(f"{name}: expected an int >= {minimum}, got {v}")
+    return v
+
+
+class _RecurrentAttention(nn.Module):
+    """Multi-head attention weights shared by ItrSA and AKOrN, plus the learnable step size eta."""
+
+    def __init__(self, dim, heads, *, head_dim=None, value_dim=None, out_proj=True, bias=False, eta=1.0,
+                 beta=None, causal=False, dtype=None, device=None):
+        super().__init__()
+        D, H = _check_int("dim", dim), _check_int("heads", heads)
+        dh = _check_int("head_dim", head_dim) if head_dim is not None else max(1, D // H)
+        if out_proj:
+            dv = _check_int("value_dim", value_dim) if value_dim is not None else dh
+        else:
+            if value_dim not in (None, D):
+                raise ValueError(f"value_dim: without an output projection the values are D={D} wide, got {value_dim}")
+            dv = D
+        fk = dict(dtype=dtype if dtype is not None else torch.get_default_dtype(), device=device)
+        self.dim, self.heads, self.head_dim, self.value_dim = D, H, dh, dv
+        self.wq = nn.Parameter(torch.randn(H, D, dh, **fk) / math.sqrt(D))
+        self.wk = nn.Parameter(torch.randn(H, D, dh, **fk) / math.sqrt(D))
+        self.wv = nn.Parameter(torch.randn(H, D, dv, **fk) / math.sqrt(D))
+        self.wo = nn.Parameter(torch.randn(H, dv, D, **fk) / math.sqrt(H * dv)) if out_proj else None
+        if bias:
+            u = lambda *s: nn.Parameter((torch.rand(*s, **fk) * 2 - 1) / math.sqrt(D))  # noqa: E731 (nn.Linear's init)
+            self.bq, self.bk, self.bv, self.bo = u(H, dh), u(H, dh), u(H, dv), u(D)
+        else:
+            self.bq = self.bk = self.bv = self.bo = None
+        self.eta = nn.Parameter(torch.tensor(float(eta), **fk))
+        self.beta = float(beta) if beta is not None else 1.0 / math.sqrt(dh)
+        self.causal = bool(causal)
+
+    def attn_params(self) -> AttnParams:
+        return AttnParams(self.wq, self.wk, self.wv, self.wo, self.bq, self.bk, self.bv, self.bo, self.beta,
+                          self.causal)
+
+    def msa(self, X: Tensor) -> Tensor:
+        """MSA(X) alone. X: [S, D] or [B, S, D]."""
+        return msa_forward(X, self.attn_params())
+
+    def _check_forward(self, X: Tensor, C: Optional[Tensor]) -> None:
+        # shape-only checks: they must stay data-independent so torch.func transforms can trace forward()
+        if X.dim() not in (2, 3) or X.shape[-1] != self.dim:
+            raise ValueError(f"X: expected shape [S, {self.dim}] or [B, S, {self.dim}], got {tuple(X.shape)}")
+        if C is not None and C.shape != X.shape and C.shape != X.shape[-2:]:
+            raise ValueError(f"C: expected shape {tuple(X.shape)} (or [S, D] for a batch), got {tuple(C.shape)}")
+
+    def unroll(self, X0: Tensor, C: Optional[Tensor] = None, steps: int = 1) -> Tensor:
+        """Iterate the step: returns the trajectory [steps + 1, *X0.shape] with X0 first.
+
+        Example:
+            >>> import fastjac as fj, torch
+            >>> m = fj.ItrSA(16, 2)
+            >>> m.unroll(torch.randn(9, 16), steps=4).shape
+            torch.Size([5, 9, 16])
+        """
+        _check_int("steps", steps, 0)
+        xs = [X0]
+        for _ in range(steps):
+            xs.append(self(xs[-1], C))
+        return torch.stack(xs)
+
+    def linearize_analytic(self, X: Tensor, C: Optional[Tensor] = None):  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+class ItrSA(_RecurrentAttention):
+    """Iterated self-attention (Tomihari & Karakida Eq. 9): ``X' = Norm(X + eta (C + MSA(X)))``.
+
+    Args:
+        dim: D, features per token. heads: H.
+        head_dim: dh of queries/keys (default D // H). value_dim: dv (default dh; D when ``out_proj=False``).
+        out_proj: use Wo [H, dv, D]; without it Wo_h = I and dv = D (the paper's propositions).
+        bias: biases bq, bk, bv, bo. norm: "l2" | "rms" | "layer" | "none", applied per group of ``norm_group``
+        features (default D). eps: the norm's epsilon. eta: initial value of the learnable step size.
+        beta: inverse temperature (default 1/sqrt(dh)). causal: mask keys j > i.
+
+    Attributes: wq, wk [H, D, dh]; wv [H, D, dv]; wo [H, dv, D] or None; bq, bk [H, dh], bv [H, dv], bo [D] or
+    None; gamma [D] (None for "none"); norm_bias [D] ("layer") or None; eta (0-dim parameter); beta; eps; norm;
+    norm_group; causal.
+
+    Example:
+        >>> import fastjac as fj, torch
+        >>> m = fj.ItrSA(dim=24, heads=3, norm="rms", causal=True)
+        >>> X = torch.randn(2, 7, 24)
+        >>> m(X).shape, fj.jacobian(m, X).shape
+        (torch.Size([2, 7, 24]), torch.Size([2, 168, 168]))
+    """
+
+    def __init__(self, dim, heads, *, head_dim=None, value_dim=None, out_proj=True, bias=False, norm="l2",
+                 norm_group=None, eps=1e-6, eta=1.0, beta=None, causal=False, dtype=None, device=None):
+        super().__init__(dim, heads, head_dim=head_dim, value_dim=value_dim, out_proj=out_proj, bias=bias, eta=eta,
+                         beta=beta, causal=causal, dtype=dtype, device=device)
+        if norm not in NORMS:
+            raise ValueError(f"norm: expected one of {NORMS}, got {norm!r}")
+        N = _check_int("norm_group", norm_group) if norm_group is not None else dim
+        if dim % N:
+            raise ValueError(f"norm_group: must divide dim={dim}, got {N}")
+        if not (isinstance(eps, (int, float)) and eps >= 0):
+            raise ValueError(f"eps: expected a float >= 0, got {eps!r}")
+        fk = dict(dtype=self.wq.dtype, device=self.wq.device)
+        self.norm, self.norm_group, self.eps = norm, N, float(eps)
+        self.gamma = nn.Parameter(torch.ones(dim, **fk)) if norm != "none" else None
+        self.norm_bias = nn.Parameter(torch.zeros(dim, **fk)) if norm == "layer" else None
+
+    def norm_params(self) -> NormParams:
+        return NormParams(self.norm, self.gamma, self.norm_bias, self.eps, self.norm_group)
+
+    def step_params(self) -> ItrSAParams:
+        return ItrSAParams(self.attn_params(), self.norm_params(), self.eta)
+
+    def forward(self, X: Tensor, C: Optional[Tensor] = None) -> Tensor:
+        """One step. X: [S, D] or [B, S, D]; C: X's shape, [S, D], or None. Returns X's shape."""
+        self._check_forward(X, C)
+        F = self.msa(X) if C is None else C + self.msa(X)
+        return norm_forward(X + self.eta * F, self.norm_params())
+
+    def linearize_analytic(self, X: Tensor, C: Optional[Tensor] = None) -> ItrSALinearization:
+        """The torch-backend linearisation at a batched X [B, S, D]."""
+        return ItrSALinearization(X, C, self.step_params())
+
+    def extra_repr(self) -> str:
+        return (f"dim={self.dim}, heads={self.heads}, head_dim={self.head_dim}, value_dim={self.value_dim}, "
+                f"out_proj={self.wo is not None}, bias={self.bq is not None}, norm={self.norm!r}, "
+                f"norm_group={self.norm_group}, beta={self.beta:.4g}, causal={self.causal}")
+
+
+class AKOrN(_RecurrentAttention):
+    """Artificial Kuramoto oscillatory neurons (Miyato et al. 2025) as a recurrent step:
+
+    ``X' = Pi_osc(X + eta (Omega X + Proj_X(C + MSA(X))))``, oscillators = groups of ``osc_dim`` features.
+
+    Omega acts on each oscillator by the anti-symmetric part of ``omega`` [G, N, N] (G = D / N), so any value of the
+    parameter gives a valid rotation generator. Pi_osc is the unit-sphere projection per oscillator (eps = 0): states
+    are meant to live on the product of spheres (``AKOrN.project(X)`` puts them there).
+    Other arguments as for :class:`ItrSA`.
+
+    Example:
+        >>> import fastjac as fj, torch
+        >>> m = fj.AKOrN(dim=16, heads=2, osc_dim=4)
+        >>> X = m.project(torch.randn(5, 16))
+        >>> Y, JT = fj.jvp(m, X, torch.randn(3, 5, 16))
+        >>> JT.shape
+        torch.Size([3, 5, 16])
+    """
+
+    def __init__(self, dim, heads, *, osc_dim=4, head_dim=None, value_dim=None, out_proj=True, bias=False, eta=1.0,
+                 beta=None, causal=False, omega_std=1.0, dtype=None, device=None):
+        super().__init__(dim, heads, head_dim=head_dim, value_dim=value_dim, out_proj=out_proj, bias=bias, eta=eta,
+                         beta=beta, causal=causal, dtype=dtype, device=device)
+        N = _check_int("osc_dim", osc_dim)
+        if dim % N:
+            raise ValueError(f"osc_dim: must divide dim={dim}, got {N}")
+        self.osc_dim = N
+        self.omega = nn.Parameter(omega_std * torch.randn(dim // N, N, N, dtype=self.wq.dtype, device=self.wq.device))
+
+    @property
+    def norm(self) -> str:
+        return "l2"
+
+    def project(self, X: Tensor) -> Tensor:
+        """Put every oscillator of X on its unit sphere. X: [..., S, D]."""
+        Xg = X.unflatten(-1, (self.dim // self.osc_dim, self.osc_dim))
+        return (Xg / Xg.norm(dim=-1, keepdim=True)).flatten(-2)
+
+    def step_params(self) -> AKOrNParams:
+        return AKOrNParams(self.attn_params(), self.omega, self.osc_dim, self.eta)
+
+    def forward(self, X: Tensor, C: Optional[Tensor] = None) -> Tensor:
+        """One step. X: [S, D] or [B, S, D]; C: X's shape, [S, D], or None. Returns X's shape."""
+        self._check_forward(X, C)
+        Y = self.msa(X) if C is None else C + self.msa(X)
+        Z = X + self.eta * (omega_apply(self.omega, X) + proj_forward(X, Y, self.osc_dim))
+        return norm_forward(Z, NormParams("l2", None, None, 0.0, self.osc_dim))
+
+    def linearize_analytic(self, X: Tensor, C: Optional[Tensor] = None) -> AKOrNLinearization:
+        return AKOrNLinearization(X, C, self.step_params())
+
+    def extra_repr(self) -> str:
+        return (f"dim={self.dim}, heads={self.heads}, osc_dim={self.osc_dim}, head_dim={self.head_dim}, "
+                f"value_dim={self.value_dim}, out_proj={self.wo is not None}, bias={self.bq is not None}, "
+                f"beta={self.beta:.4g}, causal={self.causal}")
