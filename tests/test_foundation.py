@@ -219,3 +219,17 @@ def test_primitive_ops_reachable():
     for name in ("msa_forward", "msa_jvp", "msa_vjp", "msa_jacobian_rows", "norm_forward", "norm_jvp", "norm_vjp",
                  "norm_jacobian_blocks", "proj_forward", "proj_jvp", "proj_vjp", "omega_apply", "omega_vjp"):
         assert callable(getattr(fj.ops, name))
+
+
+def test_dense_jacobian_is_differentiable_in_the_weights():
+    for name, case in (("ItrSA", ITRSA_CASES[6]), ("AKOrN", AKORN_CASES[3])):
+        m, X, C = make(name, case, 2, True)
+        grads = {}
+        for be in ("torch", "autograd"):
+            m.zero_grad()
+            (fj.jacobian(m, X, C=C, backend=be) ** 2).sum().backward()
+            # LayerNorm's bias shifts the output only: it does not reach the Jacobian (grad None in both paths)
+            grads[be] = {n: torch.zeros_like(p) if p.grad is None else p.grad.clone() for n, p in m.named_parameters()}
+        scale = max(g.abs().max().item() for g in grads["autograd"].values())
+        for n in grads["torch"]:
+            assert (grads["torch"][n] - grads["autograd"][n]).abs().max().item() < 1e-10 * scale, (name, n)

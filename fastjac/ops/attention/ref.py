@@ -134,29 +134,56 @@ def msa_vjp(c: AttnCache, G: Tensor) -> Tensor:
     )
 
 
-def msa_jacobian_rows(c: AttnCache, i0: int, i1: int) -> Tensor:
-    """Dense blocks J[i, m] = dMSA_i/dx_m for the rows i in [i0, i1). Returns [B, I, D, S, D] (i, a, m, b).
+def msa_jacobian_rows(c: AttnCache, i0: int, i1: int, *, left: Optional[Tensor] = None, scale=1.0,
+                      batch: slice = slice(None), out: Optional[Tensor] = None) -> Tensor:
+    """Dense blocks ``scale * left_i @ J[i, m]``, J[i, m] = dMSA_i/dx_m, for the rows i in [i0, i1).
+
+    Returns [B, I, D, S, D] in the layout (i, a, m, b): entry [z, i, a, m, b] is d(left MSA)[z, i, a] / dX[z, m, b].
+    ``left`` [B, I, D, D] is a per-token matrix applied from the left (the normalisation's Jacobian, say; default
+    I); ``scale`` a number or 0-dim tensor (eta); ``batch`` selects samples of the cache; ``out`` (contiguous
+    [B, I, D, S, D], e.g. rows of the final Jacobian) receives the result.
 
     J^h[i,m] = A_im Wv^T + beta A_im (v_m - o_i)(Wk q_i)^T + delta_im beta [sum_j A_ij (v_j - o_i) k_j^T] Wq^T,
-    J[i,m] = sum_h Wo_h^T J^h[i,m]; built without any S^2 D^2 H intermediate.
+    J[i,m] = sum_h Wo_h^T J^h[i,m]. For fixed (i, a) the first two terms are one matrix product over (h, term):
+    [S, 2H] @ [2H, D], so each output element is written once by a single batched GEMM with inner size 2H, and
+    ``left`` and ``scale`` are folded into the small factors. No S^2 D^2 intermediate exists.
     """
     p = c.params
-    AI = c.A[:, :, i0:i1, :]  # [B, H, I, S]
-    wvo = p.wv if p.wo is None else p.wv @ p.wo  # [H, D(b), D(a)]
-    J = torch.einsum("zhim,hba->ziamb", AI, wvo)
-    vo = _out_proj_h(c.v, p.wo)  # [B, H, S, D]
-    oo = _out_proj_h(c.o[:, :, i0:i1], p.wo)  # [B, H, I, D]
-    r = torch.einsum("zhie,hbe->zhib", c.q[:, :, i0:i1], p.wk)  # Wk q_i: [B, H, I, D]
-    U = AI.unsqueeze(-1) * (vo.unsqueeze(2) - oo.unsqueeze(3))  # [B, H, I, S, D(a)]
-    J = J + p.beta * torch.einsum("zhima,zhib->ziamb", U, r)
+    A, q, v, o = c.A[batch], c.q[batch], c.v[batch], c.o[batch]
+    B, H, S, _ = A.shape
+    D, I = c.out.shape[-1], i1 - i0
+    AI = A[:, :, i0:i1, :]  # [B, H, I, S]
+    wvoT = (p.wv if p.wo is None else p.wv @ p.wo).transpose(-1, -2)  # [H, D(a), D(b)]
+    vo = _out_proj_h(v, p.wo)  # [B, H, S, D]
+    oo = _out_proj_h(o[:, :, i0:i1], p.wo)  # [B, H, I, D]
+    rb = (scale * p.beta) * torch.einsum("zhie,hbe->zihb", q[:, :, i0:i1], p.wk)  # beta Wk q_i: [B, I, H, D]
+    if left is None:
+        Lw = wvoT.expand(B, I, H, D, D)
+        U = AI.unsqueeze(-1) * (vo.unsqueeze(2) - oo.unsqueeze(3))  # [B, H, I, S, D(a)]
+    else:
+        Lw = torch.einsum("ziac,hcb->zihab", left, wvoT)  # [B, I, H, D(a), D(b)]
+        Lvo = torch.einsum("ziac,zhmc->zhima", left, vo)  # [B, H, I, S, D]
+        Loo = torch.einsum("ziac,zhic->zhia", left, oo)  # [B, H, I, D]
+        U = AI.unsqueeze(-1) * (Lvo - Loo.unsqueeze(3))
+    # per (z, i, a): [m, (h, term)] @ [(h, term), b]
+    lhs = torch.cat([AI.permute(0, 2, 3, 1).unsqueeze(2).expand(B, I, D, S, H), U.permute(0, 2, 4, 3, 1)], -1)
+    rhs = torch.cat([scale * Lw.transpose(2, 3), rb.unsqueeze(2).expand(B, I, D, H, D)], -2)  # [B, I, D, 2H, D]
+    if out is None:
+        out = lhs @ rhs
+    elif out.is_contiguous() and not (torch.is_grad_enabled() and (lhs.requires_grad or rhs.requires_grad)):
+        torch.matmul(lhs, rhs, out=out)
+    else:  # out= does not record autograd; copy into the view instead
+        out.copy_(lhs @ rhs)
     # diagonal blocks: beta Wo^T [sum_j A_ij (v_j - o_i) k_j^T] Wq^T
-    Ak = AI @ c.k  # [B, H, I, dh]
-    M = torch.einsum("zhij,zhjv,zhje->zhive", AI, c.v, c.k) - c.o[:, :, i0:i1, :, None] * Ak[:, :, :, None, :]
+    Ak = AI @ c.k[batch]  # [B, H, I, dh]
+    M = torch.einsum("zhij,zhjv,zhje->zhive", AI, v, c.k[batch]) - o[:, :, i0:i1, :, None] * Ak[:, :, :, None, :]
     M = M if p.wo is None else torch.einsum("hva,zhive->zhiae", p.wo, M)
-    diag = p.beta * torch.einsum("zhiae,hbe->ziab", M, p.wq)  # [B, I, D, D]
-    idx = torch.arange(i1 - i0, device=J.device)
-    J[:, idx, :, idx + i0, :] += diag.transpose(0, 1)
-    return J
+    diag = (scale * p.beta) * torch.einsum("zhiae,hbe->ziab", M, p.wq)  # [B, I, D, D]
+    if left is not None:
+        diag = left @ diag
+    idx = torch.arange(I, device=out.device)
+    out[:, idx, :, idx + i0, :] += diag.transpose(0, 1)
+    return out
 
 
 def _out_proj_h(x: Tensor, wo: Optional[Tensor]) -> Tensor:

@@ -111,26 +111,29 @@ def norm_vjp(c: NormCache, G: Tensor) -> Tensor:
 
 
 def norm_left_apply(c: NormCache, M: Tensor, i0: int = 0) -> Tensor:
-    """Left-multiply dense rows by the block-diagonal norm Jacobian: M [B, I, D, K] for the tokens [i0, i0+I).
+    """Left-multiply rows by the block-diagonal norm Jacobian: M [B, I, D, K] for the tokens [i0, i0+I).
 
-    Row (i, a) of the result is sum_a' N_i[a, a'] M[i, a', :]; K is any number of columns (S*D for a Jacobian).
+    Row (i, a) of the result is sum_a' N_i[a, a'] M[i, a', :]; K is any number of columns. Each group's block is
+    diag(gamma / s) - L R^T with R^T of rank 1 (w^T), or 2 for "layer" ([w, 1]^T: the centring).
     """
     p = c.params
     if p.kind == "none":
         return M
     B, I, D, K = M.shape
     G, N = D // p.group, p.group
-    u = M.reshape(B, I, G, N, K)
-    sl = slice(i0, i0 + I)
-    sub = NormCache(p, c.w[:, sl, :, :, None], c.s[:, sl, :, :, None], c.out)
+    w, s = c.w[:, i0:i0 + I], c.s[:, i0:i0 + I]  # [B, I, G, N], [B, I, G, 1]
+    gam = torch.ones(G, N, dtype=M.dtype, device=M.device) if p.gamma is None else p.gamma.view(G, N)
+    left = (gam * w / (c.alpha * s ** 3)).unsqueeze(-1)  # [B, I, G, N, 1]
+    right = w.unsqueeze(-2)  # [B, I, G, 1, N]
     if p.kind == "layer":
-        u = u - u.mean(-2, keepdim=True)
-    y = _inner(sub, u, -2).reshape(B, I, D, K)
-    return y if p.gamma is None else y * p.gamma[:, None]
+        left = torch.cat([left, (gam / (N * s)).unsqueeze(-1)], -1)  # [B, I, G, N, 2]
+        right = torch.cat([right, torch.ones_like(right)], -2)  # [B, I, G, 2, N]
+    u = M.reshape(B, I, G, N, K)
+    return (u * (gam / s).unsqueeze(-1) - left @ (right @ u)).reshape(B, I, D, K)
 
 
 def norm_jacobian_blocks(c: NormCache) -> Tensor:
     """The diagonal blocks N_i = dNorm(Z)_i / dz_i of the block-diagonal norm Jacobian. Returns [B, S, D, D]."""
     B, S, D = c.out.shape
     eye = torch.eye(D, dtype=c.out.dtype, device=c.out.device).expand(B, S, D, D)
-    return norm_left_apply(c, eye.contiguous())
+    return norm_left_apply(c, eye)
