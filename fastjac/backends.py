@@ -5,7 +5,8 @@ A backend turns ``(step, X [B, S, D], C)`` into a linearisation object with ``ou
 
 - ``"autograd"``: torch.func on the plain forward of any callable; the reference every fast path is tested against.
 - ``"torch"``: the analytic formulas of ``fastjac.ops`` in batched torch ops, for fastjac models, on any device.
-- later kinds (``"triton"``, ``"cuda"``) register themselves with :func:`register_backend`.
+- ``"triton"``: the Triton kernels (``fastjac/triton_backend.py``), first choice of "auto" on CUDA tensors.
+- later kinds (``"cuda"``) register themselves with :func:`register_backend`.
 """
 from __future__ import annotations
 
@@ -27,8 +28,22 @@ class Backend:
         """None if this backend can linearise ``step`` at X, else the reason it cannot."""
         raise NotImplementedError
 
+    def auto_why_not(self, step, X: Tensor) -> Optional[str]:
+        """As why_not, for "auto"'s choice: a backend may be usable by name yet not worth picking automatically."""
+        return self.why_not(step, X)
+
     def linearize(self, step, X: Tensor, C: Optional[Tensor], batched: bool):
         raise NotImplementedError
+
+
+class UnavailableBackend(Backend):
+    """Stands in for a backend whose module failed to import, so that its name explains why."""
+
+    def __init__(self, name: str, reason: str):
+        self.name, self.reason = name, reason
+
+    def why_not(self, step, X):
+        return self.reason
 
 
 class TorchBackend(Backend):
@@ -110,6 +125,19 @@ def register_backend(backend: Backend, auto_priority: Optional[int] = None) -> N
 register_backend(TorchBackend(), auto_priority=0)
 register_backend(AutogradBackend(), auto_priority=1)
 
+
+def _register_triton() -> None:
+    # a missing or broken triton must not break `import fastjac`: the backend then only says why it is missing
+    try:
+        from .triton_backend import TritonBackend
+    except Exception as e:  # pragma: no cover - depends on the installation
+        register_backend(UnavailableBackend("triton", f"fastjac.triton_backend failed to import ({e})"))
+        return
+    register_backend(TritonBackend(), auto_priority=0)
+
+
+_register_triton()
+
 KNOWN = ("auto", "triton", "torch", "autograd", "cuda")
 
 
@@ -119,7 +147,7 @@ def select(step, X: Tensor, backend: str = "auto") -> Backend:
         raise TypeError(f"backend: expected a string, one of {KNOWN}, got {type(backend).__name__}")
     if backend == "auto":
         for name in _AUTO_ORDER:
-            if _BACKENDS[name].why_not(step, X) is None:
+            if _BACKENDS[name].auto_why_not(step, X) is None:
                 return _BACKENDS[name]
         raise ValueError("backend: no backend supports this step: " + explain(step, X))
     if backend not in _BACKENDS:
@@ -139,6 +167,6 @@ def explain(step, X: Tensor) -> str:
         if name not in _BACKENDS:
             lines.append(f"{name}: not available in this build")
             continue
-        why = _BACKENDS[name].why_not(step, X)
+        why = _BACKENDS[name].auto_why_not(step, X)
         lines.append(f"{name}: {'ok' if why is None else why}")
     return "; ".join(lines)

@@ -5,6 +5,11 @@
 
 ``check_finite``: validate that states, inputs and tangents are finite on every call (default True). A check costs
 one reduction and, on a GPU, a host sync; long trusted loops may switch it off.
+
+``matmul_precision``: operand precision of the float32 matrix products inside the Triton kernels (``backend=
+"triton"``): "ieee" (default, exact float32 products) or "tf32" (tensor-core TF32 operands, 10-bit mantissa: about
+1e-3 relative error in JVPs; faster on Ampere and later GPUs). Environment variable ``FASTJAC_MATMUL_PRECISION``.
+float64 inputs always use "ieee"; the torch and autograd backends ignore it (they follow torch's own settings).
 """
 from __future__ import annotations
 
@@ -13,6 +18,8 @@ from contextlib import contextmanager
 
 dense_limit_gb: float = float(os.environ.get("FASTJAC_DENSE_LIMIT_GB", "4"))
 check_finite: bool = True
+MATMUL_PRECISIONS = ("ieee", "tf32")
+matmul_precision: str = os.environ.get("FASTJAC_MATMUL_PRECISION", "ieee")
 
 
 def set_dense_limit_gb(gb: float) -> None:
@@ -23,13 +30,23 @@ def set_dense_limit_gb(gb: float) -> None:
     dense_limit_gb = float(gb)
 
 
+def set_matmul_precision(precision: str) -> None:
+    """Set the Triton kernels' float32 matmul operand precision: "ieee" (default) or "tf32"."""
+    global matmul_precision
+    if precision not in MATMUL_PRECISIONS:
+        raise ValueError(f"precision: expected one of {MATMUL_PRECISIONS}, got {precision!r}")
+    matmul_precision = precision
+
+
 @contextmanager
 def settings(**kw):
     """Temporarily change settings: ``with fastjac.config.settings(check_finite=False): ...``."""
     g = globals()
     for k in kw:
-        if k not in ("dense_limit_gb", "check_finite"):
+        if k not in ("dense_limit_gb", "check_finite", "matmul_precision"):
             raise TypeError(f"settings: unknown setting {k!r}")
+    if "matmul_precision" in kw and kw["matmul_precision"] not in MATMUL_PRECISIONS:
+        raise ValueError(f"matmul_precision: expected one of {MATMUL_PRECISIONS}, got {kw['matmul_precision']!r}")
     old = {k: g[k] for k in kw}
     g.update(kw)
     try:
