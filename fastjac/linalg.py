@@ -83,7 +83,7 @@ def _wrap(f: Op, n: int, dtype: torch.dtype, device, shape, name: str) -> Op:
         if out.numel() != V.shape[0] * n:
             raise ValueError(f"{name}: given {V.shape[0]} vectors of size {n}, returned shape {tuple(out.shape)}; "
                              f"the convention is V [b, n] -> [b, n] (or [b, *shape] with shape=)")
-        return out.reshape(V.shape[0], n).to(device=V.device, dtype=F64)
+        return out.detach().reshape(V.shape[0], n).to(device=V.device, dtype=F64)
 
     return apply
 

@@ -1,0 +1,340 @@
+"""Spectra of the one-step Jacobian (DESIGN section 3): eigenvalues, spectral norms and the Prop 5.1 bound.
+
+Two linear maps can be analysed at a state X:
+
+- ``part="step"``: ``J_step = ∂step(X, C)/∂X`` through ``fastjac.linearize`` / ``fastjac.vjp`` (analytic for
+  fastjac models, torch.func for any callable);
+- ``part="msa"``: ``J_MSA = ∂MSA/∂X`` alone (C does not enter it). For fastjac models it comes from the analytic
+  attention ops (``fastjac.ops.msa_cache`` / ``msa_jvp`` / ``msa_vjp`` / ``msa_jacobian_rows``); any other object
+  with a callable ``.msa(X)`` is differentiated by torch.func.
+
+Small problems go dense (``fastjac.jacobian`` + ``torch.linalg``); large ones matrix-free through
+:mod:`fastjac.linalg` (block Lanczos on JᵀJ, block Arnoldi on J), so S·D can be far beyond a dense matrix. Batched X
+[B, S, D] gives per-sample results (one linearisation per sample).
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import asdict, dataclass
+from typing import Callable, Iterator, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from . import api, linalg
+from ._checks import check_input, check_state
+from .backends import FASTJAC_MODELS
+from .ops.attention import msa_cache, msa_jacobian_rows, msa_jvp, msa_vjp
+
+F64 = torch.float64
+PARTS = ("step", "msa")
+# eigvals with k given goes dense up to this S*D (a dense eig of 1024^2 takes well under a second)
+DENSE_EIG_MAX_N = 1024
+
+
+# ----------------------------------------------------------------------------------------- linear operators ----
+
+@dataclass
+class LinearOp:
+    """A Jacobian at one sample as a matrix-free operator on rows ``V [b, n]`` (n = S·D), and densely on request.
+
+    ``out`` is the map's value at X ([S, D]); ``shape`` is (S, D); ``dense()`` is [n, n] token-major.
+    """
+
+    matvec: Callable[[Tensor], Tensor]
+    rmatvec: Callable[[Tensor], Tensor]
+    dense: Callable[[], Tensor]
+    out: Tensor
+    shape: Tuple[int, int]
+    dtype: torch.dtype
+    device: torch.device
+
+    @property
+    def n(self) -> int:
+        return self.shape[0] * self.shape[1]
+
+
+def _rows(fn: Callable[[Tensor], Tensor], shape) -> Callable[[Tensor], Tensor]:
+    # linalg hands rows [b, n]; the Jacobian functions want tangents [b, S, D]
+    return lambda V: fn(V.reshape(V.shape[0], *shape)).reshape(V.shape[0], -1)
+
+
+def _check_part(part) -> str:
+    if part not in PARTS:
+        raise ValueError(f"part: expected one of {PARTS}, got {part!r}")
+    return part
+
+
+def _msa_op(step, X: Tensor) -> LinearOp:
+    """J_MSA at one sample X [S, D]."""
+    S, D = X.shape
+    if isinstance(step, FASTJAC_MODELS):
+        c = msa_cache(X.unsqueeze(0), step.attn_params())
+        mv = lambda V: msa_jvp(c, V.unsqueeze(1)).squeeze(1)  # noqa: E731 - [b, S, D] -> [b, 1, S, D] -> [b, S, D]
+        rmv = lambda V: msa_vjp(c, V.unsqueeze(1)).squeeze(1)  # noqa: E731
+        dense = lambda: msa_jacobian_rows(c, 0, S).reshape(S * D, S * D)  # noqa: E731
+        out = c.out[0]
+    elif callable(getattr(step, "msa", None)):
+        f = step.msa
+        out, vjp_fn = torch.func.vjp(f, X)
+        mv = torch.func.vmap(lambda t: torch.func.jvp(f, (X,), (t,))[1])
+        rmv = torch.func.vmap(lambda g: vjp_fn(g)[0])
+        dense = lambda: torch.func.jacrev(f)(X).reshape(S * D, S * D)  # noqa: E731
+    else:
+        raise TypeError(f"step: part='msa' needs a fastjac model or an object with a callable .msa(X); got "
+                        f"{type(step).__name__}")
+    return LinearOp(_rows(mv, (S, D)), _rows(rmv, (S, D)), dense, out, (S, D), X.dtype, X.device)
+
+
+def _step_op(step, X: Tensor, C: Optional[Tensor], backend: str) -> LinearOp:
+    """J_step at one sample X [S, D] through the public fastjac functions."""
+    S, D = X.shape
+    out, jvp_fn = api.linearize(step, X, C=C, backend=backend)
+    _, vjp_fn = api.vjp(step, X, C=C, backend=backend)
+    dense = lambda: api.jacobian(step, X, C=C, backend=backend)  # noqa: E731
+    return LinearOp(_rows(jvp_fn, (S, D)), _rows(vjp_fn, (S, D)), dense, out, (S, D), X.dtype, X.device)
+
+
+def linear_operator(step, X: Tensor, *, C: Optional[Tensor] = None, part: str = "step",
+                    backend: str = "auto") -> LinearOp:
+    """The Jacobian of one step (``part="step"``) or of MSA alone (``part="msa"``) at one state X [S, D].
+
+    Example:
+        >>> import fastjac as fj, torch
+        >>> from fastjac.spectra import linear_operator
+        >>> op = linear_operator(fj.ItrSA(8, 2), torch.randn(5, 8), part="msa")
+        >>> op.matvec(torch.randn(3, 40)).shape, op.dense().shape
+        (torch.Size([3, 40]), torch.Size([40, 40]))
+    """
+    _check_part(part)
+    X3, batched = check_state(X)
+    if batched:
+        raise ValueError(f"X: linear_operator takes one sample [S, D], got {tuple(X.shape)}")
+    if not callable(step):
+        raise TypeError(f"step: expected a fastjac model or a callable X -> X, got {type(step).__name__}")
+    api._model_check(step, X)
+    C = check_input(C, X)
+    return _msa_op(step, X) if part == "msa" else _step_op(step, X, C, backend)
+
+
+def _samples(step, X: Tensor, C: Optional[Tensor]) -> Tuple[Iterator[Tuple[Tensor, Optional[Tensor]]], bool]:
+    if not callable(step):
+        raise TypeError(f"step: expected a fastjac model or a callable X -> X, got {type(step).__name__}")
+    X3, batched = check_state(X)
+    api._model_check(step, X)
+    C = check_input(C, X)
+    if not batched:
+        return iter([(X, C)]), False
+    Cs = [None if C is None else (C if C.dim() == 2 else C[b]) for b in range(X3.shape[0])]
+    return iter(zip(X3.unbind(0), Cs)), True
+
+
+def _no_grad(samples):
+    # analysis results are numbers, not graph nodes: the model's parameters must not drag autograd along
+    for s in samples:
+        with torch.no_grad():
+            yield s
+
+
+def _check_opt_int(name: str, v) -> Optional[int]:
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise TypeError(f"{name}: expected an int or None, got {type(v).__name__}")
+    if v < 1:
+        raise ValueError(f"{name}: expected an int >= 1, got {v}")
+    return v
+
+
+def _warn_unconverged(what: str, it: int) -> None:
+    warnings.warn(f"{what}: the Krylov iteration did not reach tol in {it} restart cycles; the result is the "
+                  f"best estimate (raise maxiter or tol)", RuntimeWarning, stacklevel=3)
+
+
+# ---------------------------------------------------------------------------------------------- eigenvalues ----
+
+def eigvals(step, X: Tensor, *, C: Optional[Tensor] = None, k: Optional[int] = None, part: str = "step",
+            method: str = "auto", backend: str = "auto", tol: float = 1e-8, maxiter: int = 300,
+            generator: Optional[torch.Generator] = None) -> Tensor:
+    """Eigenvalues of the one-step Jacobian (or of J_MSA), by descending modulus.
+
+    Args:
+        step: a fastjac model or any callable X -> X (``part="msa"``: a fastjac model or an object with ``.msa``).
+        X: state [S, D] or [B, S, D]. C: injected input (X's shape, [S, D] or None).
+        k: how many, largest modulus first; None = all S·D (dense).
+        part: "step" (J_step) or "msa" (J_MSA = ∂MSA/∂X).
+        method: "dense" (``torch.linalg.eigvals`` of the dense Jacobian), "arnoldi" (matrix-free, k JVPs per block
+            on a shared forward pass, :func:`fastjac.linalg.eigs`), or "auto": dense when k is None or
+            S·D ≤ 1024, Arnoldi otherwise.
+        backend: as for ``fastjac.jvp``. tol, maxiter, generator: for Arnoldi (see :mod:`fastjac.linalg`).
+
+    Returns:
+        complex [k] (or [S·D]); [B, k] for batched X. The dtype is complex128 for Arnoldi and the complex type of X
+        for dense. A RuntimeWarning is raised when Arnoldi stops at maxiter.
+
+    Example:
+        >>> import fastjac as fj, torch
+        >>> _ = torch.manual_seed(0)
+        >>> m = fj.ItrSA(16, 2).double()
+        >>> X = torch.randn(9, 16, dtype=torch.float64)
+        >>> lam = eigvals(m, X)                                   # all 144, dense
+        >>> top = eigvals(m, X, k=4, method="arnoldi")            # matrix-free
+        >>> torch.allclose(top.abs(), lam.abs()[:4].to(top.real.dtype), atol=1e-6)
+        True
+    """
+    _check_part(part)
+    k = _check_opt_int("k", k)
+    if method not in ("auto", "dense", "arnoldi"):
+        raise ValueError(f"method: expected 'auto', 'dense' or 'arnoldi', got {method!r}")
+    samples, batched = _samples(step, X, C)
+    n = X.shape[-2] * X.shape[-1]
+    if k is not None and k > n:
+        raise ValueError(f"k: asked for {k} eigenvalues of an S*D = {n} dimensional Jacobian")
+    if method == "arnoldi" and k is None:
+        raise ValueError("k: method='arnoldi' needs k (the number of eigenvalues of largest modulus)")
+    dense = method == "dense" or (method == "auto" and (k is None or n <= DENSE_EIG_MAX_N))
+    out = []
+    for Xb, Cb in _no_grad(samples):
+        op = linear_operator(step, Xb, C=Cb, part=part, backend=backend)
+        if dense:
+            lam = torch.linalg.eigvals(op.dense())
+            lam = lam[lam.abs().argsort(descending=True)]
+            out.append(lam if k is None else lam[:k])
+        else:
+            lam, ok, it = linalg.eigs(op.matvec, n, k, dtype=op.dtype, device=op.device, tol=tol, maxiter=maxiter,
+                                      generator=generator)
+            if not ok:
+                _warn_unconverged("eigvals", it)
+            out.append(lam)
+    return torch.stack(out) if batched else out[0]
+
+
+# -------------------------------------------------------------------------------------------- spectral norm ----
+
+def spectral_norm(step, X: Tensor, *, C: Optional[Tensor] = None, part: str = "step", method: str = "lanczos",
+                  backend: str = "auto", tol: float = 1e-8, maxiter: int = 200,
+                  generator: Optional[torch.Generator] = None):
+    """‖J‖₂, the largest singular value of the one-step Jacobian (or of J_MSA).
+
+    Args:
+        method: "lanczos" (default; matrix-free Lanczos on JᵀJ from JVPs and VJPs, :func:`fastjac.linalg.power_norm`,
+            any S·D) or "dense" (``torch.linalg.matrix_norm(ord=2)`` of the dense Jacobian, small S·D).
+        Others as for :func:`eigvals`.
+
+    Returns:
+        a float for X [S, D]; a float64 tensor [B] for X [B, S, D].
+
+    Example:
+        >>> import fastjac as fj, torch
+        >>> m = fj.ItrSA(16, 2).double()
+        >>> X = torch.randn(9, 16, dtype=torch.float64)
+        >>> a = spectral_norm(m, X, part="msa")
+        >>> b = spectral_norm(m, X, part="msa", method="dense")
+        >>> abs(a - b) < 1e-8 * b
+        True
+    """
+    _check_part(part)
+    if method not in ("lanczos", "dense"):
+        raise ValueError(f"method: expected 'lanczos' or 'dense', got {method!r}")
+    samples, batched = _samples(step, X, C)
+    out = []
+    for Xb, Cb in _no_grad(samples):
+        op = linear_operator(step, Xb, C=Cb, part=part, backend=backend)
+        if method == "dense":
+            out.append(torch.linalg.matrix_norm(op.dense().to(F64), ord=2).item())
+        else:
+            s, ok, it = linalg.power_norm(op.matvec, op.rmatvec, op.n, dtype=op.dtype, device=op.device, tol=tol,
+                                          maxiter=maxiter, generator=generator)
+            if not ok:
+                _warn_unconverged("spectral_norm", it)
+            out.append(s)
+    return torch.tensor(out, dtype=F64) if batched else out[0]
+
+
+# ---------------------------------------------------------------------------------------------- Prop 5.1 ----
+
+@dataclass
+class Prop51Result:
+    """Prop 5.1 next to the measured norm. Floats for one sample, float64 tensors [B] for a batch.
+
+    measured: ‖J_step‖₂. bound: gamma_max / R · (1 + eta · msa_norm). ratio: measured / bound (≤ 1 when the bound
+    holds; how far below 1 says how tight it is). holds: measured ≤ bound (up to the iteration's tolerance).
+    gamma_max: max_j |γ_j| (times √N for "rms"). R: min over tokens and norm groups of the l2 size
+    sqrt(‖z‖² + eps) of Z = X + η (C + MSA(X)). msa_norm: ‖J_MSA‖₂. eta: the model's step size.
+    """
+
+    measured: object
+    bound: object
+    ratio: object
+    holds: object
+    gamma_max: float
+    R: object
+    msa_norm: object
+    eta: float
+
+    def to_dict(self) -> dict:
+        conv = lambda v: v.tolist() if isinstance(v, Tensor) else v  # noqa: E731
+        return {k: conv(v) for k, v in asdict(self).items()}
+
+
+def prop51_bound(model, X: Tensor, *, C: Optional[Tensor] = None, backend: str = "auto", tol: float = 1e-10,
+                 maxiter: int = 200, generator: Optional[torch.Generator] = None) -> Prop51Result:
+    """The Prop 5.1 bound ``‖J_step‖₂ ≤ max_j|γ_j| / R · (1 + η ‖J_MSA‖₂)`` evaluated, next to ‖J_step‖₂ measured.
+
+    Applies to ItrSA with ``norm="l2"`` (the paper's RMSNorm) and ``norm="rms"`` (the same map with γ scaled by √N
+    and eps by N, so gamma_max includes √N). The step Jacobian is ``N(Z) (I + η J_MSA)`` and the l2 norm's
+    Jacobian at a group z is ``diag(γ) (I/n − z zᵀ/n³)``, n = sqrt(‖z‖² + eps), of norm ≤ max|γ| / n. With
+    ``norm_group`` N < D that Jacobian is block-diagonal over the D/N groups of every token, so R is the minimum
+    over tokens *and groups* of n (per-group R); for N = D it is the paper's min token norm. eps only makes n
+    larger than ‖z‖, so the bound with n is exact and slightly tighter than with ‖z‖.
+
+    Refused (ValueError): ``norm="layer"`` (the centring makes the norm Jacobian depend on the mean, outside the
+    proposition), ``norm="none"`` (no normalisation, nothing to bound) and AKOrN (a different step: rotation and
+    tangent projection inside the sphere normalisation). Both norms are computed matrix-free (Lanczos), so any
+    S·D works.
+
+    Returns:
+        :class:`Prop51Result` (``.to_dict()`` for JSON).
+
+    Example:
+        >>> import fastjac as fj, torch
+        >>> m = fj.ItrSA(16, 2, norm="l2").double()
+        >>> r = prop51_bound(m, torch.randn(9, 16, dtype=torch.float64))
+        >>> r.holds, 0 < r.ratio <= 1
+        (True, True)
+    """
+    if not isinstance(model, FASTJAC_MODELS) or not hasattr(model, "norm_params"):
+        raise TypeError(f"model: Prop 5.1 is stated for the ItrSA step Norm(X + eta (C + MSA(X))); got "
+                        f"{type(model).__name__}")
+    if model.norm not in ("l2", "rms"):
+        raise ValueError(f"model: Prop 5.1 applies to norm='l2' (and 'rms', the same up to scale), not "
+                         f"norm={model.norm!r}: " + ("LayerNorm's centring is outside the proposition"
+                                                     if model.norm == "layer" else "there is no normalisation"))
+    samples, batched = _samples(model, X, C)
+    N = model.norm_group
+    with torch.no_grad():
+        gmax = model.gamma.detach().abs().max().item() * (math.sqrt(N) if model.norm == "rms" else 1.0)
+        eps_l2 = model.eps * (N if model.norm == "rms" else 1.0)
+        eta = float(model.eta)
+    rows = []
+    for Xb, Cb in samples:
+        with torch.no_grad():
+            F = model.msa(Xb) if Cb is None else Cb + model.msa(Xb)
+            Z = (Xb + eta * F).to(F64)
+            R = torch.sqrt((Z.unflatten(-1, (-1, N)) ** 2).sum(-1) + eps_l2).min().item()
+        kw = dict(backend=backend, tol=tol, maxiter=maxiter, generator=generator)
+        msa_n = spectral_norm(model, Xb, part="msa", **kw)
+        meas = spectral_norm(model, Xb, C=Cb, part="step", **kw)
+        bound = gmax / R * (1 + abs(eta) * msa_n)
+        slack = 1 + 100 * max(tol, 64 * torch.finfo(Xb.dtype).eps)
+        rows.append((meas, bound, meas / bound, meas <= bound * slack, R, msa_n))
+    if not batched:
+        m, b, r, h, R, s = rows[0]
+        return Prop51Result(m, b, r, h, gmax, R, s, eta)
+    cols = list(zip(*rows))
+    t = lambda i: torch.tensor(cols[i], dtype=F64)  # noqa: E731
+    return Prop51Result(t(0), t(1), t(2), torch.tensor(cols[3]), gmax, t(4), t(5), eta)
+
+
+__all__ = ["LinearOp", "Prop51Result", "eigvals", "linear_operator", "prop51_bound", "spectral_norm"]

@@ -1,0 +1,192 @@
+"""Analysis toolkit (spectra, Prop 5.1, pseudo-energy, energy flows, oscillator, plots) against dense float64
+computations from the torch.func oracle.
+
+Tolerances: dense analytic vs oracle Jacobians agree to ~1e-14 (test_foundation), so dense eigenvalues/norms are
+compared at 1e-9. Matrix-free results stop at a residual tol of 1e-10 relative: 1e-8 on values. The order of
+eigenvalues of equal modulus (conjugate pairs) is arbitrary, so eigenvalues are compared as sets.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import fastjac as fj
+from fastjac.pseudo_energy import pseudo_energy_trace
+from fastjac.spectra import eigvals, linear_operator, prop51_bound, spectral_norm
+from oracle import oracle_jacobian, randomize_
+
+F64 = torch.float64
+
+SPEC_CASES = [
+    ("ItrSA", 7, 12, 3, dict(norm="l2")),
+    ("ItrSA", 5, 9, 3, dict(norm="layer", causal=True, bias=True)),
+    ("ItrSA", 7, 10, 1, dict(norm="none", out_proj=False)),
+    ("AKOrN", 5, 12, 3, dict(osc_dim=4)),
+]
+
+
+def _make(name, S, D, H, kw, seed=0, batch=0):
+    cls = fj.ItrSA if name == "ItrSA" else fj.AKOrN
+    m = randomize_(cls(D, H, dtype=F64, **kw), seed=seed)
+    g = torch.Generator().manual_seed(seed + 100)
+    shape = (batch, S, D) if batch else (S, D)
+    X = torch.randn(shape, generator=g, dtype=F64)
+    if name == "AKOrN":
+        X = m.project(X)
+    C = torch.randn(shape, generator=g, dtype=F64)
+    return m, X, C
+
+
+def _set_dist(a, b):
+    return (a[:, None] - b[None, :]).abs().min(dim=1).values.max().item()
+
+
+def _msa_oracle(m, X):
+    n = X.numel()
+    return torch.func.jacrev(m.msa)(X).reshape(n, n).detach()
+
+
+@pytest.mark.parametrize("case", SPEC_CASES, ids=lambda c: f"{c[0]}-S{c[1]}-D{c[2]}-{c[4]}")
+def test_eigvals_and_norms_vs_oracle(case):
+    m, X, C = _make(*case)
+    J = oracle_jacobian(m, X, C).detach()
+    ref = torch.linalg.eigvals(J)
+    ref = ref[ref.abs().argsort(descending=True)]
+    lam = eigvals(m, X, C=C)
+    assert lam.shape == (X.numel(),)
+    torch.testing.assert_close(lam.abs(), ref.abs(), rtol=1e-9, atol=1e-10)
+    assert _set_dist(lam, ref) < 1e-8
+    top = eigvals(m, X, C=C, k=4, method="arnoldi", tol=1e-11)
+    assert _set_dist(top, ref[:6]) < 1e-8 and torch.allclose(top.abs(), ref.abs()[:4], rtol=1e-8)
+    nrm = torch.linalg.matrix_norm(J, ord=2).item()
+    assert spectral_norm(m, X, C=C, method="dense") == pytest.approx(nrm, rel=1e-10)
+    assert spectral_norm(m, X, C=C, tol=1e-11) == pytest.approx(nrm, rel=1e-9)
+    # MSA alone
+    Jm = _msa_oracle(m, X)
+    assert spectral_norm(m, X, part="msa", tol=1e-11) == pytest.approx(torch.linalg.matrix_norm(Jm, ord=2).item(),
+                                                                       rel=1e-9)
+    refm = torch.linalg.eigvals(Jm)
+    assert _set_dist(eigvals(m, X, part="msa"), refm) < 1e-8
+
+
+def test_generic_callable_and_batch():
+    m, X, C = _make("ItrSA", 5, 6, 2, dict(norm="rms"), batch=2)
+    f = lambda x, c: m(x, c)  # noqa: E731 - a plain callable takes the autograd path
+    J = oracle_jacobian(m, X, C).detach()
+    norms = spectral_norm(f, X, C=C, tol=1e-11)
+    assert norms.shape == (2,)
+    torch.testing.assert_close(norms, torch.linalg.matrix_norm(J, ord=2), rtol=1e-9, atol=0)
+    lam = eigvals(f, X, C=C, k=3, method="arnoldi", tol=1e-11)
+    assert lam.shape == (2, 3)
+    for b in range(2):
+        r = torch.linalg.eigvals(J[b])
+        assert torch.allclose(lam[b].abs(), r.abs().sort(descending=True).values[:3], rtol=1e-8)
+    # part="msa" on a non-model object with .msa goes through torch.func
+    class Wrap:
+        def __init__(self, m):
+            self.msa = m.msa
+
+        def __call__(self, x):
+            return m(x)
+    Jm = _msa_oracle(m, X[0])
+    assert spectral_norm(Wrap(m), X[0], part="msa", tol=1e-11) == pytest.approx(
+        torch.linalg.matrix_norm(Jm, ord=2).item(), rel=1e-9)
+
+
+def test_linear_operator_dense_matches_oracle():
+    m, X, _ = _make("ItrSA", 6, 10, 2, dict(norm="l2", bias=True))
+    op = linear_operator(m, X, part="msa")
+    torch.testing.assert_close(op.dense(), _msa_oracle(m, X), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("kw", [dict(norm="l2"), dict(norm="l2", norm_group=4, bias=True), dict(norm="rms"),
+                                dict(norm="rms", norm_group=3, causal=True, out_proj=False)],
+                         ids=["l2", "l2-group", "rms", "rms-group"])
+def test_prop51_bound_holds(seed, kw):
+    m, X, C = _make("ItrSA", 7, 12, 3, kw, seed=seed)
+    with torch.no_grad():
+        X.mul_(0.3 + 3 * seed)  # token norms from small to large
+    r = prop51_bound(m, X, C=C)
+    J = oracle_jacobian(m, X, C).detach()
+    meas = torch.linalg.matrix_norm(J, ord=2).item()
+    assert r.measured == pytest.approx(meas, rel=1e-8)
+    assert r.holds and meas <= r.bound * (1 + 1e-9) and 0 < r.ratio <= 1 + 1e-9
+    assert set(r.to_dict()) >= {"measured", "bound", "ratio", "R", "gamma_max", "msa_norm", "eta"}
+
+
+def test_prop51_bound_hypothesis():
+    hyp = pytest.importorskip("hypothesis")
+    st = hyp.strategies
+
+    @hyp.settings(max_examples=12, deadline=None, derandomize=True)
+    @hyp.given(S=st.integers(1, 6), H=st.integers(1, 3), seed=st.integers(0, 10 ** 6),
+               scale=st.floats(0.05, 20.0), group=st.sampled_from([None, 3]))
+    def prop(S, H, seed, scale, group):
+        m, X, C = _make("ItrSA", S, 6, H, dict(norm="l2", norm_group=group), seed=seed)
+        r = prop51_bound(m, X * scale, C=C)
+        assert r.holds, r
+
+    prop()
+
+
+def test_prop51_batched_and_refusals():
+    m, X, C = _make("ItrSA", 5, 8, 2, dict(norm="l2"), batch=3)
+    r = prop51_bound(m, X, C=C)
+    assert r.measured.shape == (3,) and bool(r.holds.all())
+    for kw in (dict(norm="layer"), dict(norm="none")):
+        mm, XX, _ = _make("ItrSA", 5, 8, 2, kw)
+        with pytest.raises(ValueError, match="norm="):
+            prop51_bound(mm, XX)
+    ma, Xa, _ = _make("AKOrN", 5, 8, 2, dict(osc_dim=4))
+    with pytest.raises(TypeError, match="model"):
+        prop51_bound(ma, Xa)
+
+
+def _dense_pseudo(m, X, C, frac):
+    """Every pseudo-energy quantity from the oracle Jacobian of MSA and torch.linalg.eigh."""
+    J = _msa_oracle(m, X)
+    x = X.reshape(-1)
+    msa = m.msa(X).detach().reshape(-1)
+    E = -(x @ (msa + C.reshape(-1))).item()
+    lin = -0.5 * (x @ (J + J.T) @ x).item()
+    cos = torch.nn.functional.cosine_similarity(msa, J @ x, dim=0).item()
+    w, U = torch.linalg.eigh(J + J.T)
+    order = w.argsort(descending=True)
+    a = U[:, order].T @ x
+    K = max(1, int(frac * x.numel()))
+    return E, lin, cos, (a[:K] ** 2).sum().item() / (x @ x).item()
+
+
+@pytest.mark.parametrize("method", ["dense", "lanczos"])
+def test_pseudo_energy_vs_dense(method):
+    m, X, C = _make("ItrSA", 7, 12, 3, dict(norm="l2", bias=True), seed=3)
+    tr = pseudo_energy_trace(m, X, C=C, steps=3, top_frac=0.05, method=method, tol=1e-12,
+                             keep_trajectory=True)
+    assert tr.E_pseudo.shape == (4,) and tr.top_k == 4 and tr.method == method
+    for t in range(4):
+        E, lin, cos, ci = _dense_pseudo(m, tr.trajectory[t], C, 0.05)
+        assert tr.E_pseudo[t].item() == pytest.approx(E, rel=1e-10, abs=1e-10)
+        assert tr.lin[t].item() == pytest.approx(lin, rel=1e-9, abs=1e-10)
+        assert tr.cos[t].item() == pytest.approx(cos, rel=1e-9)
+        assert tr.ci[t].item() == pytest.approx(ci, rel=1e-7, abs=1e-9)
+
+
+def test_pseudo_energy_pv_variants():
+    m, X, C = _make("ItrSA", 6, 8, 2, dict(norm="l2"), seed=5)  # no biases: PV reproduces MSA exactly
+    tr = pseudo_energy_trace(m, X, C=C, steps=4, keep_trajectory=True)
+    torch.testing.assert_close(tr.cos_pv, torch.ones(5, dtype=F64), rtol=1e-12, atol=1e-12)
+    E_noC = torch.stack([-(x * m.msa(x)).sum() for x in tr.trajectory]).detach()
+    torch.testing.assert_close(tr.lin_pv, E_noC, rtol=1e-10, atol=1e-10)
+    assert tr.lin_pv_t0[0] == tr.lin_pv[0] and tr.err_pv_t0[0] == tr.err_pv[0]  # frozen at t = 0
+    # err_pv against the oracle: PV misses the rank-one and diagonal terms of J
+    J = _msa_oracle(m, X)
+    A = torch.softmax(m.beta * torch.einsum("sd,hde,tf,hfe->hst", X, m.wq, X, m.wk), -1).detach()
+    Jpv = sum(torch.kron(A[h].contiguous(), (m.wv[h] @ m.wo[h]).T.detach().contiguous()) for h in range(2))
+    x = X.reshape(-1)
+    assert tr.err_pv[0].item() == pytest.approx(((J - Jpv) @ x).norm().item() / (J @ x).norm().item(), rel=1e-9)
+    tb = pseudo_energy_trace(m, torch.stack([X, 2 * X]), C=C, steps=2)
+    assert tb.ci.shape == (3, 2)
+    torch.testing.assert_close(tb.E_pseudo[:, 0], tr.E_pseudo[:3])
