@@ -135,7 +135,7 @@ def default_blocks(dh: int, dv: int, k: int) -> Tuple[int, int, int, int]:
     [KT, BM, BV] accumulator and the [KT, BM, BN] logit tangent near 8K floats each per program."""
     bv = min(_pow2(dv), 64)
     if INTERPRET:
-        return 16, 16, min(triton.next_power_of_2(max(k, 1)), 8), bv
+        return 32, 32, min(triton.next_power_of_2(max(k, 1)), 8), bv
     kt = min(triton.next_power_of_2(max(k, 1)), 4)
     return (64 if kt == 1 else 32), 64, kt, bv
 
