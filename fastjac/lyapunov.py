@@ -16,6 +16,7 @@ import hashlib
 import json
 import math
 import os
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional, Union
 
@@ -174,7 +175,7 @@ def _fingerprint(step, X0: Tensor, C: Optional[Tensor], settings: Dict[str, Any]
     if isinstance(step, torch.nn.Module):
         tensors += [p for _, p in sorted(step.state_dict().items())]
     for t in tensors:
-        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        h.update(t.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 
@@ -231,7 +232,7 @@ def lyapunov_spectrum(step, X0: Tensor, *, C: Optional[Tensor] = None, k: Option
         project_radial: keep tangents off the directions normalisation kills (fastjac models; needs burn_in >= 1,
             so that states lie where the step puts them).
         backend: Jacobian backend ("auto", "torch", "triton", "autograd"). qr_backend: see ``fastjac.ops.qr``.
-        seed: seeds the random initial tangents. history_every: record the running estimate every this many
+        seed: seeds the random initial tangents (sample b of a batch uses seed + b). history_every: record the running estimate every this many
             re-orthonormalisations.
         checkpoint: a file path; the run saves its state there every ``checkpoint_every`` steps and on Ctrl-C, and
             a run started with the same path, inputs and settings resumes from it and ends with exactly the numbers
@@ -281,7 +282,8 @@ def lyapunov_spectrum(step, X0: Tensor, *, C: Optional[Tensor] = None, k: Option
                     step=type(step).__name__)
     fp = _fingerprint(step, X0, C, settings) if checkpoint else None
 
-    gen = torch.Generator().manual_seed(seed)
+    # sample b draws its initial tangents with seed + b: a batched run equals B single runs
+    gens = [torch.Generator().manual_seed(seed + b) for b in range(B)]
     st = dict(t=0, X=X, Q=None, sums=torch.zeros(B, k, dtype=torch.float64, device=X.device), hist=[],
               hist_steps=[], renorms=0)
     if checkpoint and os.path.exists(checkpoint):
@@ -290,11 +292,12 @@ def lyapunov_spectrum(step, X0: Tensor, *, C: Optional[Tensor] = None, k: Option
             raise ValueError(f"checkpoint: {checkpoint!r} was written by a run with other inputs or settings; "
                              f"delete it or pass another path")
         st = saved["state"]
-        gen.set_state(saved["rng"])
+        for g, r in zip(gens, saved["rng"]):
+            g.set_state(r)
 
     def save():
         if checkpoint:
-            _save_checkpoint(checkpoint, dict(fingerprint=fp, state=st, rng=gen.get_state()))
+            _save_checkpoint(checkpoint, dict(fingerprint=fp, state=st, rng=[g.get_state() for g in gens]))
 
     from tqdm.auto import tqdm
 
@@ -309,7 +312,8 @@ def lyapunov_spectrum(step, X0: Tensor, *, C: Optional[Tensor] = None, k: Option
                 st["X"] = _advance(step, st["X"], C3, backend)
             else:
                 if st["Q"] is None:  # random orthonormal tangents at the first state after burn-in
-                    Q0 = torch.randn(k, B, S, D, generator=gen, dtype=torch.float64).to(X.dtype).to(X.device)
+                    Q0 = torch.stack([torch.randn(k, S, D, generator=g, dtype=torch.float64) for g in gens], 1)
+                    Q0 = Q0.to(X.dtype).to(X.device)
                     if project_radial:
                         Q0 = project_off(Q0, radial_basis(step, st["X"]))
                     st["Q"] = _orthonormalize(Q0, qr_backend)[0]
@@ -429,8 +433,11 @@ def finite_time_lyapunov(step, X0: Tensor, *, C: Optional[Tensor] = None, T: int
                     return Tk.reshape(V.shape[0], n).to(V.dtype)
                 return apply
 
-            s, _, _ = svds(chain(True), chain(False), n, k, dtype=torch.float64, device=X.device, tol=tol,
-                           maxiter=maxiter, generator=gen)
+            s, ok, cycles = svds(chain(True), chain(False), n, k, dtype=X.dtype, device=X.device, tol=tol,
+                                 maxiter=maxiter, generator=gen)
+            if not ok:
+                warnings.warn(f"finite_time_lyapunov: the matrix-free SVD of sample {b} did not reach tol={tol:g} "
+                              f"in maxiter={maxiter} restart cycles; raise maxiter or lower k", RuntimeWarning)
             rows.append(s)
         sv = torch.stack(rows)
     ex = sv.double().log() / T

@@ -8,4 +8,5 @@ from .attention import AttnCache, AttnParams, attention_probs, msa_cache, msa_fo
     msa_vjp
 from .norm import NORMS, NormCache, NormParams, norm_cache, norm_forward, norm_jacobian_blocks, norm_jvp, \
     norm_left_apply, norm_vjp
+from .qr import qr
 from .step import AKOrNLinearization, AKOrNParams, ItrSALinearization, ItrSAParams, StepLinearization
