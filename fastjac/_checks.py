@@ -9,6 +9,15 @@ from torch import Tensor
 from . import config
 
 
+def check_int(name: str, v, minimum: int = 1) -> int:
+    """An int (not a bool) >= minimum, or a TypeError/ValueError naming the argument."""
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise TypeError(f"{name}: expected an int, got {type(v).__name__}")
+    if v < minimum:
+        raise ValueError(f"{name}: expected an int >= {minimum}, got {v}")
+    return v
+
+
 def check_tensor(name: str, x, *, dtype: Optional[torch.dtype] = None, device=None) -> Tensor:
     if not isinstance(x, Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from ._checks import check_dense_size, check_state
+from ._checks import check_int as _check_int
 from .api import _linearize, _model_check
 from .models import AKOrN, ItrSA
 from .ops.qr import qr
@@ -96,14 +97,6 @@ class LyapunovResult:
 
 
 # ---------------------------------------------------------------------------------------------------- helpers
-
-def _check_int(name: str, v, minimum: int) -> int:
-    if isinstance(v, bool) or not isinstance(v, int):
-        raise TypeError(f"{name}: expected an int, got {type(v).__name__}")
-    if v < minimum:
-        raise ValueError(f"{name}: expected an int >= {minimum}, got {v}")
-    return v
-
 
 def trivial_count(step, S: int, D: int) -> int:
     """How many exponents of the full S*D spectrum normalisation makes -inf (0 for a callable: unknown)."""

@@ -11,18 +11,11 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from ._checks import check_int as _check_int
 from .ops.akorn import omega_apply, proj_forward
 from .ops.attention import AttnParams, msa_forward
 from .ops.norm import NORMS, NormParams, norm_forward
 from .ops.step import AKOrNLinearization, AKOrNParams, ItrSALinearization, ItrSAParams
-
-
-def _check_int(name: str, v, minimum: int = 1) -> int:
-    if isinstance(v, bool) or not isinstance(v, int):
-        raise TypeError(f"{name}: expected an int, got {type(v).__name__}")
-    if v < minimum:
-        raise ValueError(f"{name}: expected an int >= {minimum}, got {v}")
-    return v
 
 
 class _RecurrentAttention(nn.Module):
