@@ -25,12 +25,12 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..akorn.ref import omega_apply, proj_forward, proj_jvp
+from ..akorn.ref import antisym, omega_apply, proj_forward, proj_jvp
 from ..attention.ref import AttnCache, _out_proj_h, attention_probs
 from ..attention.triton import INTERPRET, msa_forward_triton, msa_jvp_triton
-from ..norm.ref import norm_cache
+from ..norm.ref import NormCache, norm_cache, norm_left_apply
 from ..norm.triton import norm_residual_jvp_triton
-from .ref import AKOrNLinearization, AKOrNParams, ItrSALinearization, ItrSAParams, _osc_norm
+from .ref import AKOrNLinearization, AKOrNParams, ItrSALinearization, ItrSAParams, _blockdiag, _osc_norm
 
 # temporaries of one row chunk of the dense path (U, R1 and their einsum intermediates) stay near this many bytes
 DENSE_FACTOR_BYTES = (32 if INTERPRET else 512) * 2**20
@@ -98,38 +98,45 @@ def step_dense_launch(A: Tensor, R1: Tensor, U: Tensor, rb: Tensor, Ed: Tensor, 
         BR=BR, BM=BM, BB=BB, ACC=acc, **({} if INTERPRET else {"num_warps": 8}))
 
 
-def dense_factors(c: AttnCache, L: Optional[Tensor], E: Tensor, eta: Tensor, b: int, i0: int, i1: int):
-    """The small factors of the dense rows [i0, i1) of sample b (module docstring). L, E [B, S, D, D] (L or None)."""
-    p = c.params
+def dense_factors(lin, b: int, i0: int, i1: int):
+    """The small factors of the dense rows [i0, i1) of sample b (module docstring).
+
+    ``lin._left(M, b, i0)`` applies L_i to M [I, D, K] using L's structure (the norm's diagonal-plus-rank-one
+    groups, AKOrN's per-oscillator projection): O(D K) per token instead of a D x D product, which keeps building
+    R1 = L_i (Wv Wo)^T far below the cost of writing the output; ``lin._diag_E(Dg, b, i0)`` returns L_i Dg + E_i.
+    """
+    c = lin.attn
+    p, eta = c.params, lin.p.eta.detach()
     A, q, k, v, o = c.A[b], c.q[b], c.k[b], c.v[b], c.o[b]  # [H, S, S], [H, S, dh], .., [H, S, dv], [H, S, dv]
     H, S, _ = A.shape
-    D = E.shape[-1]
-    Li = None if L is None else L[b, i0:i1]  # [I, D, D]
+    D, I = c.out.shape[-1], i1 - i0
     AI = A[:, i0:i1]  # [H, I, S]
     wvoT = (p.wv if p.wo is None else p.wv @ p.wo).transpose(-1, -2)  # [H, D(c), D(b)]
-    if Li is None:
-        R1 = (eta * wvoT).contiguous().unsqueeze(0).expand(i1 - i0, H, D, D)
-        diff = _out_proj_h(v, p.wo).unsqueeze(1) - _out_proj_h(o[:, i0:i1], p.wo).unsqueeze(2)  # [H, I, S, D]
+    vo, oo = _out_proj_h(v, p.wo), _out_proj_h(o[:, i0:i1], p.wo)  # [H, S, D], [H, I, D]
+    if lin._left is None:  # L = I
+        R1 = (eta * wvoT).contiguous().unsqueeze(0).expand(I, H, D, D)
+        diff = vo.unsqueeze(1) - oo.unsqueeze(2)  # [H, I, S, D]
     else:
-        R1 = (eta * torch.einsum("iac,hcb->ihab", Li, wvoT)).contiguous()  # [I, H, D, D]
-        Lvo = torch.einsum("iac,hmc->hima", Li, _out_proj_h(v, p.wo))  # [H, I, S, D]
-        Loo = torch.einsum("iac,hic->hia", Li, _out_proj_h(o[:, i0:i1], p.wo))  # [H, I, D]
-        diff = Lvo - Loo.unsqueeze(2)
+        M = (eta * wvoT).permute(1, 0, 2).reshape(D, H * D).expand(I, D, H * D)
+        R1 = lin._left(M, b, i0).reshape(I, D, H, D).permute(0, 2, 1, 3).contiguous()  # [I, H, D(a), D(b)]
+        Lvo = lin._left(vo.permute(2, 0, 1).reshape(D, H * S).expand(I, D, H * S), b, i0).reshape(I, D, H, S)
+        Loo = lin._left(oo.permute(1, 2, 0), b, i0)  # [I, D(a), H]
+        diff = (Lvo - Loo.unsqueeze(-1)).permute(2, 0, 3, 1)  # [H, I, S, D(a)]
     U = (AI.unsqueeze(-1) * diff).contiguous()  # [H, I, S, D]
     rb = ((eta * p.beta) * torch.einsum("hie,hbe->ihb", q, p.wk)).contiguous()  # [S, H, D]
     # diagonal blocks: eta beta Wo^T [sum_j A_ij (v_j - o_i) k_j^T] Wq^T, then L_i, plus E_i
-    M = torch.einsum("hij,hjv,hje->hive", AI, v, k) - o[:, i0:i1, :, None] * (AI @ k)[:, :, None, :]
-    M = M if p.wo is None else torch.einsum("hva,hive->hiae", p.wo, M)
-    diag = (eta * p.beta) * torch.einsum("hiae,hbe->iab", M, p.wq)  # [I, D, D]
-    Ed = (diag if Li is None else Li @ diag) + E[b, i0:i1]
+    Mk = torch.einsum("hij,hjv,hje->hive", AI, v, k) - o[:, i0:i1, :, None] * (AI @ k)[:, :, None, :]
+    Mk = Mk if p.wo is None else torch.einsum("hva,hive->hiae", p.wo, Mk)
+    diag = (eta * p.beta) * torch.einsum("hiae,hbe->iab", Mk, p.wq)  # [I, D, D]
+    Ed = lin._diag_E(diag, b, i0)
     return A.contiguous(), R1, U, rb, Ed.contiguous()
 
 
 def step_dense_triton(lin, out: Optional[Tensor] = None) -> Tensor:
     """The dense step Jacobian [B, S*D, S*D] of a Triton linearisation, written by ``_step_dense_fwd_kernel``.
 
-    ``lin`` provides ``attn`` (an AttnCache with A), ``_row_factors()`` (L, E) and ``p.eta``; ``out`` (contiguous
-    rows) receives the result, every element written exactly once.
+    ``lin`` provides ``attn`` (an AttnCache with A), ``p.eta``, ``_left`` and ``_diag_E`` (see dense_factors);
+    ``out`` (contiguous rows) receives the result, every element written exactly once.
 
     Example:
         >>> import fastjac as fj
@@ -145,16 +152,13 @@ def step_dense_triton(lin, out: Optional[Tensor] = None) -> Tensor:
         raise ValueError(f"out: expected a [{B}, {S * D}, {S * D}] {X.dtype} tensor with contiguous rows, got "
                          f"{tuple(out.shape)} {out.dtype}")
     with torch.no_grad():
-        c = lin.attn
-        L, E = lin._row_factors()
-        eta = lin.p.eta.detach()
-        H = c.A.shape[1]
-        per_row = (3 * H * S * D + H * D * D + 2 * D * D) * X.element_size()
+        H = lin.attn.A.shape[1]
+        per_row = (4 * H * S * D + 3 * H * D * D + 3 * D * D) * X.element_size()
         chunk = max(1, min(S, DENSE_FACTOR_BYTES // per_row))
         for b in range(B):
             for i0 in range(0, S, chunk):
                 i1 = min(S, i0 + chunk)
-                step_dense_launch(*dense_factors(c, L, E, eta, b, i0, i1), out[b], i0, i1)
+                step_dense_launch(*dense_factors(lin, b, i0, i1), out[b], i0, i1)
     return out
 
 
@@ -220,6 +224,18 @@ class TritonItrSALinearization(_TritonAttention, ItrSALinearization):
     def vjp(self, G: Tensor) -> Tensor:
         return self._vjp_chunked(G, super().vjp)
 
+    @property
+    def _left(self):
+        return None if self.p.norm.kind == "none" else self._norm_left
+
+    def _norm_left(self, M: Tensor, b: int, i0: int) -> Tensor:
+        return norm_left_apply(_sample(self.norm, b), M.unsqueeze(0), i0)[0]
+
+    def _diag_E(self, Dg: Tensor, b: int, i0: int) -> Tensor:
+        # E_i = N_i = L_i, so L_i Dg + E_i = L_i (Dg + I)
+        Dg = Dg + torch.eye(Dg.shape[-1], dtype=Dg.dtype, device=Dg.device)
+        return Dg if self._left is None else self._norm_left(Dg, b, i0)
+
 
 class TritonAKOrNLinearization(_TritonAttention, AKOrNLinearization):
     """AKOrN X' = Pi_osc(X + eta (Omega X + Proj_X(C + MSA(X)))) linearised at X [B, S, D] on the Triton kernels.
@@ -244,6 +260,32 @@ class TritonAKOrNLinearization(_TritonAttention, AKOrNLinearization):
 
     def vjp(self, G: Tensor) -> Tensor:
         return self._vjp_chunked(G, super().vjp)
+
+    def _left(self, M: Tensor, b: int, i0: int) -> Tensor:
+        # L_i = N_i P_i with P_i = I - X_g X_g^T per oscillator g
+        I, D, K = M.shape
+        N = self.p.osc_dim
+        Xg = self.X[b, i0:i0 + I].unflatten(-1, (D // N, N))  # [I, G, N]
+        Mg = M.reshape(I, D // N, N, K)
+        PM = Mg - Xg.unsqueeze(-1) * (Xg.unsqueeze(-2) @ Mg)
+        return norm_left_apply(_sample(self.norm, b), PM.reshape(I, D, K).unsqueeze(0), i0)[0]
+
+    def _diag_E(self, Dg: Tensor, b: int, i0: int) -> Tensor:
+        # E_i = N_i (I + eta blockdiag(Omega_g - X_g Y_g^T - <Y_g, X_g> I))
+        I, D, _ = Dg.shape
+        N = self.p.osc_dim
+        Xg = self.X[b, i0:i0 + I].unflatten(-1, (D // N, N))
+        Yg = self.Y.expand_as(self.X)[b, i0:i0 + I].unflatten(-1, (D // N, N))
+        eyeN = torch.eye(N, dtype=Dg.dtype, device=Dg.device)
+        blk = antisym(self.p.omega) - Xg.unsqueeze(-1) * Yg.unsqueeze(-2) - (Xg * Yg).sum(-1)[..., None, None] * eyeN
+        inner = torch.eye(D, dtype=Dg.dtype, device=Dg.device) + self.p.eta.detach() * _blockdiag(blk)
+        return self._left(Dg, b, i0) + norm_left_apply(_sample(self.norm, b), inner.unsqueeze(0), i0)[0]
+
+
+def _sample(c: NormCache, b: int) -> NormCache:
+    """The norm cache of sample b alone (norm_left_apply reads rows of every sample it is given)."""
+    one = lambda t: None if t is None else t[b:b + 1]  # noqa: E731
+    return NormCache(c.params, one(c.w), one(c.s), one(c.out))
 
 
 def triton_linearize(step, X: Tensor, C: Optional[Tensor]):
