@@ -190,3 +190,149 @@ def test_pseudo_energy_pv_variants():
     tb = pseudo_energy_trace(m, torch.stack([X, 2 * X]), C=C, steps=2)
     assert tb.ci.shape == (3, 2)
     torch.testing.assert_close(tb.E_pseudo[:, 0], tr.E_pseudo[:3])
+
+
+# ------------------------------------------------------------------------------------------ energy flows ----
+
+from fastjac.energy import (E_multi, E_single, integrate_flow, orthogonal_multi_head,  # noqa: E402
+                            random_counterexample, sa_heads, symmetric_single_head)
+
+
+def _unit_tokens(S, D, seed):
+    X = torch.randn(S, D, generator=torch.Generator().manual_seed(seed), dtype=F64)
+    return X / X.norm(dim=-1, keepdim=True)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_energy_decreases_for_prop41_weights(seed):
+    p = symmetric_single_head(8, beta=1.0, generator=torch.Generator().manual_seed(seed))
+    r = integrate_flow(p, _unit_tokens(8, 8, seed), flow="sphere", dt=0.05, steps=120)
+    scale = r.energy.abs().max().item()
+    assert r.max_increase <= 1e-9 * scale  # monotone to rounding (RK4 + retraction)
+    assert r.energy[-1] < r.energy[0]
+    torch.testing.assert_close(r.states.norm(dim=-1), torch.ones(121, 8, dtype=F64))
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_energy_decreases_for_prop42_weights(seed):
+    g = torch.Generator().manual_seed(seed)
+    p = orthogonal_multi_head(12, 3, beta=1.0, generator=g)
+    U = torch.cat([p.wq, p.wk]).transpose(-1, -2).reshape(-1, 12)  # all U's as rows: orthonormal
+    torch.testing.assert_close(U @ U.T, torch.eye(12, dtype=F64), atol=1e-12, rtol=0)
+    r = integrate_flow(p, _unit_tokens(6, 12, seed), flow="free", dt=0.02, steps=60)
+    assert r.max_increase <= 1e-9 * r.energy.abs().max().item() and r.energy[-1] < r.energy[0]
+
+
+def test_energy_rises_for_counterexamples():
+    # seeded generic weights: the energy goes up somewhere, far above integrator error
+    p = random_counterexample(8, 1, generator=torch.Generator().manual_seed(1))
+    r = integrate_flow(p, _unit_tokens(8, 8, 1), flow="sphere", dt=0.05, steps=100)
+    assert r.max_increase > 0.1  # observed 0.30
+    # and only symmetrising Wv without a symmetric A is not enough for our E (see symmetric_single_head)
+    g = torch.Generator().manual_seed(0)
+    X0 = torch.randn(8, 8, generator=g, dtype=F64)
+    pn = symmetric_single_head(8, symmetric_A=False, generator=g)
+    rn = integrate_flow(pn, X0 / X0.norm(dim=-1, keepdim=True), dt=0.05, steps=160)
+    assert rn.max_increase > 0.1  # observed 0.26 near t = 7.25 (dE/dt ~ +5 there); the rise shrinks with dt like
+    # dt * dE/dt, so it is the flow, not the integrator
+
+
+def test_energy_formulas_and_gradient_identity():
+    p = symmetric_single_head(6, beta=0.7, generator=torch.Generator().manual_seed(1))
+    X = torch.randn(5, 6, dtype=F64).requires_grad_(True)
+    A = p.A()[0]
+    E = E_single(X, p.wq[0], p.wk[0], 0.7)
+    assert E.item() == pytest.approx(-(torch.exp(0.7 * X @ A @ X.T)).sum().item() / 1.4, rel=1e-12)
+    (G,) = torch.autograd.grad(E, X)
+    Z = torch.exp(0.7 * X @ A @ X.T).sum(-1, keepdim=True)
+    torch.testing.assert_close(G, -Z * sa_heads(p, X.detach()), rtol=1e-10, atol=1e-10)  # A symmetric: ∇E = −Z SA
+
+
+# ----------------------------------------------------------------------------------------- oscillation ----
+
+from fastjac.oscillation import OscillatorStep, random_antisymmetric, rotation_generator  # noqa: E402
+
+
+def test_oscillator_eigenvalues():
+    O = rotation_generator([0.5, 1.0, 2.0])
+    X = torch.randn(4, 6, dtype=F64)
+    free = OscillatorStep(O, eta=0.5, normalize=False)
+    lam = eigvals(free, X)
+    pred = free.predicted_eigenvalues()
+    assert _set_dist(lam, pred) < 1e-12 and (lam.abs() > 1).all()  # 1 ± iηω, outside the circle
+    osc = OscillatorStep(O, eta=0.5, normalize=True, group=2)
+    Xs = osc(X)  # on the circles
+    lam_n = eigvals(osc, Xs)
+    assert lam_n.abs().max() <= 1 + 1e-12
+    expected = torch.cos(torch.atan(0.5 * torch.tensor([0.5, 1.0, 2.0], dtype=F64)))
+    nz = lam_n[lam_n.abs() > 1e-9]
+    assert _set_dist(nz.to(torch.complex128), expected.to(torch.complex128)) < 1e-10
+    assert spectral_norm(osc, Xs, method="dense") == pytest.approx(1.0, rel=1e-10)  # isometric tangent map
+    J = oracle_jacobian(osc, Xs)
+    torch.testing.assert_close(fj.jacobian(osc, Xs), J)
+    with pytest.raises(ValueError, match="omega"):
+        OscillatorStep(torch.randn(4, 4, dtype=F64))
+    with pytest.raises(ValueError, match="group"):
+        OscillatorStep(random_antisymmetric(6), group=4)
+
+
+# --------------------------------------------------------------------------------------------------- plots ----
+
+def _is_png(path):
+    with open(path, "rb") as f:
+        head = f.read(8)
+    import os
+    return head == b"\x89PNG\r\n\x1a\n" and os.path.getsize(path) > 5000
+
+
+def test_plots_render_png(tmp_path):
+    pytest.importorskip("matplotlib")
+    from fastjac.plot.energy import plot_energy_flow, plot_pseudo_energy
+    from fastjac.plot.spectra import plot_eigenvalues, plot_norm_vs_length
+    m, X, C = _make("ItrSA", 5, 8, 2, dict(norm="l2"))
+    p1, p2, p3, p4 = (str(tmp_path / f"{n}.png") for n in ("eig", "norm", "pe", "flow"))
+    plot_eigenvalues({"l2": eigvals(m, X, C=C)}, path=p1, title="eig")
+    plot_norm_vs_length([4, 8, 16], {"none": [1.0, 2.0, 4.0], "l2": [0.5, 0.5, 0.5]}, path=p2)
+    plot_pseudo_energy(pseudo_energy_trace(m, X, C=C, steps=4), path=p3)
+    r = integrate_flow(symmetric_single_head(4), torch.randn(3, 4, dtype=F64), steps=10)
+    plot_energy_flow({"4.1": r}, path=p4)
+    for p in (p1, p2, p3, p4):
+        assert _is_png(p), p
+    with pytest.raises(TypeError, match="eigs"):
+        plot_eigenvalues([])
+    with pytest.raises(ValueError, match="norms"):
+        plot_norm_vs_length([1, 2], {"a": [1.0]})
+
+
+# ---------------------------------------------------------------------------------------------- bad input ----
+
+def test_bad_input_names_the_argument():
+    m, X, C = _make("ItrSA", 5, 8, 2, dict(norm="l2"))
+    cases = [
+        (ValueError, "part", lambda: eigvals(m, X, part="attn")),
+        (ValueError, "method", lambda: eigvals(m, X, method="qr")),
+        (ValueError, "k:", lambda: eigvals(m, X, k=41)),
+        (TypeError, "k:", lambda: eigvals(m, X, k=2.0)),
+        (ValueError, "k:", lambda: eigvals(m, X, method="arnoldi")),
+        (ValueError, "X", lambda: spectral_norm(m, X[0])),
+        (TypeError, "X", lambda: spectral_norm(m, X.float())),
+        (ValueError, "C", lambda: spectral_norm(m, X, C=C[:3])),
+        (TypeError, "step", lambda: spectral_norm(3, X)),
+        (TypeError, "step", lambda: spectral_norm(lambda x: x, X, part="msa")),
+        (ValueError, "method", lambda: spectral_norm(m, X, method="power")),
+        (TypeError, "model", lambda: prop51_bound(lambda x: x, X)),
+        (ValueError, "top_frac", lambda: pseudo_energy_trace(m, X, steps=2, top_frac=0)),
+        (TypeError, "steps", lambda: pseudo_energy_trace(m, X, steps=2.0)),
+        (ValueError, "method", lambda: pseudo_energy_trace(m, X, steps=1, method="x")),
+        (TypeError, "model", lambda: pseudo_energy_trace(lambda x: x, X, steps=1)),
+        (ValueError, "X0", lambda: pseudo_energy_trace(m, X[:, :5], steps=1)),
+        (ValueError, "beta", lambda: E_single(X, torch.eye(8, dtype=F64), torch.eye(8, dtype=F64), 0)),
+        (ValueError, "heads", lambda: orthogonal_multi_head(10, 2)),
+        (ValueError, "flow", lambda: integrate_flow(symmetric_single_head(8), X, flow="x")),
+        (ValueError, "dt", lambda: integrate_flow(symmetric_single_head(8), X, dt=-1.0)),
+        (TypeError, "p:", lambda: integrate_flow(m, X)),
+        (ValueError, "X", lambda: integrate_flow(symmetric_single_head(6), X)),
+    ]
+    for exc, name, fn in cases:
+        with pytest.raises(exc, match=name):
+            fn()
