@@ -229,3 +229,15 @@ def test_main_job_writes_json_and_png(tmp_path):
     assert main(args) == 0  # a finished checkpoint is resumed: same numbers
     assert json.loads((out / "lyapunov.json").read_text())["exponents"] == d["exponents"]
     assert main(["jacobian", "--tokens", "5", "--dim", "8", "--heads", "2"]) == 0
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 2e-4)])
+def test_triton_backend_and_qr_kernels_give_the_torch_exponents(dtype, tol):
+    # on the CPU the kernels run under TRITON_INTERPRET=1 (conftest.py); on CUDA they are compiled
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    m = randomize_(fj.ItrSA(12, 3, norm="rms", causal=True, dtype=F64), seed=9).to(dtype).to(dev)
+    X0 = torch.randn(2, 7, 12, dtype=F64).to(dtype).to(dev)
+    common = dict(k=5, steps=6, burn_in=1, progress=False)
+    ref = fj.lyapunov_spectrum(m, X0, backend="torch", qr_backend="torch", **common)
+    fast = fj.lyapunov_spectrum(m, X0, backend="triton", qr_backend="triton", **common)
+    torch.testing.assert_close(fast.exponents, ref.exponents, rtol=0, atol=tol)
