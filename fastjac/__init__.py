@@ -11,10 +11,15 @@ See README.md and DESIGN.md (shared) for the mathematics and the public contract
 from . import config, ops
 from .api import info, jacobian, jvp, linearize, vjp
 from .backends import register_backend
+from . import energy, linalg, oscillation
 from .lyapunov import LyapunovResult, finite_time_lyapunov, lyapunov_spectrum
+from .pseudo_energy import PseudoEnergyTrace, pseudo_energy_trace
+from .spectra import Prop51Result, eigvals, linear_operator, prop51_bound, spectral_norm
 from .models import AKOrN, ItrSA
 
 __version__ = "0.1.0"
 
-__all__ = ["AKOrN", "ItrSA", "LyapunovResult", "config", "finite_time_lyapunov", "info", "jacobian", "jvp", "linearize",
-           "lyapunov_spectrum", "ops", "register_backend", "vjp"]
+__all__ = ["AKOrN", "ItrSA", "LyapunovResult", "Prop51Result", "PseudoEnergyTrace", "config", "eigvals", "energy",
+           "finite_time_lyapunov", "info", "jacobian", "jvp", "linalg", "linear_operator", "linearize",
+           "lyapunov_spectrum", "ops", "oscillation", "prop51_bound", "pseudo_energy_trace", "register_backend",
+           "spectral_norm", "vjp"]

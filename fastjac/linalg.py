@@ -31,19 +31,13 @@ from typing import Callable, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
+from ._checks import check_int as _check_int
+
 F64 = torch.float64
 Op = Callable[[Tensor], Tensor]
 
 
 # --------------------------------------------------------------------------------------------------- checks ----
-
-def _check_int(name: str, v, minimum: int = 1) -> int:
-    if isinstance(v, bool) or not isinstance(v, int):
-        raise TypeError(f"{name}: expected an int, got {type(v).__name__}")
-    if v < minimum:
-        raise ValueError(f"{name}: expected an int >= {minimum}, got {v}")
-    return v
-
 
 def _check_common(n, k, tol, maxiter, generator, matvecs: Sequence[Tuple[str, object]], shape):
     _check_int("n", n)
