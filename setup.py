@@ -1,4 +1,4 @@
-"""fastjac: plain `pip install .`; no GPU and no compiler needed (the CUDA extension is optional, see csrc/)."""
+"""fastjac: plain `pip install .`; needs no GPU and no compiler (a compiled CUDA extension in csrc/ is future work)."""
 from setuptools import find_packages, setup
 
 setup(
