@@ -8,7 +8,8 @@ from typing import Optional
 
 import numpy as np
 
-from .spectra import _finish, _mpl
+from ._mpl import finish as _finish
+from ._mpl import mpl as _mpl
 
 
 def _np(x):

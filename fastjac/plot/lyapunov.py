@@ -3,14 +3,8 @@ from __future__ import annotations
 
 from typing import Optional
 
-
-def _mpl():
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)  # headless unless the user already chose a backend
-    import matplotlib.pyplot as plt
-
-    return plt
+from ._mpl import finish
+from ._mpl import mpl as _mpl
 
 
 def plot_spectrum(result, ax=None, path: Optional[str] = None, sample: int = 0):
@@ -40,10 +34,7 @@ def plot_spectrum(result, ax=None, path: Optional[str] = None, sample: int = 0):
     ax.set_ylabel(r"$\lambda_i$")
     ax.set_title(f"Lyapunov spectrum ({result.settings.get('method', '')}, {result.steps} steps)")
     ax.legend(fontsize=8)
-    if path:
-        ax.figure.tight_layout()
-        ax.figure.savefig(path, dpi=120)
-    return ax
+    return finish(ax.figure, ax, path)
 
 
 def plot_convergence(result, ax=None, path: Optional[str] = None, top: int = 8, sample: int = 0):
@@ -71,10 +62,7 @@ def plot_convergence(result, ax=None, path: Optional[str] = None, top: int = 8, 
     ax.set_ylabel("running estimate")
     ax.set_title("convergence")
     ax.legend(fontsize=7, ncol=2)
-    if path:
-        ax.figure.tight_layout()
-        ax.figure.savefig(path, dpi=120)
-    return ax
+    return finish(ax.figure, ax, path)
 
 
 def plot_lyapunov(result, path: str, sample: int = 0, top: int = 8):

@@ -8,24 +8,8 @@ from typing import Dict, Optional, Sequence
 
 import numpy as np
 
-
-def _mpl():
-    import matplotlib
-    if matplotlib.get_backend().lower() not in ("agg", "pdf", "svg", "ps", "cairo") and not _interactive():
-        matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
-
-
-def _interactive() -> bool:
-    import sys
-    return hasattr(sys, "ps1") or "ipykernel" in sys.modules
-
-
-def _finish(fig, ax, path: Optional[str]):
-    if path is not None:
-        fig.savefig(path, dpi=120, bbox_inches="tight")
-    return ax
+from ._mpl import finish as _finish
+from ._mpl import mpl as _mpl
 
 
 def plot_eigenvalues(eigs: Dict[str, object], *, ax=None, path: Optional[str] = None, title: Optional[str] = None):
