@@ -63,7 +63,8 @@ class AutogradLinearization:
 
     def __init__(self, f: Callable[[Tensor], Tensor], X: Tensor):
         self.f, self.X = f, X
-        self.out, self._vjp_fn = torch.func.vjp(f, X)
+        # the reverse-mode closure is built on the first vjp only: JVP-only users (Lyapunov) pay one forward
+        self.out, self._vjp_cache = f(X), None
         if self.out.shape != X.shape:
             raise ValueError(f"step: a step must map X to X's shape, got {tuple(self.out.shape)} from "
                              f"{tuple(X.shape)}")
@@ -73,7 +74,9 @@ class AutogradLinearization:
         return one(T[0]).unsqueeze(0) if T.shape[0] == 1 else torch.func.vmap(one)(T)
 
     def vjp(self, G: Tensor) -> Tensor:
-        one = lambda g: self._vjp_fn(g)[0]  # noqa: E731
+        if self._vjp_cache is None:
+            self._vjp_cache = torch.func.vjp(self.f, self.X)[1]
+        one = lambda g: self._vjp_cache(g)[0]  # noqa: E731
         return one(G[0]).unsqueeze(0) if G.shape[0] == 1 else torch.func.vmap(one)(G)
 
     def dense(self, out: Optional[Tensor] = None) -> Tensor:
