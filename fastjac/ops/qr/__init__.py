@@ -4,7 +4,6 @@
 """
 from __future__ import annotations
 
-import os
 from typing import Optional, Tuple
 
 import torch
@@ -24,7 +23,9 @@ QR_BACKENDS = ("auto", "triton", "torch", "householder")
 
 
 def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    from ...triton_backend import interpreter_on  # lazy: triton_backend imports the models, which import ops
+
+    return interpreter_on()
 
 
 def qr_backend(M: Tensor, backend: str = "auto") -> str:
