@@ -23,7 +23,7 @@ import time
 import torch
 
 import fastjac as fj
-from fastjac.spectra import prop51_bound, spectral_norm
+from fastjac.analysis.spectra import prop51_bound, spectral_norm
 
 from _common import parser, write_json
 

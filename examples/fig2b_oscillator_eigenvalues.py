@@ -20,8 +20,8 @@ import time
 
 import torch
 
-from fastjac.oscillation import OscillatorStep, random_antisymmetric, rotation_generator
-from fastjac.spectra import eigvals, spectral_norm
+from fastjac.analysis.oscillation import OscillatorStep, random_antisymmetric, rotation_generator
+from fastjac.analysis.spectra import eigvals, spectral_norm
 
 from _common import parser, write_json
 

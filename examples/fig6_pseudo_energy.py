@@ -23,7 +23,7 @@ import time
 import torch
 
 import fastjac as fj
-from fastjac.pseudo_energy import pseudo_energy_trace
+from fastjac.analysis.pseudo_energy import pseudo_energy_trace
 
 from _common import parser, write_json
 

@@ -11,13 +11,21 @@ See README.md and DESIGN.md (shared) for the mathematics and the public contract
 from . import config, ops
 from .api import info, jacobian, jvp, linearize, vjp
 from .backends import register_backend
-from . import energy, linalg, oscillation
-from .lyapunov import LyapunovResult, finite_time_lyapunov, lyapunov_spectrum
-from .pseudo_energy import PseudoEnergyTrace, pseudo_energy_trace
-from .spectra import Prop51Result, eigvals, linear_operator, prop51_bound, spectral_norm
+from . import linalg
+from . import analysis
+from .analysis import energy, lyapunov, oscillation, pseudo_energy, spectra
+from .analysis.lyapunov import LyapunovResult, finite_time_lyapunov, lyapunov_spectrum
+from .analysis.pseudo_energy import PseudoEnergyTrace, pseudo_energy_trace
+from .analysis.spectra import Prop51Result, eigvals, linear_operator, prop51_bound, spectral_norm
 from .models import AKOrN, ItrSA
 
 __version__ = "0.1.0"
+
+# The analysis modules lived at the top level before 0.2; keep ``import fastjac.lyapunov`` (etc.) working.
+import sys as _sys
+for _name in ("energy", "lyapunov", "oscillation", "pseudo_energy", "spectra"):
+    _sys.modules.setdefault(f"{__name__}.{_name}", getattr(analysis, _name))
+del _sys, _name
 
 __all__ = ["AKOrN", "ItrSA", "LyapunovResult", "Prop51Result", "PseudoEnergyTrace", "config", "eigvals", "energy",
            "finite_time_lyapunov", "info", "jacobian", "jvp", "linalg", "linear_operator", "linearize",

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 import fastjac as fj
-from fastjac.pseudo_energy import pseudo_energy_trace
-from fastjac.spectra import eigvals, linear_operator, prop51_bound, spectral_norm
+from fastjac.analysis.pseudo_energy import pseudo_energy_trace
+from fastjac.analysis.spectra import eigvals, linear_operator, prop51_bound, spectral_norm
 from oracle import oracle_jacobian, randomize_
 
 F64 = torch.float64
@@ -194,7 +194,7 @@ def test_pseudo_energy_pv_variants():
 
 # ------------------------------------------------------------------------------------------ energy flows ----
 
-from fastjac.energy import (E_multi, E_single, integrate_flow, orthogonal_multi_head,  # noqa: E402
+from fastjac.analysis.energy import (E_multi, E_single, integrate_flow, orthogonal_multi_head,  # noqa: E402
                             random_counterexample, sa_heads, symmetric_single_head)
 
 
@@ -250,7 +250,7 @@ def test_energy_formulas_and_gradient_identity():
 
 # ----------------------------------------------------------------------------------------- oscillation ----
 
-from fastjac.oscillation import OscillatorStep, random_antisymmetric, rotation_generator  # noqa: E402
+from fastjac.analysis.oscillation import OscillatorStep, random_antisymmetric, rotation_generator  # noqa: E402
 
 
 def test_oscillator_eigenvalues():

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import fastjac as fj
-import fastjac.lyapunov as lyap
+import fastjac.analysis.lyapunov as lyap
 from oracle import oracle_jacobian, randomize_
 
 F64 = torch.float64

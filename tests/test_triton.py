@@ -25,8 +25,9 @@ from test_foundation import CASES, _ids, make, rel
 
 triton_attn = pytest.importorskip("fastjac.ops.attention.triton")
 from fastjac.ops.norm.triton import norm_residual_jvp_triton  # noqa: E402
+import fastjac.ops.step.dense_triton as dense_triton  # noqa: E402
 import fastjac.ops.step.triton as step_triton  # noqa: E402
-import fastjac.triton_backend as tb  # noqa: E402
+import fastjac.backends.triton as tb  # noqa: E402
 
 F64, F32 = torch.float64, torch.float32
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -159,7 +160,7 @@ def test_triton_backend_against_oracle(case, dtype, oracle_cache):
 def test_dense_row_chunks_and_unbatched(monkeypatch, oracle_cache):
     name, c = CASES[2]  # S = 33, causal LayerNorm
     m, X, C, J = _setup(oracle_cache, name, c, F64)
-    monkeypatch.setattr(step_triton, "DENSE_FACTOR_BYTES", 1)  # one token row per launch
+    monkeypatch.setattr(dense_triton, "DENSE_FACTOR_BYTES", 1)  # one token row per launch
     assert rel(fj.jacobian(m, X, C=C, backend="triton").cpu(), J) < 1e-10
     assert rel(fj.jacobian(m, X[1], C=C[1], backend="triton").cpu(), J[1]) < 1e-10
 

@@ -21,7 +21,7 @@ def plot_pseudo_energy(trace, *, ax=None, path: Optional[str] = None, title: Opt
     """Pseudo-energy, its linearisation (and the PV ones) on the left axis, contribution index on the right.
 
     Args:
-        trace: a :class:`fastjac.pseudo_energy.PseudoEnergyTrace` (unbatched, or the first sample is drawn).
+        trace: a :class:`fastjac.analysis.pseudo_energy.PseudoEnergyTrace` (unbatched, or the first sample is drawn).
         ax: Axes (default: a new figure). path: save a PNG there. pv: also draw lin_pv and lin_pv_t0.
 
     Returns:
@@ -29,7 +29,7 @@ def plot_pseudo_energy(trace, *, ax=None, path: Optional[str] = None, title: Opt
 
     Example:
         >>> import fastjac as fj, torch
-        >>> from fastjac.pseudo_energy import pseudo_energy_trace
+        >>> from fastjac.analysis.pseudo_energy import pseudo_energy_trace
         >>> tr = pseudo_energy_trace(fj.ItrSA(8, 2), torch.randn(5, 8), steps=3)
         >>> ax, ax2 = plot_pseudo_energy(tr)
     """
@@ -60,11 +60,11 @@ def plot_pseudo_energy(trace, *, ax=None, path: Optional[str] = None, title: Opt
 
 
 def plot_energy_flow(results: dict, *, ax=None, path: Optional[str] = None, title: Optional[str] = None):
-    """Energy against time for flows from :func:`fastjac.energy.integrate_flow`, one line per label.
+    """Energy against time for flows from :func:`fastjac.analysis.energy.integrate_flow`, one line per label.
 
     Example:
         >>> import torch
-        >>> from fastjac.energy import integrate_flow, symmetric_single_head
+        >>> from fastjac.analysis.energy import integrate_flow, symmetric_single_head
         >>> r = integrate_flow(symmetric_single_head(4), torch.randn(3, 4, dtype=torch.float64), steps=5)
         >>> ax = plot_energy_flow({"Prop 4.1": r})
     """

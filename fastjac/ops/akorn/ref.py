@@ -13,9 +13,7 @@ from typing import Tuple
 import torch
 from torch import Tensor
 
-
-def _g(x: Tensor, N: int) -> Tensor:
-    return x.unflatten(-1, (x.shape[-1] // N, N))
+from .._utils import group as _g
 
 
 def _dot(a: Tensor, b: Tensor) -> Tensor:

@@ -17,7 +17,6 @@ running row maximum moves. Nothing of size S x S reaches global memory: memory i
 """
 from __future__ import annotations
 
-import os
 from typing import Optional, Tuple
 
 import torch
@@ -25,11 +24,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .._utils import INTERPRET, PRECISIONS, precision_for, pow2 as _pow2
 from .ref import AttnParams, _out_proj, _project
 
-# whether the kernels below were decorated for the CPU interpreter (triton reads TRITON_INTERPRET at jit time)
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on", "y")
-PRECISIONS = ("ieee", "tf32")
 
 
 @triton.jit
@@ -114,20 +111,6 @@ def _attn_jvp_fwd_kernel(
         od = acc_t / l_i[None, :, None] - (acc_l / l_i[None, :])[:, :, None] * o[None, :, :]  # [KT, BM, BV]
         tl.store(od_ptr + vdo + t3 * svd_t + rm[None, :, None] * svd_s + rv[None, None, :],
                  od.to(od_ptr.dtype.element_ty), mask=t_ok[:, None, None] & m_ok[None, :, None] & v_ok[None, None, :])
-
-
-def _pow2(n: int, lo: int = 16) -> int:
-    return max(lo, triton.next_power_of_2(int(n)))
-
-
-def precision_for(dtype: torch.dtype, precision: Optional[str] = None) -> str:
-    """The tl.dot input precision: "tf32" only for float32 operands when asked (fastjac.config.matmul_precision)."""
-    if precision is None:
-        from ... import config
-        precision = config.matmul_precision
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision: expected one of {PRECISIONS}, got {precision!r}")
-    return "tf32" if (precision == "tf32" and dtype == torch.float32) else "ieee"
 
 
 def default_blocks(dh: int, dv: int, k: int) -> Tuple[int, int, int, int]:

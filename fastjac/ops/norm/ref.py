@@ -16,6 +16,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .._utils import group as _grouped
+
 NORMS = ("l2", "rms", "layer", "none")
 
 
@@ -42,10 +44,6 @@ class NormCache:
     @property
     def alpha(self) -> float:
         return 1.0 if self.params.kind == "l2" else float(self.params.group)
-
-
-def _grouped(x: Tensor, N: int) -> Tensor:
-    return x.unflatten(-1, (x.shape[-1] // N, N))
 
 
 def norm_cache(Z: Tensor, p: NormParams) -> NormCache:

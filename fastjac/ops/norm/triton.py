@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..attention.triton import INTERPRET
+from .._utils import INTERPRET
 from .ref import NormCache
 
 _KINDS = {"none": 0, "l2": 1, "rms": 2, "layer": 3}

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from ..._checks import check_tensor
+from .._utils import interpreter_on
 from .ref import cholesky_qr2, householder_qr
 
 try:  # Triton is optional (no wheels off Linux); the torch primitives always work
@@ -22,12 +23,6 @@ else:
 QR_BACKENDS = ("auto", "triton", "torch", "householder")
 
 
-def _interpreting() -> bool:
-    from ...triton_backend import interpreter_on  # lazy: triton_backend imports the models, which import ops
-
-    return interpreter_on()
-
-
 def qr_backend(M: Tensor, backend: str = "auto") -> str:
     """The primitive set ``qr`` uses for M: "triton" on CUDA (k <= 128), "torch" elsewhere, or as requested."""
     if backend not in QR_BACKENDS:
@@ -38,7 +33,7 @@ def qr_backend(M: Tensor, backend: str = "auto") -> str:
     if backend == "triton":
         if cholesky_qr2_triton is None:
             raise ValueError(f"backend: 'triton' is not available ({_TRITON_ERROR})")
-        if not (M.is_cuda or _interpreting()):
+        if not (M.is_cuda or interpreter_on()):
             raise ValueError("backend: 'triton' needs a CUDA tensor, or TRITON_INTERPRET=1 to run on the CPU")
         if M.shape[-1] > MAX_K:
             raise ValueError(f"backend: the fused 'triton' QR takes k <= {MAX_K} columns, got {M.shape[-1]}")

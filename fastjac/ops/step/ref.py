@@ -15,7 +15,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..akorn.ref import _g, omega_apply, omega_vjp, proj_jvp, proj_vjp, proj_forward, antisym
+from .._utils import blockdiag as _blockdiag, group as _g
+from ..akorn.ref import omega_apply, omega_vjp, proj_jvp, proj_vjp, proj_forward, antisym
 from ..attention.ref import AttnParams, msa_cache, msa_jacobian_rows, msa_jvp, msa_vjp
 from ..norm.ref import NormParams, norm_cache, norm_jacobian_blocks, norm_jvp, norm_vjp
 
@@ -41,13 +42,6 @@ class AKOrNParams:
 
 def _osc_norm(N: int) -> NormParams:
     return NormParams("l2", None, None, 0.0, N)
-
-
-def _blockdiag(blk: Tensor) -> Tensor:
-    # [..., G, N, N] -> block-diagonal [..., G*N, G*N]
-    G, N = blk.shape[-3], blk.shape[-1]
-    eye = torch.eye(G, dtype=blk.dtype, device=blk.device)
-    return torch.einsum("...gnm,gh->...gnhm", blk, eye).reshape(*blk.shape[:-3], G * N, G * N)
 
 
 class StepLinearization:

@@ -1,165 +1,27 @@
-"""One ItrSA / AKOrN step linearised on the Triton kernels (``backend="triton"``), and the dense-Jacobian kernel.
+"""One ItrSA / AKOrN step linearised on the Triton kernels (``backend="triton"``).
 
-Kernel ``_step_dense_fwd_kernel`` -> launcher ``step_dense_launch`` -> public ``step_dense_triton``.
-
-Dense form (ref.py, README.md):  J_step[i, m] = eta L_i J_MSA[i, m] + delta_im E_i.  For an output row r = (i, a)
-and column (m, b) the attention part is a sum over 2H terms,
-
-    out[i, a, m, b] = sum_h  A_h[i, m] R1[i, h, a, b]  +  U[h, i, m, a] rb[i, h, b]   (+ Ed[i, a, b] if m == i)
-
-    R1[i, h] = eta L_i (Wv_h Wo_h)^T                       [D, D]   (a token-independent matrix when L = I)
-    U[h, i, m, a] = A_h[i, m] (L_i Wo_h^T (v_m - o_i))_a   [S, D]   per (h, i)
-    rb[i, h] = eta beta Wk_h q_i                           [D]
-    Ed[i] = L_i (eta beta sum_h Wo_h^T M_h[i] Wq_h^T) + E_i,  M_h[i] = sum_j A_ij (v_j - o_i) k_j^T
-
-The small factors (O(S D^2 H + S^2 D H), built by torch GEMMs for a chunk of rows i) are expanded by the kernel
-into a [BR rows, BM tokens, BB features] tile of the output with 2H fused multiply-adds per element and written
-once: no S^2 D^2 intermediate, and the kernel's time is that of writing the output.
+The forward runs the flash attention kernel once; every JVP is the k-tangent attention kernel
+(``fastjac/ops/attention/triton.py``) followed by the fused residual + normalisation kernel
+(``fastjac/ops/norm/triton.py``); the dense Jacobian is ``dense_triton.step_dense_triton``.
 """
 from __future__ import annotations
 
 from typing import Optional
 
 import torch
-import triton
-import triton.language as tl
 from torch import Tensor
 
+from .._utils import INTERPRET, blockdiag as _blockdiag, group as _g
 from ..akorn.ref import antisym, omega_apply, proj_forward, proj_jvp
-from ..attention.ref import AttnCache, _out_proj_h, attention_probs
-from ..attention.triton import INTERPRET, msa_forward_triton, msa_jvp_triton
+from ..attention.ref import AttnCache, attention_probs
+from ..attention.triton import msa_forward_triton, msa_jvp_triton
 from ..norm.ref import NormCache, norm_cache, norm_left_apply
 from ..norm.triton import norm_residual_jvp_triton
-from .ref import AKOrNLinearization, AKOrNParams, ItrSALinearization, ItrSAParams, _blockdiag, _osc_norm
+from .dense_triton import step_dense_triton
+from .ref import AKOrNLinearization, AKOrNParams, ItrSALinearization, ItrSAParams, _osc_norm
 
-# temporaries of one row chunk of the dense path (U, R1 and their einsum intermediates) stay near this many bytes
-DENSE_FACTOR_BYTES = (32 if INTERPRET else 512) * 2**20
 # the VJP forms [k, B, H, S, S] products: cotangents go through in chunks that keep those near this many bytes
 VJP_CHUNK_BYTES = (32 if INTERPRET else 1024) * 2**20
-
-
-@triton.jit
-def _step_dense_fwd_kernel(
-    a_ptr, r1_ptr, u_ptr, rb_ptr, e_ptr, out_ptr,
-    S, D, H, I, i0, ld_out,
-    sa_h, sa_i, sr_i, sr_h, sr_a, su_h, su_i, su_m, srb_i, srb_h, se_i,
-    BR: tl.constexpr, BM: tl.constexpr, BB: tl.constexpr, ACC: tl.constexpr,
-):
-    rr = tl.program_id(0) * BR + tl.arange(0, BR)  # rows of this chunk, r = (i - i0) * D + a  [BR]
-    rm = tl.program_id(1) * BM + tl.arange(0, BM)  # column tokens m  [BM]
-    rc = tl.program_id(2) * BB + tl.arange(0, BB)  # column features b  [BB]
-    il, a = rr // D, rr % D
-    i = il + i0
-    r_ok, m_ok, c_ok = rr < I * D, rm < S, rc < D
-    ok_rm = r_ok[:, None] & m_ok[None, :]  # [BR, BM]
-    ok_rc = r_ok[:, None] & c_ok[None, :]  # [BR, BB]
-    acc = tl.zeros((BR, BM, BB), ACC)
-    for h in range(H):
-        av = tl.load(a_ptr + h * sa_h + i[:, None] * sa_i + rm[None, :], mask=ok_rm, other=0.0)  # [BR, BM]
-        r1 = tl.load(r1_ptr + il[:, None] * sr_i + h * sr_h + a[:, None] * sr_a + rc[None, :], mask=ok_rc,
-                     other=0.0)  # [BR, BB]
-        uv = tl.load(u_ptr + h * su_h + il[:, None] * su_i + rm[None, :] * su_m + a[:, None], mask=ok_rm,
-                     other=0.0)  # [BR, BM]
-        rb = tl.load(rb_ptr + i[:, None] * srb_i + h * srb_h + rc[None, :], mask=ok_rc, other=0.0)  # [BR, BB]
-        acc += av[:, :, None] * r1[:, None, :] + uv[:, :, None] * rb[:, None, :]
-    ev = tl.load(e_ptr + il[:, None] * se_i + a[:, None] * D + rc[None, :], mask=ok_rc, other=0.0)  # [BR, BB]
-    acc += tl.where(rm[None, :, None] == i[:, None, None], ev[:, None, :], 0.0)
-    # int64: a dense Jacobian passes 2^31 elements at S*D ~ 46k
-    off = (i0 * D + rr).to(tl.int64)[:, None, None] * ld_out + rm[None, :, None] * D + rc[None, None, :]
-    tl.store(out_ptr + off, acc.to(out_ptr.dtype.element_ty),
-             mask=r_ok[:, None, None] & m_ok[None, :, None] & c_ok[None, None, :])
-
-
-def _dense_blocks(D: int):
-    if INTERPRET:
-        return 32, 16, min(32, triton.next_power_of_2(D))
-    return 16, 16, min(64, triton.next_power_of_2(D))
-
-
-def step_dense_launch(A: Tensor, R1: Tensor, U: Tensor, rb: Tensor, Ed: Tensor, out: Tensor, i0: int, i1: int,
-                      blocks=None) -> None:
-    """Launch ``_step_dense_fwd_kernel`` for one sample and the rows i in [i0, i1).
-
-    A [H, S, S]; R1 [I, H, D, D] (stride 0 over I allowed); U [H, I, S, D]; rb [S, H, D]; Ed [I, D, D];
-    out [S*D, S*D] (rows contiguous). All last dims contiguous.
-    """
-    H, S, _ = A.shape
-    D, I = Ed.shape[-1], i1 - i0
-    for name, t in (("A", A), ("R1", R1), ("U", U), ("rb", rb), ("Ed", Ed), ("out", out)):
-        if t.stride(-1) != 1:
-            raise ValueError(f"{name}: expected a contiguous last dimension")
-    BR, BM, BB = blocks if blocks is not None else _dense_blocks(D)
-    acc = tl.float64 if out.dtype == torch.float64 else tl.float32
-    grid = (triton.cdiv(I * D, BR), triton.cdiv(S, BM), triton.cdiv(D, BB))
-    _step_dense_fwd_kernel[grid](
-        A, R1, U, rb, Ed, out, S, D, H, I, i0, out.stride(0),
-        A.stride(0), A.stride(1), R1.stride(0), R1.stride(1), R1.stride(2), U.stride(0), U.stride(1), U.stride(2),
-        rb.stride(0), rb.stride(1), Ed.stride(0),
-        BR=BR, BM=BM, BB=BB, ACC=acc, **({} if INTERPRET else {"num_warps": 8}))
-
-
-def dense_factors(lin, b: int, i0: int, i1: int):
-    """The small factors of the dense rows [i0, i1) of sample b (module docstring).
-
-    ``lin._left(M, b, i0)`` applies L_i to M [I, D, K] using L's structure (the norm's diagonal-plus-rank-one
-    groups, AKOrN's per-oscillator projection): O(D K) per token instead of a D x D product, which keeps building
-    R1 = L_i (Wv Wo)^T far below the cost of writing the output; ``lin._diag_E(Dg, b, i0)`` returns L_i Dg + E_i.
-    """
-    c = lin.attn
-    p, eta = c.params, lin.p.eta.detach()
-    A, q, k, v, o = c.A[b], c.q[b], c.k[b], c.v[b], c.o[b]  # [H, S, S], [H, S, dh], .., [H, S, dv], [H, S, dv]
-    H, S, _ = A.shape
-    D, I = c.out.shape[-1], i1 - i0
-    AI = A[:, i0:i1]  # [H, I, S]
-    wvoT = (p.wv if p.wo is None else p.wv @ p.wo).transpose(-1, -2)  # [H, D(c), D(b)]
-    vo, oo = _out_proj_h(v, p.wo), _out_proj_h(o[:, i0:i1], p.wo)  # [H, S, D], [H, I, D]
-    if lin._left is None:  # L = I
-        R1 = (eta * wvoT).contiguous().unsqueeze(0).expand(I, H, D, D)
-        diff = vo.unsqueeze(1) - oo.unsqueeze(2)  # [H, I, S, D]
-    else:
-        M = (eta * wvoT).permute(1, 0, 2).reshape(D, H * D).expand(I, D, H * D)
-        R1 = lin._left(M, b, i0).reshape(I, D, H, D).permute(0, 2, 1, 3).contiguous()  # [I, H, D(a), D(b)]
-        Lvo = lin._left(vo.permute(2, 0, 1).reshape(D, H * S).expand(I, D, H * S), b, i0).reshape(I, D, H, S)
-        Loo = lin._left(oo.permute(1, 2, 0), b, i0)  # [I, D(a), H]
-        diff = (Lvo - Loo.unsqueeze(-1)).permute(2, 0, 3, 1)  # [H, I, S, D(a)]
-    U = (AI.unsqueeze(-1) * diff).contiguous()  # [H, I, S, D]
-    rb = ((eta * p.beta) * torch.einsum("hie,hbe->ihb", q, p.wk)).contiguous()  # [S, H, D]
-    # diagonal blocks: eta beta Wo^T [sum_j A_ij (v_j - o_i) k_j^T] Wq^T, then L_i, plus E_i
-    Mk = torch.einsum("hij,hjv,hje->hive", AI, v, k) - o[:, i0:i1, :, None] * (AI @ k)[:, :, None, :]
-    Mk = Mk if p.wo is None else torch.einsum("hva,hive->hiae", p.wo, Mk)
-    diag = (eta * p.beta) * torch.einsum("hiae,hbe->iab", Mk, p.wq)  # [I, D, D]
-    Ed = lin._diag_E(diag, b, i0)
-    return A.contiguous(), R1, U, rb, Ed.contiguous()
-
-
-def step_dense_triton(lin, out: Optional[Tensor] = None) -> Tensor:
-    """The dense step Jacobian [B, S*D, S*D] of a Triton linearisation, written by ``_step_dense_fwd_kernel``.
-
-    ``lin`` provides ``attn`` (an AttnCache with A), ``p.eta``, ``_left`` and ``_diag_E`` (see dense_factors);
-    ``out`` (contiguous rows) receives the result, every element written exactly once.
-
-    Example:
-        >>> import fastjac as fj
-        >>> m = fj.ItrSA(8, 2)
-        >>> fj.jacobian(m, torch.randn(5, 8), backend="triton").shape   # doctest: +SKIP
-        torch.Size([40, 40])
-    """
-    X = lin.X
-    B, S, D = X.shape
-    if out is None:
-        out = torch.empty(B, S * D, S * D, dtype=X.dtype, device=X.device)
-    elif out.shape != (B, S * D, S * D) or out.dtype != X.dtype or out.stride(-1) != 1:
-        raise ValueError(f"out: expected a [{B}, {S * D}, {S * D}] {X.dtype} tensor with contiguous rows, got "
-                         f"{tuple(out.shape)} {out.dtype}")
-    with torch.no_grad():
-        H = lin.attn.A.shape[1]
-        per_row = (4 * H * S * D + 3 * H * D * D + 3 * D * D) * X.element_size()
-        chunk = max(1, min(S, DENSE_FACTOR_BYTES // per_row))
-        for b in range(B):
-            for i0 in range(0, S, chunk):
-                i1 = min(S, i0 + chunk)
-                step_dense_launch(*dense_factors(lin, b, i0, i1), out[b], i0, i1)
-    return out
 
 
 class _TritonAttention:

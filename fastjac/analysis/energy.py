@@ -262,7 +262,7 @@ def integrate_flow(p: EnergySA, X0: Tensor, *, flow: str = "sphere", dt: float =
         True
     """
     if not isinstance(p, EnergySA):
-        raise TypeError(f"p: expected an EnergySA (see the constructors in fastjac.energy), got {type(p).__name__}")
+        raise TypeError(f"p: expected an EnergySA (see the constructors in fastjac.analysis.energy), got {type(p).__name__}")
     if flow not in FLOWS:
         raise ValueError(f"flow: expected one of {FLOWS}, got {flow!r}")
     if isinstance(dt, bool) or not isinstance(dt, (int, float)) or not dt > 0:

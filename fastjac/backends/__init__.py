@@ -15,8 +15,8 @@ from typing import Callable, Dict, List, Optional
 import torch
 from torch import Tensor
 
-from .models import AKOrN, ItrSA
-from .ops.step.ref import DENSE_CHUNK_BYTES
+from ..models import AKOrN, ItrSA
+from ..ops.step.ref import DENSE_CHUNK_BYTES
 
 FASTJAC_MODELS = (ItrSA, AKOrN)
 
@@ -132,9 +132,9 @@ register_backend(AutogradBackend(), auto_priority=1)
 def _register_triton() -> None:
     # a missing or broken triton must not break `import fastjac`: the backend then only says why it is missing
     try:
-        from .triton_backend import TritonBackend
+        from .triton import TritonBackend
     except Exception as e:  # pragma: no cover - depends on the installation
-        register_backend(UnavailableBackend("triton", f"fastjac.triton_backend failed to import ({e})"))
+        register_backend(UnavailableBackend("triton", f"fastjac.backends.triton failed to import ({e})"))
         return
     register_backend(TritonBackend(), auto_priority=0)
 

@@ -31,10 +31,10 @@ from typing import Dict, Optional
 import torch
 from torch import Tensor
 
-from . import linalg
-from ._checks import check_input, check_state
-from .backends import FASTJAC_MODELS
-from .ops.attention import msa_cache
+from .. import linalg
+from .._checks import check_input, check_state
+from ..backends import FASTJAC_MODELS
+from ..ops.attention import msa_cache
 from .spectra import _msa_op, _warn_unconverged
 
 F64 = torch.float64

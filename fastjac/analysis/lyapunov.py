@@ -23,11 +23,11 @@ from typing import Any, Dict, Optional, Union
 import torch
 from torch import Tensor
 
-from ._checks import check_dense_size, check_state
-from ._checks import check_int as _check_int
-from .api import _linearize, _model_check
-from .models import AKOrN, ItrSA
-from .ops.qr import qr
+from .._checks import check_dense_size, check_state
+from .._checks import check_int as _check_int
+from ..api import _linearize, _model_check
+from ..models import AKOrN, ItrSA
+from ..ops.qr import qr
 
 # Largest S*D for which k=None means "all S*D tangents"; above it a k must be given.
 FULL_K_LIMIT = 4096
@@ -410,7 +410,7 @@ def finite_time_lyapunov(step, X0: Tensor, *, C: Optional[Tensor] = None, T: int
             P = J if P is None else J @ P
         sv = torch.linalg.svdvals(P)[..., :k]
     else:
-        from .linalg import svds
+        from ..linalg import svds
 
         gen = torch.Generator().manual_seed(seed)
         rows = []

@@ -8,13 +8,13 @@ Triton is imported lazily, on the first question about a fastjac model, so ``imp
 """
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-from .backends import FASTJAC_MODELS, Backend
+from . import FASTJAC_MODELS, Backend
+from ..ops._utils import interpreter_on
 
 SUPPORTED_DTYPES = (torch.float32, torch.float64)
 _kernels = None  # the step module once imported, or the import error's text
@@ -25,20 +25,11 @@ def _step_module():
     global _kernels
     if _kernels is None:
         try:
-            from .ops.step import triton as mod
+            from ..ops.step import triton as mod
             _kernels = mod
         except Exception as e:  # no triton, or a triton whose API the kernels do not compile against
             _kernels = f"triton is not installed or failed to import ({type(e).__name__}: {e})"
     return _kernels
-
-
-def interpreter_on() -> bool:
-    """Whether the kernels run (or, when imported, will run) under Triton's CPU interpreter."""
-    mod = _kernels
-    if mod is not None and not isinstance(mod, str):
-        from .ops.attention.triton import INTERPRET
-        return INTERPRET
-    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on", "y")
 
 
 class TritonBackend(Backend):

@@ -14,7 +14,7 @@ frequencies the pull is only partial: a generic Ω with ``group=D`` leaves eigen
 max modulus 2.03 normalised vs 2.37 unnormalised, D = 8, η = 0.5).
 
 ``OscillatorStep`` is a plain callable ``X -> X`` (an nn.Module), so every fastjac function applies
-(``fastjac.jacobian``, ``fastjac.spectra.eigvals``) through torch.func.
+(``fastjac.jacobian``, ``fastjac.analysis.spectra.eigvals``) through torch.func.
 """
 from __future__ import annotations
 

@@ -22,10 +22,10 @@ from typing import Callable, Iterator, Optional, Tuple
 import torch
 from torch import Tensor
 
-from . import api, linalg
-from ._checks import check_input, check_state
-from .backends import FASTJAC_MODELS
-from .ops.attention import msa_cache, msa_jacobian_rows, msa_jvp, msa_vjp
+from .. import api, linalg
+from .._checks import check_input, check_state
+from ..backends import FASTJAC_MODELS
+from ..ops.attention import msa_cache, msa_jacobian_rows, msa_jvp, msa_vjp
 
 F64 = torch.float64
 PARTS = ("step", "msa")
@@ -102,7 +102,7 @@ def linear_operator(step, X: Tensor, *, C: Optional[Tensor] = None, part: str = 
 
     Example:
         >>> import fastjac as fj, torch
-        >>> from fastjac.spectra import linear_operator
+        >>> from fastjac.analysis.spectra import linear_operator
         >>> op = linear_operator(fj.ItrSA(8, 2), torch.randn(5, 8), part="msa")
         >>> op.matvec(torch.randn(3, 40)).shape, op.dense().shape
         (torch.Size([3, 40]), torch.Size([40, 40]))
