@@ -14,6 +14,7 @@ setup(
         "torch>=2.4",
         "numpy",
         "tqdm",
+        "safetensors>=0.4",  # model files: weights + JSON config, loaded without unpickling
         # Triton ships wheels for Linux on x86_64 and aarch64 only; elsewhere fastjac runs without it.
         "triton>=3.0; sys_platform == 'linux' and (platform_machine == 'x86_64' or platform_machine == 'aarch64')",
     ],

@@ -17,7 +17,7 @@ from .analysis import energy, lyapunov, oscillation, pseudo_energy, spectra
 from .analysis.lyapunov import LyapunovResult, finite_time_lyapunov, lyapunov_spectrum
 from .analysis.pseudo_energy import PseudoEnergyTrace, pseudo_energy_trace
 from .analysis.spectra import Prop51Result, eigvals, linear_operator, prop51_bound, spectral_norm
-from .models import AKOrN, ItrSA
+from .models import AKOrN, ItrSA, load_model, register_model, save_model
 
 __version__ = "0.1.0"
 
@@ -28,6 +28,6 @@ for _name in ("energy", "lyapunov", "oscillation", "pseudo_energy", "spectra"):
 del _sys, _name
 
 __all__ = ["AKOrN", "ItrSA", "LyapunovResult", "Prop51Result", "PseudoEnergyTrace", "config", "eigvals", "energy",
-           "finite_time_lyapunov", "info", "jacobian", "jvp", "linalg", "linear_operator", "linearize",
+           "finite_time_lyapunov", "info", "jacobian", "jvp", "linalg", "linear_operator", "linearize", "load_model", "register_model", "save_model",
            "lyapunov_spectrum", "ops", "oscillation", "prop51_bound", "pseudo_energy_trace", "register_backend",
            "spectral_norm", "vjp"]

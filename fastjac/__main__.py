@@ -3,6 +3,7 @@
     python -m fastjac                        # Lyapunov spectrum of a default ItrSA model: JSON + PNG in fastjac_out/
     python -m fastjac lyapunov --steps 2000 --k 64 --model my_model.pt --out runs/a
     python -m fastjac jacobian               # dense step Jacobian: size, spectral radius, time vs torch.func
+    python -m fastjac aot | train | build    # GPU compile check, training, compiled extension (--help each)
 
 The default model is the paper's setting at CPU scale: ItrSA, l2 (RMS) normalisation, D = 64, H = 4, S = 81 tokens
 (the Sudoku sequence length), a random injected input C, float64. A run saves a checkpoint in its output folder;
@@ -107,7 +108,31 @@ def run_jacobian(args) -> dict:
     return out
 
 
+# Jobs that live with their subsystem: ``python -m fastjac NAME ...`` hands the remaining arguments to
+# ``MODULE.main(argv) -> int``. The module is imported only when its job is asked for.
+EXTERNAL_JOBS = {
+    "aot": ("fastjac.ops._aot", "ahead-of-time GPU compile check of every Triton launch configuration"),
+    "train": ("fastjac.train.cli", "regularised training of the Sudoku models"),
+    "build": ("fastjac.backends.cpp", "build the compiled C++ extension (backend='cpp') now"),
+}
+
+
+def _external(job: str, argv) -> int:
+    import importlib
+
+    mod_name, _ = EXTERNAL_JOBS[job]
+    try:
+        mod = importlib.import_module(mod_name)
+    except ImportError as e:
+        print(f"fastjac {job}: not available in this install ({e})", file=sys.stderr)
+        return 2
+    return int(mod.main(list(argv)) or 0)
+
+
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in EXTERNAL_JOBS:
+        return _external(argv[0], argv[1:])
     ap = argparse.ArgumentParser(prog="fastjac", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("job", nargs="?", default="lyapunov", choices=("lyapunov", "jacobian"))

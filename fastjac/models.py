@@ -5,8 +5,11 @@ analytic path for them; any other callable ``X -> X`` goes through torch.func.
 """
 from __future__ import annotations
 
+import json
 import math
-from typing import Optional
+import os
+import warnings
+from typing import Any, Dict, Optional
 
 import torch
 from torch import Tensor, nn
@@ -46,6 +49,14 @@ class _RecurrentAttention(nn.Module):
         self.eta = nn.Parameter(torch.tensor(float(eta), **fk))
         self.beta = float(beta) if beta is not None else 1.0 / math.sqrt(dh)
         self.causal = bool(causal)
+        # what rebuilds this model (save_model / load_model, checkpoint fingerprints); subclasses add their own
+        self._config: Dict[str, Any] = dict(dim=D, heads=H, head_dim=dh, value_dim=dv if out_proj else None,
+                                            out_proj=bool(out_proj), bias=bool(bias), beta=self.beta,
+                                            causal=self.causal)
+
+    def config(self) -> Dict[str, Any]:
+        """The constructor arguments that rebuild this model's structure (JSON-ready; the weights are separate)."""
+        return dict(self._config)
 
     def attn_params(self) -> AttnParams:
         return AttnParams(self.wq, self.wk, self.wv, self.wo, self.bq, self.bk, self.bv, self.bo, self.beta,
@@ -119,6 +130,7 @@ class ItrSA(_RecurrentAttention):
         self.norm, self.norm_group, self.eps = norm, N, float(eps)
         self.gamma = nn.Parameter(torch.ones(dim, **fk)) if norm != "none" else None
         self.norm_bias = nn.Parameter(torch.zeros(dim, **fk)) if norm == "layer" else None
+        self._config.update(norm=norm, norm_group=N, eps=self.eps)
 
     def norm_params(self) -> NormParams:
         return NormParams(self.norm, self.gamma, self.norm_bias, self.eps, self.norm_group)
@@ -169,6 +181,7 @@ class AKOrN(_RecurrentAttention):
         if dim % N:
             raise ValueError(f"osc_dim: must divide dim={dim}, got {N}")
         self.osc_dim = N
+        self._config.update(osc_dim=N)
         self.omega = nn.Parameter(omega_std * torch.randn(dim // N, N, N, dtype=self.wq.dtype, device=self.wq.device))
 
     @property
@@ -197,3 +210,89 @@ class AKOrN(_RecurrentAttention):
         return (f"dim={self.dim}, heads={self.heads}, osc_dim={self.osc_dim}, head_dim={self.head_dim}, "
                 f"value_dim={self.value_dim}, out_proj={self.wo is not None}, bias={self.bq is not None}, "
                 f"beta={self.beta:.4g}, causal={self.causal}")
+
+
+# ---------------------------------------------------------------------------------------------------- save / load
+
+#: classes load_model may rebuild, by name; a file can only ever name one of these (nothing is imported or run)
+MODEL_CLASSES: Dict[str, type] = {"ItrSA": ItrSA, "AKOrN": AKOrN}
+
+
+def register_model(cls: type) -> type:
+    """Let :func:`load_model` rebuild ``cls`` (a model with ``config()``) from a file naming it. Usable as a decorator."""
+    MODEL_CLASSES[cls.__name__] = cls
+    return cls
+
+
+def save_model(model: nn.Module, path: str, *, metadata: Optional[Dict[str, str]] = None) -> None:
+    """Save a fastjac model as one safetensors file: the weights, plus its class and ``config()`` as JSON metadata.
+
+    Loading it (:func:`load_model`) runs no code from the file. ``metadata``: extra str -> str entries to keep.
+
+    Example:
+        >>> import fastjac as fj, tempfile, os
+        >>> m = fj.ItrSA(8, 2, norm="rms")
+        >>> path = os.path.join(tempfile.mkdtemp(), "m.safetensors")
+        >>> fj.save_model(m, path)
+        >>> fj.load_model(path).norm
+        'rms'
+    """
+    from safetensors.torch import save_file
+
+    if not hasattr(model, "config") or type(model).__name__ not in MODEL_CLASSES:
+        raise TypeError(f"model: expected a fastjac model (one of {sorted(MODEL_CLASSES)}), got {type(model).__name__}")
+    meta = dict(metadata or {})
+    meta.update(fastjac_class=type(model).__name__, fastjac_config=json.dumps(model.config()))
+    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    save_file(tensors, path, metadata=meta)
+
+
+def load_model(path: str, *, map_location="cpu", allow_pickle: bool = False) -> nn.Module:
+    """Load a model written by :func:`save_model` (safetensors + JSON config: no code in the file runs).
+
+    A file written by ``torch.save(model, path)`` is a pickle, and unpickling runs whatever code the file holds:
+    it is loaded only with ``allow_pickle=True`` (and a warning), for files you made yourself.
+
+    Raises ValueError for a missing, unreadable or foreign file, naming the path and what was expected.
+    """
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path: expected a file path, got {type(path).__name__}")
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise ValueError(f"path: no such file {path!r}")
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as e:
+        if not allow_pickle:
+            raise ValueError(f"path: {path!r} is not a safetensors model file ({e}). Save models with "
+                             f"fastjac.save_model(model, path); a torch.save pickle is loaded only with "
+                             f"allow_pickle=True (CLI: --allow-pickle), because unpickling runs code from the file"
+                             ) from None
+        warnings.warn(f"load_model: unpickling {path!r} (allow_pickle=True): this runs any code the file holds; "
+                      f"load only files you made", UserWarning, stacklevel=2)
+        model = torch.load(path, map_location=map_location, weights_only=False)
+        if type(model).__name__ not in MODEL_CLASSES or not isinstance(model, nn.Module):
+            raise ValueError(f"path: {path!r} holds a {type(model).__name__}, not a fastjac model "
+                             f"({sorted(MODEL_CLASSES)})")
+        return model
+    cls = MODEL_CLASSES.get(meta.get("fastjac_class", ""))
+    if cls is None or "fastjac_config" not in meta:
+        raise ValueError(f"path: {path!r} is a safetensors file but not a fastjac model (metadata fastjac_class="
+                         f"{meta.get('fastjac_class')!r}; expected one of {sorted(MODEL_CLASSES)})")
+    try:
+        cfg = json.loads(meta["fastjac_config"])
+    except json.JSONDecodeError as e:
+        raise ValueError(f"path: {path!r} has a corrupt fastjac_config ({e})") from None
+    if not isinstance(cfg, dict):
+        raise ValueError(f"path: {path!r} has a fastjac_config that is not a JSON object")
+    dtypes = {t.dtype for t in tensors.values() if t.is_floating_point()}
+    dtype = dtypes.pop() if len(dtypes) == 1 else None
+    model = cls(**cfg, dtype=dtype)
+    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"path: {path!r} does not match its config: missing {missing}, unexpected {unexpected}")
+    return model.to(map_location)
