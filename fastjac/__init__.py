@@ -9,15 +9,17 @@
 See README.md and DESIGN.md (shared) for the mathematics and the public contract.
 """
 from . import config, ops
+from . import backends
 from .api import info, jacobian, jvp, linearize, vjp
-from .backends import register_backend
+from .backends import register_backend, register_linearizer
+from .linearization import Linearization, linearization
 from . import linalg
 from . import analysis
 from .analysis import energy, lyapunov, oscillation, pseudo_energy, spectra
 from .analysis.lyapunov import LyapunovResult, finite_time_lyapunov, lyapunov_spectrum
 from .analysis.pseudo_energy import PseudoEnergyTrace, pseudo_energy_trace
 from .analysis.spectra import Prop51Result, eigvals, linear_operator, prop51_bound, spectral_norm
-from .models import AKOrN, ItrSA, load_model, register_model, save_model
+from .models import AKOrN, ItrSA, RecurrentStep, load_model, register_model, save_model
 
 __version__ = "0.1.0"
 
@@ -27,7 +29,8 @@ for _name in ("energy", "lyapunov", "oscillation", "pseudo_energy", "spectra"):
     _sys.modules.setdefault(f"{__name__}.{_name}", getattr(analysis, _name))
 del _sys, _name
 
-__all__ = ["AKOrN", "ItrSA", "LyapunovResult", "Prop51Result", "PseudoEnergyTrace", "config", "eigvals", "energy",
+__all__ = ["AKOrN", "ItrSA", "Linearization", "LyapunovResult", "RecurrentStep", "backends", "linearization",
+           "register_linearizer", "Prop51Result", "PseudoEnergyTrace", "config", "eigvals", "energy",
            "finite_time_lyapunov", "info", "jacobian", "jvp", "linalg", "linear_operator", "linearize", "load_model", "register_model", "save_model",
            "lyapunov_spectrum", "ops", "oscillation", "prop51_bound", "pseudo_energy_trace", "register_backend",
            "spectral_norm", "vjp"]

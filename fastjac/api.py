@@ -11,46 +11,8 @@ import torch
 from torch import Tensor
 
 from . import backends
-from ._checks import check_dense_size, check_input, check_state, check_tangent, check_tensor
-
-
-def _model_check(step, X: Tensor) -> None:
-    if not isinstance(step, backends.FASTJAC_MODELS):
-        return
-    w = step.wq
-    if X.shape[-1] != step.dim:
-        raise ValueError(f"X: last dimension {X.shape[-1]} does not match the model's dim={step.dim}")
-    if X.dtype != w.dtype:
-        raise TypeError(f"X: dtype {X.dtype} does not match the model's {w.dtype}; use model.to({X.dtype}) or "
-                        f"X.to({w.dtype})")
-    if X.device != w.device:
-        raise ValueError(f"X: device {X.device} does not match the model's {w.device}")
-
-
-def _linearize(step, X, C, backend):
-    if not callable(step):
-        raise TypeError(f"step: expected a fastjac model or a callable X -> X, got {type(step).__name__}")
-    X3, batched = check_state(X)
-    _model_check(step, X)
-    C = check_input(C, X)
-    C3 = None if C is None else (C if batched else C.unsqueeze(0))
-    be = backends.select(step, X3, backend)
-    return be.linearize(step, X3, C3, batched), batched
-
-
-def _unbatch(y: Tensor, batched: bool, lead: int = 0) -> Tensor:
-    # drop the B = 1 dim that an unbatched X was given (it sits after `lead` leading dims)
-    return y if batched else y.squeeze(lead)
-
-
-def _as_k(name: str, T: Tensor, X: Tensor, batched: bool) -> Tuple[Tensor, bool]:
-    Tk, has_k = check_tangent(name, T, X)
-    return (Tk if batched else Tk.unsqueeze(1)), has_k
-
-
-def _with_k(y: Tensor, batched: bool, has_k: bool) -> Tensor:
-    y = _unbatch(y, batched, lead=1)
-    return y if has_k else y[0]
+from ._checks import check_dense_size, check_state
+from .linearization import Linearization, linearization
 
 
 def jvp(step, X: Tensor, T: Tensor, *, C: Optional[Tensor] = None, backend: str = "auto") -> Tuple[Tensor, Tensor]:
@@ -74,9 +36,8 @@ def jvp(step, X: Tensor, T: Tensor, *, C: Optional[Tensor] = None, backend: str 
         >>> JT.shape
         torch.Size([5, 7, 16])
     """
-    lin, batched = _linearize(step, X, C, backend)
-    Tk, has_k = _as_k("T", T, X, batched)
-    return _unbatch(lin.out, batched), _with_k(lin.jvp(Tk), batched, has_k)
+    lin = linearization(step, X, C=C, backend=backend)
+    return lin.out, lin.jvp(T)
 
 
 def linearize(step, X: Tensor, *, C: Optional[Tensor] = None,
@@ -92,13 +53,8 @@ def linearize(step, X: Tensor, *, C: Optional[Tensor] = None,
         >>> f(torch.randn(4, 3, 7, 16)).shape
         torch.Size([4, 3, 7, 16])
     """
-    lin, batched = _linearize(step, X, C, backend)
-
-    def jvp_fn(T: Tensor) -> Tensor:
-        Tk, has_k = _as_k("T", T, X, batched)
-        return _with_k(lin.jvp(Tk), batched, has_k)
-
-    return _unbatch(lin.out, batched), jvp_fn
+    lin = linearization(step, X, C=C, backend=backend)
+    return lin.out, lin.jvp
 
 
 def vjp(step, X: Tensor, *, C: Optional[Tensor] = None,
@@ -115,22 +71,18 @@ def vjp(step, X: Tensor, *, C: Optional[Tensor] = None,
         >>> f(torch.ones_like(Y)).shape
         torch.Size([7, 16])
     """
-    lin, batched = _linearize(step, X, C, backend)
-    Y = _unbatch(lin.out, batched)
-
-    def vjp_fn(G: Tensor) -> Tensor:
-        Gk, has_k = _as_k("G", G, Y, batched)
-        return _with_k(lin.vjp(Gk), batched, has_k)
-
-    return Y, vjp_fn
+    lin = linearization(step, X, C=C, backend=backend)
+    return lin.out, lin.vjp
 
 
 def jacobian(step, X: Tensor, *, C: Optional[Tensor] = None, backend: str = "auto",
-             max_gb: Optional[float] = None) -> Tensor:
+             max_gb: Optional[float] = None, create_graph: bool = False) -> Tensor:
     """The dense Jacobian of one step, token-major: entry [i*D + a, m*D + b] is dY[i, a] / dX[m, b].
 
     Returns [S*D, S*D], or [B, S*D, S*D] for a batched X. Refuses (ValueError, with the size in GB) an output over
-    ``max_gb`` (default ``fastjac.config.dense_limit_gb``); use ``jvp``/``linearize`` then.
+    ``max_gb`` (default ``fastjac.config.dense_limit_gb``); use ``jvp``/``linearize`` then. The result carries no
+    autograd graph unless ``create_graph=True`` (then it is differentiable in X and the weights on the torch and
+    autograd backends, at about twice the memory the limit counts).
 
     Example:
         >>> import fastjac as fj, torch
@@ -138,10 +90,11 @@ def jacobian(step, X: Tensor, *, C: Optional[Tensor] = None, backend: str = "aut
         >>> fj.jacobian(m, torch.randn(5, 8)).shape
         torch.Size([40, 40])
     """
-    X3, _ = check_state(X)
-    check_dense_size(X3.shape[1], X3.shape[2], X3.shape[0], X3.dtype, max_gb)
-    lin, batched = _linearize(step, X, C, backend)
-    return _unbatch(lin.dense(), batched)
+    if isinstance(X, Tensor) and X.dim() in (2, 3):  # refuse an oversized output before any compute
+        B = X.shape[0] if X.dim() == 3 else 1
+        check_dense_size(X.shape[-2], X.shape[-1], B, X.dtype, max_gb)
+    with torch.set_grad_enabled(bool(create_graph) and torch.is_grad_enabled()):
+        return linearization(step, X, C=C, backend=backend).dense(max_gb=max_gb)
 
 
 def info(step, X: Optional[Tensor] = None, backend: str = "auto") -> str:
@@ -153,10 +106,12 @@ def info(step, X: Optional[Tensor] = None, backend: str = "auto") -> str:
         backend='auto' -> torch ...
     """
     if X is None:
-        X = torch.zeros(1, 1, getattr(step, "dim", 1))
+        dim = getattr(step, "dim", 1)
+        kw = dict(dtype=step.dtype, device=step.device) if hasattr(step, "dtype") and hasattr(step, "device") else {}
+        X = torch.zeros(1, 1, dim, **kw)
     X3, _ = check_state(X)
     chosen = backends.select(step, X3, backend).name
     return f"backend={backend!r} -> {chosen} ({backends.explain(step, X3)})"
 
 
-__all__ = ["jvp", "vjp", "linearize", "jacobian", "info"]
+__all__ = ["Linearization", "jvp", "vjp", "linearize", "linearization", "jacobian", "info"]

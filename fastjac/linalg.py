@@ -26,10 +26,12 @@ fixed seed 0 is used, so repeated calls agree).
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional, Sequence, Tuple
+from typing import Callable, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
+
+from ._compat import make_generator, renamed_kwargs
 
 from ._checks import check_int as _check_int
 
@@ -153,8 +155,9 @@ def _sizes(k: int, n: int, block: Optional[int], ncv: Optional[int]) -> Tuple[in
 
 # ------------------------------------------------------------------------------------------------- public ----
 
+@renamed_kwargs(generator="seed")
 def svds(matvec: Op, rmatvec: Op, n: int, k: int, *, dtype: torch.dtype = F64, device=None, tol: float = 1e-8,
-         maxiter: int = 200, generator: Optional[torch.Generator] = None, shape: Optional[Sequence[int]] = None,
+         maxiter: int = 200, seed: Optional[Union[int, torch.Generator]] = None, shape: Optional[Sequence[int]] = None,
          block: Optional[int] = None, ncv: Optional[int] = None) -> Tuple[Tensor, bool, int]:
     """Top-k singular values of an n×n operator from products with A and Aᵀ (block Lanczos on AᵀA).
 
@@ -165,7 +168,7 @@ def svds(matvec: Op, rmatvec: Op, n: int, k: int, *, dtype: torch.dtype = F64, d
         matvec: ``V [b, n] -> A V`` row-wise ([b, *shape] with ``shape=``). rmatvec: the same for Aᵀ.
         n: operator size. k: how many values. dtype/device: what the operator is called with (basis: float64).
         tol: relative residual (floored at 64 ulps of ``dtype`` and at 1e-12). maxiter: restart cycles.
-        generator: seeds the random start block. block: block size (default k + 2). ncv: basis size per cycle
+        seed: an int or a torch.Generator for the random start block (``generator=`` is a deprecated alias). block: block size (default k + 2). ncv: basis size per cycle
         (default max(2k + 2·block, 20)).
 
     Returns:
@@ -179,6 +182,7 @@ def svds(matvec: Op, rmatvec: Op, n: int, k: int, *, dtype: torch.dtype = F64, d
         >>> [round(v, 9) for v in s.tolist()], ok
         ([50.0, 49.0, 48.0], True)
     """
+    generator = make_generator(seed)
     shape = _check_common(n, k, tol, maxiter, generator, [("matvec", matvec), ("rmatvec", rmatvec)], shape)
     tol = _tol_floor(tol, dtype)
     device = torch.device(device) if device is not None else torch.device("cpu")
@@ -203,8 +207,9 @@ def svds(matvec: Op, rmatvec: Op, n: int, k: int, *, dtype: torch.dtype = F64, d
     return _pad(s[:k], k), ok, it
 
 
+@renamed_kwargs(generator="seed")
 def power_norm(matvec: Op, rmatvec: Op, n: int, *, dtype: torch.dtype = F64, device=None, tol: float = 1e-8,
-               maxiter: int = 200, generator: Optional[torch.Generator] = None,
+               maxiter: int = 200, seed: Optional[Union[int, torch.Generator]] = None,
                shape: Optional[Sequence[int]] = None) -> Tuple[float, bool, int]:
     """Spectral norm ‖A‖₂ = σ_max by Lanczos on AᵀA (a power iteration accelerated by its Krylov space).
 
@@ -222,13 +227,15 @@ def power_norm(matvec: Op, rmatvec: Op, n: int, *, dtype: torch.dtype = F64, dev
         >>> abs(s - torch.linalg.matrix_norm(A, ord=2).item()) < 1e-10, ok
         (True, True)
     """
+    generator = make_generator(seed)
     s, ok, it = svds(matvec, rmatvec, n, 1, dtype=dtype, device=device, tol=tol, maxiter=maxiter,
-                     generator=generator, shape=shape, block=2, ncv=20)
+                     seed=generator, shape=shape, block=2, ncv=20)
     return float(s[0]), ok, it
 
 
+@renamed_kwargs(generator="seed")
 def eigsh(matvec: Op, n: int, k: int, *, which: str = "LA", return_vectors: bool = False, dtype: torch.dtype = F64,
-          device=None, tol: float = 1e-8, maxiter: int = 200, generator: Optional[torch.Generator] = None,
+          device=None, tol: float = 1e-8, maxiter: int = 200, seed: Optional[Union[int, torch.Generator]] = None,
           shape: Optional[Sequence[int]] = None, block: Optional[int] = None, ncv: Optional[int] = None):
     """k extreme eigenvalues (and optionally eigenvectors) of a symmetric operator (block Lanczos, full reorth).
 
@@ -249,6 +256,7 @@ def eigsh(matvec: Op, n: int, k: int, *, which: str = "LA", return_vectors: bool
         >>> [round(v, 6) for v in vals.tolist()], ok
         ([-3.0, -2.871795], True)
     """
+    generator = make_generator(seed)
     shape = _check_common(n, k, tol, maxiter, generator, [("matvec", matvec)], shape)
     if which not in ("LA", "SA", "LM"):
         raise ValueError(f"which: expected 'LA', 'SA' or 'LM', got {which!r}")
@@ -276,8 +284,9 @@ def eigsh(matvec: Op, n: int, k: int, *, which: str = "LA", return_vectors: bool
     return (vals, out["vec"], ok, it) if return_vectors else (vals, ok, it)
 
 
+@renamed_kwargs(generator="seed")
 def eigs(matvec: Op, n: int, k: int, *, dtype: torch.dtype = F64, device=None, tol: float = 1e-8,
-         maxiter: int = 200, generator: Optional[torch.Generator] = None, shape: Optional[Sequence[int]] = None,
+         maxiter: int = 200, seed: Optional[Union[int, torch.Generator]] = None, shape: Optional[Sequence[int]] = None,
          block: Optional[int] = None, ncv: Optional[int] = None) -> Tuple[Tensor, bool, int]:
     """k eigenvalues of largest modulus of a real non-symmetric operator (restarted block Arnoldi).
 
@@ -297,6 +306,7 @@ def eigs(matvec: Op, n: int, k: int, *, dtype: torch.dtype = F64, device=None, t
         >>> sorted(round(v, 9) for v in lam.imag.tolist()), ok
         ([-2.0, 2.0], True)
     """
+    generator = make_generator(seed)
     shape = _check_common(n, k, tol, maxiter, generator, [("matvec", matvec)], shape)
     tol = _tol_floor(tol, dtype)
     device = torch.device(device) if device is not None else torch.device("cpu")

@@ -1,7 +1,9 @@
-"""The recurrent self-attention models of DESIGN section 1: ItrSA and AKOrN, as torch.nn.Modules.
+"""The recurrent steps fastjac knows analytically: the public base :class:`RecurrentStep`, ItrSA and AKOrN.
 
-One call is one step; ``unroll`` iterates it. Every fastjac function recognises these models and takes the
-analytic path for them; any other callable ``X -> X`` goes through torch.func.
+One call is one step; ``unroll`` iterates it. Everything fastjac needs from a model beyond its forward lives on the
+model (its analytic linearisation, trivial-exponent count, radial basis, config), so a new model is its class plus
+its op files: subclass :class:`RecurrentStep`, and every fastjac function takes its analytic path. Any other
+callable ``X -> X`` goes through torch.func.
 """
 from __future__ import annotations
 
@@ -14,14 +16,94 @@ from typing import Any, Dict, Optional
 import torch
 from torch import Tensor, nn
 
-from ._checks import check_int as _check_int
+from ._checks import check_int as _check_int, check_tensor
+from .ops._utils import group
+from .ops.base import BatchedLinearization
 from .ops.akorn import omega_apply, proj_forward
-from .ops.attention import AttnParams, msa_forward
+from .ops.attention import AttnParams, msa_cache, msa_forward, msa_jacobian_rows, msa_jvp, msa_vjp
 from .ops.norm import NORMS, NormParams, norm_forward
 from .ops.step import AKOrNLinearization, AKOrNParams, ItrSALinearization, ItrSAParams
 
 
-class _RecurrentAttention(nn.Module):
+class RecurrentStep(nn.Module):
+    """Base class of the steps fastjac linearises analytically. ``step(X, C=None) -> X'``, X [S, D] or [B, S, D].
+
+    A subclass provides:
+
+    - ``dim`` (int, D) and its parameters (their dtype and device are the model's);
+    - ``forward(X, C=None)``: the plain forward (the ``"autograd"`` oracle differentiates exactly this);
+    - ``linearize_analytic(X [B, S, D], C [B, S, D] | [S, D] | None) -> BatchedLinearization``: the analytic
+      linearisation in torch ops (``backend="torch"``). A subclass that overrides ``forward`` must override this
+      too: otherwise the torch backend refuses it rather than return its parent's Jacobian;
+    - optionally ``trivial_count(S, D)`` (how many exponents normalisation makes -inf; default 0),
+      ``radial_basis(X)`` (directions a normalised state cannot move in; default None), ``config()`` (the
+      constructor arguments, JSON-ready, for save_model/load_model and checkpoint fingerprints).
+
+    Kernel backends (Triton, C++) register their linearisation per exact class
+    (``fastjac.backends.register_linearizer``), so a subclass never silently gets its parent's kernels.
+
+    Example:
+        >>> import fastjac as fj
+        >>> isinstance(fj.ItrSA(8, 2), fj.RecurrentStep)
+        True
+    """
+
+    dim: int
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def linearize_analytic(self, X: Tensor, C: Optional[Tensor] = None) -> BatchedLinearization:
+        raise NotImplementedError(f"{type(self).__name__} does not define linearize_analytic")
+
+    def trivial_count(self, S: int, D: int) -> int:
+        """How many of the S*D Lyapunov exponents are -inf by construction (directions the step maps to 0)."""
+        return 0
+
+    def radial_basis(self, X: Tensor) -> Optional[Tensor]:
+        """Orthonormal per-group directions a normalised state cannot move in, [B, S, G, r, N]; None if none."""
+        return None
+
+    def config(self) -> Dict[str, Any]:
+        return dict(getattr(self, "_config", {}))
+
+    def check_state(self, X: Tensor, name: str = "X") -> None:
+        """X's last dim, dtype and device must match the model's (ValueError/TypeError naming ``name``)."""
+        if X.shape[-1] != self.dim:
+            raise ValueError(f"{name}: last dimension {X.shape[-1]} does not match the model's dim={self.dim}")
+        if X.dtype != self.dtype:
+            raise TypeError(f"{name}: dtype {X.dtype} does not match the model's {self.dtype}; use "
+                            f"model.to({X.dtype}) or {name}.to({self.dtype})")
+        if X.device != self.device:
+            raise ValueError(f"{name}: device {X.device} does not match the model's {self.device}; move one of them")
+
+    def check_parameters(self) -> None:
+        """Every parameter finite (under fastjac.config.check_finite): NaN weights would give NaN Jacobians."""
+        for pname, prm in self.named_parameters():
+            check_tensor(f"{type(self).__name__}.{pname}", prm.detach())
+
+    def unroll(self, X0: Tensor, C: Optional[Tensor] = None, steps: int = 1) -> Tensor:
+        """Iterate the step: returns the trajectory [steps + 1, *X0.shape] with X0 first.
+
+        Example:
+            >>> import fastjac as fj, torch
+            >>> m = fj.ItrSA(16, 2)
+            >>> m.unroll(torch.randn(9, 16), steps=4).shape
+            torch.Size([5, 9, 16])
+        """
+        _check_int("steps", steps, 0)
+        xs = [X0]
+        for _ in range(steps):
+            xs.append(self(xs[-1], C))
+        return torch.stack(xs)
+
+
+class _RecurrentAttention(RecurrentStep):
     """Multi-head attention weights shared by ItrSA and AKOrN, plus the learnable step size eta."""
 
     def __init__(self, dim, heads, *, head_dim=None, value_dim=None, out_proj=True, bias=False, eta=1.0,
@@ -73,23 +155,9 @@ class _RecurrentAttention(nn.Module):
         if C is not None and C.shape != X.shape and C.shape != X.shape[-2:]:
             raise ValueError(f"C: expected shape {tuple(X.shape)} (or [S, D] for a batch), got {tuple(C.shape)}")
 
-    def unroll(self, X0: Tensor, C: Optional[Tensor] = None, steps: int = 1) -> Tensor:
-        """Iterate the step: returns the trajectory [steps + 1, *X0.shape] with X0 first.
-
-        Example:
-            >>> import fastjac as fj, torch
-            >>> m = fj.ItrSA(16, 2)
-            >>> m.unroll(torch.randn(9, 16), steps=4).shape
-            torch.Size([5, 9, 16])
-        """
-        _check_int("steps", steps, 0)
-        xs = [X0]
-        for _ in range(steps):
-            xs.append(self(xs[-1], C))
-        return torch.stack(xs)
-
-    def linearize_analytic(self, X: Tensor, C: Optional[Tensor] = None):  # pragma: no cover - interface
-        raise NotImplementedError
+    def msa_linearization(self, X: Tensor) -> BatchedLinearization:
+        """J_MSA = dMSA/dX alone at X [B, S, D] (analytic, torch ops): for ``part="msa"`` analyses."""
+        return MSALinearization(X, self.attn_params())
 
 
 class ItrSA(_RecurrentAttention):
@@ -148,6 +216,17 @@ class ItrSA(_RecurrentAttention):
         """The torch-backend linearisation at a batched X [B, S, D]."""
         return ItrSALinearization(X, C, self.step_params())
 
+    def trivial_count(self, S: int, D: int) -> int:
+        # each group's radial direction (LayerNorm: also the constant direction) is mapped to zero
+        if self.norm == "none":
+            return 0
+        return (2 if self.norm == "layer" else 1) * S * D // self.norm_group
+
+    def radial_basis(self, X: Tensor) -> Optional[Tensor]:
+        if self.norm == "none":
+            return None
+        return _radial_basis(X, self.norm_group, self.gamma, self.norm_bias, self.norm)
+
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, heads={self.heads}, head_dim={self.head_dim}, value_dim={self.value_dim}, "
                 f"out_proj={self.wo is not None}, bias={self.bq is not None}, norm={self.norm!r}, "
@@ -190,7 +269,7 @@ class AKOrN(_RecurrentAttention):
 
     def project(self, X: Tensor) -> Tensor:
         """Put every oscillator of X on its unit sphere. X: [..., S, D]."""
-        Xg = X.unflatten(-1, (self.dim // self.osc_dim, self.osc_dim))
+        Xg = group(X, self.osc_dim)
         return (Xg / Xg.norm(dim=-1, keepdim=True)).flatten(-2)
 
     def step_params(self) -> AKOrNParams:
@@ -206,10 +285,66 @@ class AKOrN(_RecurrentAttention):
     def linearize_analytic(self, X: Tensor, C: Optional[Tensor] = None) -> AKOrNLinearization:
         return AKOrNLinearization(X, C, self.step_params())
 
+    def trivial_count(self, S: int, D: int) -> int:
+        return S * D // self.osc_dim  # one radial direction per oscillator
+
+    def radial_basis(self, X: Tensor) -> Optional[Tensor]:
+        return _radial_basis(X, self.osc_dim, None, None, "l2")
+
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, heads={self.heads}, osc_dim={self.osc_dim}, head_dim={self.head_dim}, "
                 f"value_dim={self.value_dim}, out_proj={self.wo is not None}, bias={self.bq is not None}, "
                 f"beta={self.beta:.4g}, causal={self.causal}")
+
+
+def _radial_basis(X: Tensor, N: int, gamma: Optional[Tensor], bias: Optional[Tensor], kind: str) -> Tensor:
+    """Per group, an orthonormal basis of the directions a normalised state cannot move in: [B, S, G, r, N].
+
+    The step's output lies on a product of ellipsoids; the tangents J T lie in the range of the normalisation's
+    Jacobian, whose orthogonal complement at Y = gamma z/|z| is spanned by Y/gamma^2 (and 1/gamma for LayerNorm).
+    """
+    Y = X if bias is None else X - bias
+    if gamma is not None:
+        if bool((gamma == 0).any()):
+            raise ValueError("project_radial: the norm weight gamma has zero entries; the state's tangent space is "
+                             "degenerate there")
+        vecs = [group(Y / gamma ** 2, N)]
+        if kind == "layer":
+            vecs.insert(0, group((1 / gamma).expand_as(Y), N))
+    else:
+        vecs = [group(Y, N)]
+    basis = []
+    for v in vecs:  # Gram-Schmidt per group
+        for u in basis:
+            v = v - (v * u).sum(-1, keepdim=True) * u
+        basis.append(v / v.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(v.dtype).tiny))
+    return torch.stack(basis, -2)
+
+
+class MSALinearization(BatchedLinearization):
+    """dMSA/dX alone at X [B, S, D] in torch ops (the attention cache of ``fastjac/ops/attention/ref.py``).
+
+    ``probs`` [B, H, S, S] are the attention probabilities at X (the pseudo-energy's PV picture uses them).
+    """
+
+    def __init__(self, X: Tensor, p: AttnParams):
+        self.X, self.attn = X, msa_cache(X, p)
+        self.out, self.probs = self.attn.out, self.attn.A
+
+    def jvp(self, T: Tensor) -> Tensor:
+        return msa_jvp(self.attn, T)
+
+    def vjp(self, G: Tensor) -> Tensor:
+        return msa_vjp(self.attn, G)
+
+    def dense(self, out: Optional[Tensor] = None) -> Tensor:
+        B, S, D = self.X.shape
+        if out is None:
+            out = torch.empty(B, S * D, S * D, dtype=self.X.dtype, device=self.X.device)
+        rows = out.view(B, S, D, S, D)
+        for b in range(B):
+            msa_jacobian_rows(self.attn, 0, S, batch=slice(b, b + 1), out=rows[b:b + 1])
+        return out
 
 
 # ---------------------------------------------------------------------------------------------------- save / load
@@ -239,7 +374,7 @@ def save_model(model: nn.Module, path: str, *, metadata: Optional[Dict[str, str]
     """
     from safetensors.torch import save_file
 
-    if not hasattr(model, "config") or type(model).__name__ not in MODEL_CLASSES:
+    if not isinstance(model, RecurrentStep) or MODEL_CLASSES.get(type(model).__name__) is not type(model):
         raise TypeError(f"model: expected a fastjac model (one of {sorted(MODEL_CLASSES)}), got {type(model).__name__}")
     meta = dict(metadata or {})
     meta.update(fastjac_class=type(model).__name__, fastjac_config=json.dumps(model.config()))

@@ -141,7 +141,7 @@ def test_prop51_batched_and_refusals():
         with pytest.raises(ValueError, match="norm="):
             prop51_bound(mm, XX)
     ma, Xa, _ = _make("AKOrN", 5, 8, 2, dict(osc_dim=4))
-    with pytest.raises(TypeError, match="model"):
+    with pytest.raises(TypeError, match="step"):
         prop51_bound(ma, Xa)
 
 
@@ -320,11 +320,11 @@ def test_bad_input_names_the_argument():
         (TypeError, "step", lambda: spectral_norm(3, X)),
         (TypeError, "step", lambda: spectral_norm(lambda x: x, X, part="msa")),
         (ValueError, "method", lambda: spectral_norm(m, X, method="power")),
-        (TypeError, "model", lambda: prop51_bound(lambda x: x, X)),
+        (TypeError, "step", lambda: prop51_bound(lambda x: x, X)),
         (ValueError, "top_frac", lambda: pseudo_energy_trace(m, X, steps=2, top_frac=0)),
         (TypeError, "steps", lambda: pseudo_energy_trace(m, X, steps=2.0)),
         (ValueError, "method", lambda: pseudo_energy_trace(m, X, steps=1, method="x")),
-        (TypeError, "model", lambda: pseudo_energy_trace(lambda x: x, X, steps=1)),
+        (TypeError, "step", lambda: pseudo_energy_trace(lambda x: x, X, steps=1)),
         (ValueError, "X0", lambda: pseudo_energy_trace(m, X[:, :5], steps=1)),
         (ValueError, "beta", lambda: E_single(X, torch.eye(8, dtype=F64), torch.eye(8, dtype=F64), 0)),
         (ValueError, "heads", lambda: orthogonal_multi_head(10, 2)),

@@ -116,10 +116,10 @@ def test_dense_memory_limit(m):
 
 
 def test_backend_names(m, X):
-    with pytest.raises(ValueError, match=r"backend: expected one of \('auto', 'triton', 'torch', 'autograd', 'cuda'\), "
+    with pytest.raises(ValueError, match=r"backend: expected one of \['auto', 'torch', 'autograd', 'triton'.*\], "
                                          r"got 'fast'"):
         fj.jvp(m, X, X, backend="fast")
-    with pytest.raises(ValueError, match=r"backend: 'cuda' is not available in this build"):
+    with pytest.raises(ValueError, match=r"backend: expected one of .*got 'cuda'"):  # no such backend
         fj.jvp(m, X, X, backend="cuda")
     with pytest.raises(ValueError, match=r"backend: 'torch' cannot handle this input: step is a function"):
         fj.jvp(lambda x: x, X, X, backend="torch")

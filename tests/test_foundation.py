@@ -227,7 +227,7 @@ def test_dense_jacobian_is_differentiable_in_the_weights():
         grads = {}
         for be in ("torch", "autograd"):
             m.zero_grad()
-            (fj.jacobian(m, X, C=C, backend=be) ** 2).sum().backward()
+            (fj.jacobian(m, X, C=C, backend=be, create_graph=True) ** 2).sum().backward()
             # LayerNorm's bias shifts the output only: it does not reach the Jacobian (grad None in both paths)
             grads[be] = {n: torch.zeros_like(p) if p.grad is None else p.grad.clone() for n, p in m.named_parameters()}
         scale = max(g.abs().max().item() for g in grads["autograd"].values())

@@ -153,8 +153,8 @@ def test_bad_arguments_name_the_argument():
         eigsh(mv, 4, 1, which="XX")
     with pytest.raises(ValueError, match="shape"):
         eigs(mv, 4, 1, shape=(3, 2))
-    with pytest.raises(TypeError, match="generator"):
-        eigs(mv, 4, 1, generator=1)
+    with pytest.raises(TypeError, match="seed"):
+        eigs(mv, 4, 1, seed="1")
     with pytest.raises(ValueError, match="matvec"):
         eigs(lambda V: V[:, :2], 4, 1)
     with pytest.raises(TypeError, match="n:"):

@@ -143,7 +143,7 @@ def test_resume_equals_uninterrupted_bit_for_bit(tmp_path, monkeypatch):
     ref = fj.lyapunov_spectrum(m, X0, **common)
 
     ckpt = str(tmp_path / "run.ckpt")
-    real = lyap._linearize
+    real = lyap._lin
     for stop_at in (3, 17):  # interrupt during burn-in, then in the main loop
         calls = {"n": 0}
 
@@ -153,11 +153,11 @@ def test_resume_equals_uninterrupted_bit_for_bit(tmp_path, monkeypatch):
                 raise KeyboardInterrupt
             return real(*a, **kw)
 
-        monkeypatch.setattr(lyap, "_linearize", flaky)
+        monkeypatch.setattr(lyap, "_lin", flaky)
         with pytest.raises(KeyboardInterrupt):
             fj.lyapunov_spectrum(m, X0, checkpoint=ckpt, checkpoint_every=5, **common)
         assert torch.load(ckpt, weights_only=False)["state"]["t"] > 0
-    monkeypatch.setattr(lyap, "_linearize", real)
+    monkeypatch.setattr(lyap, "_lin", real)
     res = fj.lyapunov_spectrum(m, X0, checkpoint=ckpt, checkpoint_every=5, **common)
     assert torch.equal(res.exponents, ref.exponents)
     assert torch.equal(res.history, ref.history)
@@ -169,7 +169,7 @@ def test_finite_time_dense_matches_oracle_product():
     m = randomize_(fj.ItrSA(6, 2, norm="l2", dtype=F64), seed=7)
     X, C = torch.randn(4, 6, dtype=F64), torch.randn(4, 6, dtype=F64)
     T = 5
-    res = fj.finite_time_lyapunov(m, X, C=C, T=T)
+    res = fj.finite_time_lyapunov(m, X, C=C, horizon=T)
     P = torch.eye(24, dtype=F64)
     for _ in range(T):
         P = oracle_jacobian(m, X, C) @ P
@@ -182,8 +182,8 @@ def test_finite_time_dense_matches_oracle_product():
 def test_finite_time_matrix_free_matches_dense():
     m = randomize_(fj.AKOrN(8, 2, osc_dim=4, dtype=F64), seed=8)
     X0 = m.project(torch.randn(2, 6, 8, dtype=F64))
-    dense = fj.finite_time_lyapunov(m, X0, T=16, method="dense")
-    mf = fj.finite_time_lyapunov(m, X0, T=16, k=5, method="matrix_free", tol=1e-10)
+    dense = fj.finite_time_lyapunov(m, X0, horizon=16, method="dense")
+    mf = fj.finite_time_lyapunov(m, X0, horizon=16, k=5, method="matrix_free", tol=1e-10)
     assert mf.settings["method"] == "finite_time_matrix_free"
     torch.testing.assert_close(mf.exponents, dense.exponents[:, :5], rtol=0, atol=1e-7)
 
@@ -205,8 +205,8 @@ def test_lyapunov_bad_input():
         fj.lyapunov_spectrum(3, X, steps=2)
     with pytest.raises(ValueError, match="X0: expected shape"):
         fj.lyapunov_spectrum(m, torch.randn(8), steps=2)
-    with pytest.raises(TypeError, match="T: expected an int"):
-        fj.finite_time_lyapunov(m, X, T=2.5)
+    with pytest.raises(TypeError, match="horizon: expected an int"):
+        fj.finite_time_lyapunov(m, X, horizon=2.5)
     with pytest.raises(ValueError, match="method: expected"):
         fj.finite_time_lyapunov(m, X, method="svd")
 

@@ -18,10 +18,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 from torch import Tensor
+
+from .._compat import make_generator, renamed_kwargs
 
 F64 = torch.float64
 FLOWS = ("sphere", "free")
@@ -145,8 +147,9 @@ def _int(name, v, minimum=1) -> int:
     return v
 
 
+@renamed_kwargs(generator="seed")
 def symmetric_single_head(dim: int, *, head_dim: Optional[int] = None, beta: float = 1.0, scale: float = 1.0,
-                          symmetric_A: bool = True, generator: Optional[torch.Generator] = None,
+                          symmetric_A: bool = True, seed: Optional[Union[int, torch.Generator]] = None,
                           dtype=F64) -> EnergySA:
     """Random single-head weights for Prop 4.1: ``Wv = (A + Aᵀ)/2`` with ``A = Wq Wkᵀ``.
 
@@ -162,6 +165,7 @@ def symmetric_single_head(dim: int, *, head_dim: Optional[int] = None, beta: flo
         >>> A = p.A()[0]; torch.allclose(p.wv[0], (A + A.T) / 2), torch.allclose(A, A.T)
         (True, True)
     """
+    generator = make_generator(seed)
     D = _int("dim", dim)
     dh = _int("head_dim", head_dim) if head_dim is not None else D
     g = _gen(generator)
@@ -176,8 +180,9 @@ def symmetric_single_head(dim: int, *, head_dim: Optional[int] = None, beta: flo
     return EnergySA(wq.to(dtype), wk.to(dtype), wv.to(dtype), _check_beta(beta))
 
 
+@renamed_kwargs(generator="seed")
 def orthogonal_multi_head(dim: int, heads: int, *, beta: float = 1.0, scale: float = 1.0,
-                          generator: Optional[torch.Generator] = None, dtype=F64) -> EnergySA:
+                          seed: Optional[Union[int, torch.Generator]] = None, dtype=F64) -> EnergySA:
     """Random multi-head weights satisfying Prop 4.2.
 
     The columns of one random orthogonal D×D matrix are split into 2H blocks ``U_{1,h}, U_{2,h} ∈ R^{D×D/(2H)}``
@@ -190,6 +195,7 @@ def orthogonal_multi_head(dim: int, heads: int, *, beta: float = 1.0, scale: flo
         >>> p.wq.shape, p.wv.shape
         (torch.Size([2, 8, 2]), torch.Size([2, 8, 8]))
     """
+    generator = make_generator(seed)
     D, H = _int("dim", dim), _int("heads", heads)
     if D % (2 * H):
         raise ValueError(f"heads: Prop 4.2 needs 2*heads to divide dim={D}, got heads={H}")
@@ -205,8 +211,9 @@ def orthogonal_multi_head(dim: int, heads: int, *, beta: float = 1.0, scale: flo
     return EnergySA(wq.to(dtype), wk.to(dtype), wv.to(dtype), _check_beta(beta))
 
 
+@renamed_kwargs(generator="seed")
 def random_counterexample(dim: int, heads: int = 1, *, head_dim: Optional[int] = None, beta: float = 1.0,
-                          scale: float = 1.0, generator: Optional[torch.Generator] = None, dtype=F64) -> EnergySA:
+                          scale: float = 1.0, seed: Optional[Union[int, torch.Generator]] = None, dtype=F64) -> EnergySA:
     """Generic weights (Wq, Wk, Wv i.i.d. Gaussian, std ``scale/√D``), violating Props 4.1/4.2: no energy descent.
 
     Example:
@@ -214,6 +221,7 @@ def random_counterexample(dim: int, heads: int = 1, *, head_dim: Optional[int] =
         >>> random_counterexample(6, 2, generator=torch.Generator().manual_seed(0)).wv.shape
         torch.Size([2, 6, 6])
     """
+    generator = make_generator(seed)
     D, H = _int("dim", dim), _int("heads", heads)
     dh = _int("head_dim", head_dim) if head_dim is not None else D
     g = _gen(generator)

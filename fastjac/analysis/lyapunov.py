@@ -23,10 +23,11 @@ from typing import Any, Dict, Optional, Union
 import torch
 from torch import Tensor
 
-from .._checks import check_dense_size, check_state
+from .._checks import check_dense_size
 from .._checks import check_int as _check_int
-from ..api import _linearize, _model_check
-from ..models import AKOrN, ItrSA
+from .._compat import renamed_kwargs
+from ..linearization import linearization, prepare
+from ..models import RecurrentStep
 from ..ops.qr import qr
 
 # Largest S*D for which k=None means "all S*D tangents"; above it a k must be given.
@@ -100,43 +101,13 @@ class LyapunovResult:
 
 def trivial_count(step, S: int, D: int) -> int:
     """How many exponents of the full S*D spectrum normalisation makes -inf (0 for a callable: unknown)."""
-    if isinstance(step, AKOrN):
-        return S * D // step.osc_dim
-    if isinstance(step, ItrSA) and step.norm != "none":
-        return (2 if step.norm == "layer" else 1) * S * D // step.norm_group
-    return 0
+    return step.trivial_count(S, D) if isinstance(step, RecurrentStep) else 0
 
 
 def radial_basis(step, X: Tensor) -> Optional[Tensor]:
-    """Per group, an orthonormal basis of the directions a normalised state cannot move in: [B, S, G, r, N].
-
-    The step's output lies on a product of ellipsoids; the tangents J T lie in the range of the normalisation's
-    Jacobian, whose orthogonal complement at Y = gamma z/|z| is spanned by Y/gamma^2 (and 1/gamma for LayerNorm).
-    None when the step has no normalisation (or is a plain callable).
-    """
-    if isinstance(step, AKOrN):
-        N, gamma, bias, kind = step.osc_dim, None, None, "l2"
-    elif isinstance(step, ItrSA) and step.norm != "none":
-        N, gamma, bias, kind = step.norm_group, step.gamma, step.norm_bias, step.norm
-    else:
-        return None
-    Y = X if bias is None else X - bias
-    g = lambda t: t.unflatten(-1, (t.shape[-1] // N, N))  # noqa: E731
-    if gamma is not None:
-        if bool((gamma == 0).any()):
-            raise ValueError("project_radial: the norm weight gamma has zero entries; the state's tangent space is "
-                             "degenerate there")
-        vecs = [g(Y / gamma ** 2)]
-        if kind == "layer":
-            vecs.insert(0, g((1 / gamma).expand_as(Y)))
-    else:
-        vecs = [g(Y)]
-    basis = []
-    for v in vecs:  # Gram-Schmidt per group
-        for u in basis:
-            v = v - (v * u).sum(-1, keepdim=True) * u
-        basis.append(v / v.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(v.dtype).tiny))
-    return torch.stack(basis, -2)
+    """Per group, an orthonormal basis of the directions a normalised state cannot move in: [B, S, G, r, N]
+    (``RecurrentStep.radial_basis``); None when the step has no normalisation (or is a plain callable)."""
+    return step.radial_basis(X) if isinstance(step, RecurrentStep) else None
 
 
 def project_off(T: Tensor, basis: Optional[Tensor]) -> Tensor:
@@ -189,17 +160,17 @@ def _orthonormalize(V: Tensor, qr_backend: str):
 
 
 def _prepare(step, X0: Tensor, C: Optional[Tensor]):
-    if not callable(step):
-        raise TypeError(f"step: expected a fastjac model or a callable X -> X, got {type(step).__name__}")
-    X3, batched = check_state(X0, name="X0")
-    _model_check(step, X0)
-    C3 = C if C is None or batched else C.unsqueeze(0)  # [S, D] is accepted as is for a batch
-    return X3, C3, batched
+    return prepare(step, X0, C, name="X0")
+
+
+def _lin(step, X: Tensor, C: Optional[Tensor], backend: str):
+    # the trajectory's states come from the step itself: validated once at the start, not every step
+    return linearization(step, X, C=C, backend=backend, check=False)
 
 
 def _advance(step, X: Tensor, C: Optional[Tensor], backend: str) -> Tensor:
     with torch.no_grad():
-        return _linearize(step, X, C, backend)[0].out
+        return _lin(step, X, C, backend).out
 
 
 # ---------------------------------------------------------------------------------------------------- Benettin
@@ -310,7 +281,7 @@ def lyapunov_spectrum(step, X0: Tensor, *, C: Optional[Tensor] = None, k: Option
                     if project_radial:
                         Q0 = project_off(Q0, radial_basis(step, st["X"]))
                     st["Q"] = _orthonormalize(Q0, qr_backend)[0]
-                lin, _ = _linearize(step, st["X"], C3, backend)
+                lin = _lin(step, st["X"], C3, backend)
                 V = lin.jvp(st["Q"])
                 st["X"] = lin.out
                 if project_radial:
@@ -354,18 +325,19 @@ def lyapunov_spectrum(step, X0: Tensor, *, C: Optional[Tensor] = None, k: Option
 
 # ---------------------------------------------------------------------------------------------------- finite time
 
-def finite_time_lyapunov(step, X0: Tensor, *, C: Optional[Tensor] = None, T: int = 16, k: Optional[int] = None,
+@renamed_kwargs(T="horizon")
+def finite_time_lyapunov(step, X0: Tensor, *, C: Optional[Tensor] = None, horizon: int = 16, k: Optional[int] = None,
                          method: str = "auto", dense_max: int = 1024, backend: str = "auto", tol: float = 1e-8,
                          maxiter: int = 300, seed: int = 0, trivial_below: Optional[float] = None) -> LyapunovResult:
-    """The paper's finite-horizon exponents ``lambda_i = (1/T) ln sigma_i(J_{T-1} ... J_0)`` from X0.
+    """The paper's finite-horizon exponents ``lambda_i = (1/horizon) ln sigma_i(J_{horizon-1} ... J_0)`` from X0.
 
-    ``method="dense"``: the product of the T dense step Jacobians (in float64) and its SVD, exact, for small S*D
+    ``method="dense"``: the product of the ``horizon`` dense step Jacobians (in float64) and its SVD, exact, for small S*D
     (the default when S*D <= ``dense_max``). ``method="matrix_free"``: the top-k singular values of the T-step map
-    by a Krylov method (``fastjac.linalg.svds``) whose products are chains of T JVPs (forward) and T VJPs
-    (transpose), with the T linearisations cached; no n x n matrix exists.
+    by a Krylov method (``fastjac.linalg.svds``) whose products are chains of ``horizon`` JVPs (forward) and
+    VJPs (transpose), with the linearisations cached; no n x n matrix exists.
 
     Args:
-        step, X0, C: as for :func:`lyapunov_spectrum`. T: the horizon (the paper: 16).
+        step, X0, C: as for :func:`lyapunov_spectrum`. horizon: the number of steps (the paper: T = 16; ``T=`` is a deprecated alias).
         k: how many leading exponents; None: all S*D (dense), 32 (matrix-free).
         tol, maxiter, seed: of the matrix-free solver.
 
@@ -375,14 +347,14 @@ def finite_time_lyapunov(step, X0: Tensor, *, C: Optional[Tensor] = None, T: int
     Example:
         >>> import torch, fastjac as fj
         >>> m = fj.ItrSA(8, 2, dtype=torch.float64)
-        >>> res = fj.finite_time_lyapunov(m, torch.randn(5, 8, dtype=torch.float64), T=16)
+        >>> res = fj.finite_time_lyapunov(m, torch.randn(5, 8, dtype=torch.float64), horizon=16)
         >>> res.exponents.shape, int(res.trivial.sum())       # 5 tokens: 5 radial directions are -inf
         (torch.Size([40]), 5)
     """
     X, C3, batched = _prepare(step, X0, C)
     B, S, D = X.shape
     n = S * D
-    T = _check_int("T", T, 1)
+    horizon = _check_int("horizon", horizon, 1)
     if method not in ("auto", "dense", "matrix_free"):
         raise ValueError(f"method: expected 'auto', 'dense' or 'matrix_free', got {method!r}")
     if method == "auto":
@@ -392,11 +364,11 @@ def finite_time_lyapunov(step, X0: Tensor, *, C: Optional[Tensor] = None, T: int
     k = _check_int("k", k, 1)
     if k > n:
         raise ValueError(f"k: expected at most S*D = {n}, got {k}")
-    def trajectory(Xs, Cs):  # the T linearisations along the trajectory from Xs
+    def trajectory(Xs, Cs):  # the horizon linearisations along the trajectory from Xs
         lins = []
-        for _ in range(T):
+        for _ in range(horizon):
             with torch.no_grad():
-                lin, _ = _linearize(step, Xs, Cs, backend)
+                lin = _lin(step, Xs, Cs, backend)
             lins.append(lin)
             Xs = lin.out
         return lins
@@ -427,20 +399,20 @@ def finite_time_lyapunov(step, X0: Tensor, *, C: Optional[Tensor] = None, T: int
                 return apply
 
             s, ok, cycles = svds(chain(True), chain(False), n, k, dtype=X.dtype, device=X.device, tol=tol,
-                                 maxiter=maxiter, generator=gen)
+                                 maxiter=maxiter, seed=gen)
             if not ok:
                 warnings.warn(f"finite_time_lyapunov: the matrix-free SVD of sample {b} did not reach tol={tol:g} "
                               f"in maxiter={maxiter} restart cycles; raise maxiter or lower k", RuntimeWarning)
             rows.append(s)
         sv = torch.stack(rows)
-    ex = sv.double().log() / T
+    ex = sv.double().log() / horizon
     triv = _trivial_mask(ex, n, trivial_count(step, S, D), X.dtype, trivial_below)
     ex = ex.masked_fill(triv, float("-inf"))
-    settings = dict(method=f"finite_time_{method}", T=T, k=k, backend=backend, dtype=str(X.dtype),
+    settings = dict(method=f"finite_time_{method}", horizon=horizon, k=k, backend=backend, dtype=str(X.dtype),
                     shape=list(X0.shape), step=type(step).__name__)
     if not batched:
         ex, triv = ex[0], triv[0]
-    return LyapunovResult(ex, triv, torch.empty(0, dtype=torch.float64), torch.empty(0, dtype=torch.long), T,
+    return LyapunovResult(ex, triv, torch.empty(0, dtype=torch.float64), torch.empty(0, dtype=torch.long), horizon,
                           settings)
 
 

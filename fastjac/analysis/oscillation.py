@@ -19,15 +19,18 @@ max modulus 2.03 normalised vs 2.37 unnormalised, D = 8, η = 0.5).
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 from torch import Tensor, nn
 
+from .._compat import make_generator, renamed_kwargs
+
 F64 = torch.float64
 
 
-def random_antisymmetric(dim: int, *, std: float = 1.0, generator: Optional[torch.Generator] = None,
+@renamed_kwargs(generator="seed")
+def random_antisymmetric(dim: int, *, std: float = 1.0, seed: Optional[Union[int, torch.Generator]] = None,
                          dtype=F64) -> Tensor:
     """A random anti-symmetric Ω = (W − Wᵀ)/2, W Gaussian with std ``std``. [dim, dim].
 
@@ -36,6 +39,7 @@ def random_antisymmetric(dim: int, *, std: float = 1.0, generator: Optional[torc
         >>> torch.allclose(O, -O.T)
         True
     """
+    generator = make_generator(seed)
     if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
         raise ValueError(f"dim: expected an int >= 1, got {dim!r}")
     g = generator if generator is not None else torch.Generator().manual_seed(0)

@@ -26,16 +26,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Dict, Optional
+from typing import Dict, Optional, Union
 
 import torch
 from torch import Tensor
 
+from .._compat import make_generator, renamed_kwargs
+
 from .. import linalg
-from .._checks import check_input, check_state
-from ..backends import FASTJAC_MODELS
-from ..ops.attention import msa_cache
-from .spectra import _msa_op, _warn_unconverged
+from ..linearization import linearization, prepare
+from ..models import RecurrentStep
+from .spectra import _op, _warn_unconverged
 
 F64 = torch.float64
 DENSE_EIGH_MAX_N = 2048
@@ -116,7 +117,7 @@ def _ci(op, x: Tensor, K: int, dense: bool, tol, maxiter, generator) -> float:
     else:
         sym = lambda V: op.matvec(V) + op.rmatvec(V)  # noqa: E731
         _, vecs, ok, it = linalg.eigsh(sym, op.n, K, which="LA", return_vectors=True, dtype=op.dtype,
-                                       device=op.device, tol=tol, maxiter=maxiter, generator=generator)
+                                       device=op.device, tol=tol, maxiter=maxiter, seed=generator)
         if not ok:
             _warn_unconverged("pseudo_energy_trace (contribution index)", it)
         a = vecs @ x
@@ -125,17 +126,19 @@ def _ci(op, x: Tensor, K: int, dense: bool, tol, maxiter, generator) -> float:
 
 def _one_sample(model, traj: Tensor, C: Optional[Tensor], K: int, dense: bool, tol, maxiter, generator):
     wvo = _wvo(model).detach()
-    A0 = msa_cache(traj[0].unsqueeze(0), model.attn_params()).A[0]
+    A0 = None
     rows = []
     for Xt in traj:
-        op = _msa_op(model, Xt)
+        # one attention pass per state: its probabilities serve J_t, MSA(X_t) and the PV picture alike
+        op = _op(linearization(model, Xt, part="msa", check=False))
+        At = op.linearization.core.probs[0]
+        A0 = At if A0 is None else A0
         x = Xt.reshape(-1).to(F64)
         msa = op.out.reshape(-1).to(F64)
         F = msa if C is None else msa + C.reshape(-1).to(F64)
         Jx = op.matvec(Xt.reshape(1, -1))[0].to(F64)
         r = {"E_pseudo": -(x @ F).item(), "lin": -(x @ Jx).item(), "cos": _cos(msa, Jx),
              "ci": _ci(op, x, K, dense, tol, maxiter, generator)}
-        At = msa_cache(Xt.unsqueeze(0), model.attn_params()).A[0]
         for name, P in (("pv", At), ("pv_t0", A0), ("pv_hard", _hard(At))):
             y = pv_apply(P, wvo, Xt).reshape(-1).to(F64)
             r[f"lin_{name}"] = -(x @ y).item()
@@ -145,20 +148,21 @@ def _one_sample(model, traj: Tensor, C: Optional[Tensor], K: int, dense: bool, t
     return {f: torch.tensor([r[f] for r in rows], dtype=F64) for f in FIELDS}
 
 
-def pseudo_energy_trace(model, X0: Tensor, *, C: Optional[Tensor] = None, steps: int, top_frac: float = 0.02,
+@renamed_kwargs(generator="seed", model="step")
+def pseudo_energy_trace(step, X0: Tensor, *, C: Optional[Tensor] = None, steps: int, top_frac: float = 0.02,
                         method: str = "auto", tol: float = 1e-8, maxiter: int = 300,
-                        generator: Optional[torch.Generator] = None,
+                        seed: Optional[Union[int, torch.Generator]] = None,
                         keep_trajectory: bool = False) -> PseudoEnergyTrace:
     """Unroll ``model`` from X0 for ``steps`` steps and monitor the pseudo-energy along the way.
 
     Args:
-        model: a fastjac model (ItrSA or AKOrN; J_t is ∂MSA/∂X of its attention).
+        step: a fastjac attention model (ItrSA or AKOrN; J_t is ∂MSA/∂X of its attention).
         X0: initial state [S, D] or [B, S, D]. C: injected input (X0's shape, [S, D], or None).
         steps: number of steps (the arrays have steps + 1 entries, X_0 first).
         top_frac: the contribution index uses the top K = max(1, floor(top_frac·S·D)) eigenvectors (paper: 2%).
         method: "dense" (torch.linalg.eigh of J_t + J_tᵀ), "lanczos" (matrix-free top-K, :func:`fastjac.linalg.eigsh`)
             or "auto" (dense up to S·D = 2048).
-        tol, maxiter, generator: for Lanczos. keep_trajectory: also return the states [steps + 1, *X0.shape].
+        tol, maxiter, seed: for Lanczos (seed: an int or a torch.Generator). keep_trajectory: also return the states [steps + 1, *X0.shape].
 
     Returns:
         :class:`PseudoEnergyTrace` (``.to_dict()`` for JSON).
@@ -170,18 +174,17 @@ def pseudo_energy_trace(model, X0: Tensor, *, C: Optional[Tensor] = None, steps:
         >>> tr.E_pseudo.shape, tr.top_k, bool((tr.ci > 0).all() and (tr.ci <= 1).all())
         (torch.Size([6]), 2, True)
     """
-    if not isinstance(model, FASTJAC_MODELS):
-        raise TypeError(f"model: expected a fastjac model (ItrSA or AKOrN), got {type(model).__name__}")
+    generator = make_generator(seed)
+    model = step
+    if not (isinstance(model, RecurrentStep) and callable(getattr(model, "msa_linearization", None))):
+        raise TypeError(f"step: expected a fastjac attention model (ItrSA or AKOrN), got {type(model).__name__}")
     if isinstance(steps, bool) or not isinstance(steps, int):
         raise TypeError(f"steps: expected an int, got {type(steps).__name__}")
     if steps < 0:
         raise ValueError(f"steps: expected an int >= 0, got {steps}")
     if method not in ("auto", "dense", "lanczos"):
         raise ValueError(f"method: expected 'auto', 'dense' or 'lanczos', got {method!r}")
-    X3, batched = check_state(X0, model.dim, name="X0")
-    if X0.dtype != model.wq.dtype:
-        raise TypeError(f"X0: dtype {X0.dtype} does not match the model's {model.wq.dtype}")
-    C = check_input(C, X0)
+    X3, _, batched = prepare(model, X0, C, name="X0")
     n = X3.shape[1] * X3.shape[2]
     K = _top_k(top_frac, n)
     dense = method == "dense" or (method == "auto" and n <= DENSE_EIGH_MAX_N)

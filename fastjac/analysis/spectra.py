@@ -17,15 +17,16 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import asdict, dataclass
-from typing import Callable, Iterator, Optional, Tuple
+from typing import Callable, Iterator, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
 
-from .. import api, linalg
-from .._checks import check_input, check_state
-from ..backends import FASTJAC_MODELS
-from ..ops.attention import msa_cache, msa_jacobian_rows, msa_jvp, msa_vjp
+from .._compat import make_generator, renamed_kwargs
+
+from .. import linalg
+from ..linearization import Linearization, linearization, prepare
+from ..models import ItrSA
 
 F64 = torch.float64
 PARTS = ("step", "msa")
@@ -39,7 +40,8 @@ DENSE_EIG_MAX_N = 1024
 class LinearOp:
     """A Jacobian at one sample as a matrix-free operator on rows ``V [b, n]`` (n = S·D), and densely on request.
 
-    ``out`` is the map's value at X ([S, D]); ``shape`` is (S, D); ``dense()`` is [n, n] token-major.
+    ``out`` is the map's value at X ([S, D]); ``shape`` is (S, D); ``dense()`` is [n, n] token-major;
+    ``linearization`` the one :class:`fastjac.Linearization` all three products use.
     """
 
     matvec: Callable[[Tensor], Tensor]
@@ -49,6 +51,7 @@ class LinearOp:
     shape: Tuple[int, int]
     dtype: torch.dtype
     device: torch.device
+    linearization: Optional[Linearization] = None
 
     @property
     def n(self) -> int:
@@ -66,34 +69,11 @@ def _check_part(part) -> str:
     return part
 
 
-def _msa_op(step, X: Tensor) -> LinearOp:
-    """J_MSA at one sample X [S, D]."""
-    S, D = X.shape
-    if isinstance(step, FASTJAC_MODELS):
-        c = msa_cache(X.unsqueeze(0), step.attn_params())
-        mv = lambda V: msa_jvp(c, V.unsqueeze(1)).squeeze(1)  # noqa: E731 - [b, S, D] -> [b, 1, S, D] -> [b, S, D]
-        rmv = lambda V: msa_vjp(c, V.unsqueeze(1)).squeeze(1)  # noqa: E731
-        dense = lambda: msa_jacobian_rows(c, 0, S).reshape(S * D, S * D)  # noqa: E731
-        out = c.out[0]
-    elif callable(getattr(step, "msa", None)):
-        f = step.msa
-        out, vjp_fn = torch.func.vjp(f, X)
-        mv = torch.func.vmap(lambda t: torch.func.jvp(f, (X,), (t,))[1])
-        rmv = torch.func.vmap(lambda g: vjp_fn(g)[0])
-        dense = lambda: torch.func.jacrev(f)(X).reshape(S * D, S * D)  # noqa: E731
-    else:
-        raise TypeError(f"step: part='msa' needs a fastjac model or an object with a callable .msa(X); got "
-                        f"{type(step).__name__}")
-    return LinearOp(_rows(mv, (S, D)), _rows(rmv, (S, D)), dense, out, (S, D), X.dtype, X.device)
-
-
-def _step_op(step, X: Tensor, C: Optional[Tensor], backend: str) -> LinearOp:
-    """J_step at one sample X [S, D] through the public fastjac functions."""
-    S, D = X.shape
-    out, jvp_fn = api.linearize(step, X, C=C, backend=backend)
-    _, vjp_fn = api.vjp(step, X, C=C, backend=backend)
-    dense = lambda: api.jacobian(step, X, C=C, backend=backend)  # noqa: E731
-    return LinearOp(_rows(jvp_fn, (S, D)), _rows(vjp_fn, (S, D)), dense, out, (S, D), X.dtype, X.device)
+def _op(lin: Linearization) -> LinearOp:
+    """The operator view of one linearisation at one sample [S, D]: matvec, rmatvec and dense share its forward."""
+    S, D = lin.X.shape
+    return LinearOp(_rows(lin.jvp, (S, D)), _rows(lin.vjp, (S, D)), lin.dense, lin.out, (S, D), lin.X.dtype,
+                    lin.X.device, lin)
 
 
 def linear_operator(step, X: Tensor, *, C: Optional[Tensor] = None, part: str = "step",
@@ -108,26 +88,16 @@ def linear_operator(step, X: Tensor, *, C: Optional[Tensor] = None, part: str = 
         (torch.Size([3, 40]), torch.Size([40, 40]))
     """
     _check_part(part)
-    X3, batched = check_state(X)
-    if batched:
+    if isinstance(X, Tensor) and X.dim() == 3:
         raise ValueError(f"X: linear_operator takes one sample [S, D], got {tuple(X.shape)}")
-    if not callable(step):
-        raise TypeError(f"step: expected a fastjac model or a callable X -> X, got {type(step).__name__}")
-    api._model_check(step, X)
-    C = check_input(C, X)
-    return _msa_op(step, X) if part == "msa" else _step_op(step, X, C, backend)
+    return _op(linearization(step, X, C=C, backend=backend, part=part))
 
 
 def _samples(step, X: Tensor, C: Optional[Tensor]) -> Tuple[Iterator[Tuple[Tensor, Optional[Tensor]]], bool]:
-    if not callable(step):
-        raise TypeError(f"step: expected a fastjac model or a callable X -> X, got {type(step).__name__}")
-    X3, batched = check_state(X)
-    api._model_check(step, X)
-    C = check_input(C, X)
-    if not batched:
-        return iter([(X, C)]), False
-    Cs = [None if C is None else (C if C.dim() == 2 else C[b]) for b in range(X3.shape[0])]
-    return iter(zip(X3.unbind(0), Cs)), True
+    """Validate once, then the samples (X_b [S, D], C_b) one by one."""
+    X3, C3, batched = prepare(step, X, C)
+    Cs = [None if C3 is None else (C3 if C3.dim() == 2 else C3[b]) for b in range(X3.shape[0])]
+    return iter(zip(X3.unbind(0), Cs)), batched
 
 
 def _no_grad(samples):
@@ -154,9 +124,10 @@ def _warn_unconverged(what: str, it: int) -> None:
 
 # ---------------------------------------------------------------------------------------------- eigenvalues ----
 
+@renamed_kwargs(generator="seed")
 def eigvals(step, X: Tensor, *, C: Optional[Tensor] = None, k: Optional[int] = None, part: str = "step",
             method: str = "auto", backend: str = "auto", tol: float = 1e-8, maxiter: int = 300,
-            generator: Optional[torch.Generator] = None) -> Tensor:
+            seed: Optional[Union[int, torch.Generator]] = None) -> Tensor:
     """Eigenvalues of the one-step Jacobian (or of J_MSA), by descending modulus.
 
     Args:
@@ -167,7 +138,7 @@ def eigvals(step, X: Tensor, *, C: Optional[Tensor] = None, k: Optional[int] = N
         method: "dense" (``torch.linalg.eigvals`` of the dense Jacobian), "arnoldi" (matrix-free, k JVPs per block
             on a shared forward pass, :func:`fastjac.linalg.eigs`), or "auto": dense when k is None or
             S·D ≤ 1024, Arnoldi otherwise.
-        backend: as for ``fastjac.jvp``. tol, maxiter, generator: for Arnoldi (see :mod:`fastjac.linalg`).
+        backend: as for ``fastjac.jvp``. tol, maxiter, seed: for Arnoldi (an int or a torch.Generator) (see :mod:`fastjac.linalg`).
 
     Returns:
         complex [k] (or [S·D]); [B, k] for batched X. The dtype is complex128 for Arnoldi and the complex type of X
@@ -183,6 +154,7 @@ def eigvals(step, X: Tensor, *, C: Optional[Tensor] = None, k: Optional[int] = N
         >>> torch.allclose(top.abs(), lam.abs()[:4].to(top.real.dtype), atol=1e-6)
         True
     """
+    generator = make_generator(seed)
     _check_part(part)
     k = _check_opt_int("k", k)
     if method not in ("auto", "dense", "arnoldi"):
@@ -196,14 +168,14 @@ def eigvals(step, X: Tensor, *, C: Optional[Tensor] = None, k: Optional[int] = N
     dense = method == "dense" or (method == "auto" and (k is None or n <= DENSE_EIG_MAX_N))
     out = []
     for Xb, Cb in _no_grad(samples):
-        op = linear_operator(step, Xb, C=Cb, part=part, backend=backend)
+        op = _op(linearization(step, Xb, C=Cb, part=part, backend=backend, check=False))
         if dense:
             lam = torch.linalg.eigvals(op.dense())
             lam = lam[lam.abs().argsort(descending=True)]
             out.append(lam if k is None else lam[:k])
         else:
             lam, ok, it = linalg.eigs(op.matvec, n, k, dtype=op.dtype, device=op.device, tol=tol, maxiter=maxiter,
-                                      generator=generator)
+                                      seed=generator)
             if not ok:
                 _warn_unconverged("eigvals", it)
             out.append(lam)
@@ -212,9 +184,10 @@ def eigvals(step, X: Tensor, *, C: Optional[Tensor] = None, k: Optional[int] = N
 
 # -------------------------------------------------------------------------------------------- spectral norm ----
 
+@renamed_kwargs(generator="seed")
 def spectral_norm(step, X: Tensor, *, C: Optional[Tensor] = None, part: str = "step", method: str = "lanczos",
                   backend: str = "auto", tol: float = 1e-8, maxiter: int = 200,
-                  generator: Optional[torch.Generator] = None):
+                  seed: Optional[Union[int, torch.Generator]] = None):
     """‖J‖₂, the largest singular value of the one-step Jacobian (or of J_MSA).
 
     Args:
@@ -223,7 +196,7 @@ def spectral_norm(step, X: Tensor, *, C: Optional[Tensor] = None, part: str = "s
         Others as for :func:`eigvals`.
 
     Returns:
-        a float for X [S, D]; a float64 tensor [B] for X [B, S, D].
+        a float64 tensor: 0-dim for X [S, D], [B] for X [B, S, D].
 
     Example:
         >>> import fastjac as fj, torch
@@ -234,29 +207,31 @@ def spectral_norm(step, X: Tensor, *, C: Optional[Tensor] = None, part: str = "s
         >>> abs(a - b) < 1e-8 * b
         True
     """
+    generator = make_generator(seed)
     _check_part(part)
     if method not in ("lanczos", "dense"):
         raise ValueError(f"method: expected 'lanczos' or 'dense', got {method!r}")
     samples, batched = _samples(step, X, C)
     out = []
     for Xb, Cb in _no_grad(samples):
-        op = linear_operator(step, Xb, C=Cb, part=part, backend=backend)
+        op = _op(linearization(step, Xb, C=Cb, part=part, backend=backend, check=False))
         if method == "dense":
             out.append(torch.linalg.matrix_norm(op.dense().to(F64), ord=2).item())
         else:
             s, ok, it = linalg.power_norm(op.matvec, op.rmatvec, op.n, dtype=op.dtype, device=op.device, tol=tol,
-                                          maxiter=maxiter, generator=generator)
+                                          maxiter=maxiter, seed=generator)
             if not ok:
                 _warn_unconverged("spectral_norm", it)
             out.append(s)
-    return torch.tensor(out, dtype=F64) if batched else out[0]
+    res = torch.tensor(out, dtype=F64)
+    return res if batched else res[0]
 
 
 # ---------------------------------------------------------------------------------------------- Prop 5.1 ----
 
 @dataclass
 class Prop51Result:
-    """Prop 5.1 next to the measured norm. Floats for one sample, float64 tensors [B] for a batch.
+    """Prop 5.1 next to the measured norm: float64 tensors, 0-dim for one sample and [B] for a batch (``holds``: bool).
 
     measured: ‖J_step‖₂. bound: gamma_max / R · (1 + eta · msa_norm). ratio: measured / bound (≤ 1 when the bound
     holds; how far below 1 says how tight it is). holds: measured ≤ bound (up to the iteration's tolerance).
@@ -268,18 +243,19 @@ class Prop51Result:
     bound: object
     ratio: object
     holds: object
-    gamma_max: float
+    gamma_max: object
     R: object
     msa_norm: object
-    eta: float
+    eta: object
 
     def to_dict(self) -> dict:
         conv = lambda v: v.tolist() if isinstance(v, Tensor) else v  # noqa: E731
         return {k: conv(v) for k, v in asdict(self).items()}
 
 
-def prop51_bound(model, X: Tensor, *, C: Optional[Tensor] = None, backend: str = "auto", tol: float = 1e-10,
-                 maxiter: int = 200, generator: Optional[torch.Generator] = None) -> Prop51Result:
+@renamed_kwargs(generator="seed", model="step")
+def prop51_bound(step, X: Tensor, *, C: Optional[Tensor] = None, backend: str = "auto", tol: float = 1e-10,
+                 maxiter: int = 200, seed: Optional[Union[int, torch.Generator]] = None) -> Prop51Result:
     """The Prop 5.1 bound ``‖J_step‖₂ ≤ max_j|γ_j| / R · (1 + η ‖J_MSA‖₂)`` evaluated, next to ‖J_step‖₂ measured.
 
     Applies to ItrSA with ``norm="l2"`` (the paper's RMSNorm) and ``norm="rms"`` (the same map with γ scaled by √N
@@ -304,11 +280,13 @@ def prop51_bound(model, X: Tensor, *, C: Optional[Tensor] = None, backend: str =
         >>> r.holds, 0 < r.ratio <= 1
         (True, True)
     """
-    if not isinstance(model, FASTJAC_MODELS) or not hasattr(model, "norm_params"):
-        raise TypeError(f"model: Prop 5.1 is stated for the ItrSA step Norm(X + eta (C + MSA(X))); got "
+    generator = make_generator(seed)
+    model = step
+    if not isinstance(model, ItrSA):
+        raise TypeError(f"step: Prop 5.1 is stated for the ItrSA step Norm(X + eta (C + MSA(X))); got "
                         f"{type(model).__name__}")
     if model.norm not in ("l2", "rms"):
-        raise ValueError(f"model: Prop 5.1 applies to norm='l2' (and 'rms', the same up to scale), not "
+        raise ValueError(f"step: Prop 5.1 applies to norm='l2' (and 'rms', the same up to scale), not "
                          f"norm={model.norm!r}: " + ("LayerNorm's centring is outside the proposition"
                                                      if model.norm == "layer" else "there is no normalisation"))
     samples, batched = _samples(model, X, C)
@@ -323,18 +301,18 @@ def prop51_bound(model, X: Tensor, *, C: Optional[Tensor] = None, backend: str =
             F = model.msa(Xb) if Cb is None else Cb + model.msa(Xb)
             Z = (Xb + eta * F).to(F64)
             R = torch.sqrt((Z.unflatten(-1, (-1, N)) ** 2).sum(-1) + eps_l2).min().item()
-        kw = dict(backend=backend, tol=tol, maxiter=maxiter, generator=generator)
+        kw = dict(backend=backend, tol=tol, maxiter=maxiter, seed=generator)
         msa_n = spectral_norm(model, Xb, part="msa", **kw)
         meas = spectral_norm(model, Xb, C=Cb, part="step", **kw)
         bound = gmax / R * (1 + abs(eta) * msa_n)
         slack = 1 + 100 * max(tol, 64 * torch.finfo(Xb.dtype).eps)
         rows.append((meas, bound, meas / bound, meas <= bound * slack, R, msa_n))
-    if not batched:
-        m, b, r, h, R, s = rows[0]
-        return Prop51Result(m, b, r, h, gmax, R, s, eta)
     cols = list(zip(*rows))
-    t = lambda i: torch.tensor(cols[i], dtype=F64)  # noqa: E731
-    return Prop51Result(t(0), t(1), t(2), torch.tensor(cols[3]), gmax, t(4), t(5), eta)
+    one = (lambda t: t) if batched else (lambda t: t[0])  # noqa: E731
+    t = lambda i: one(torch.tensor([float(v) for v in cols[i]], dtype=F64))  # noqa: E731
+    holds = one(torch.tensor([bool(v) for v in cols[3]]))
+    return Prop51Result(t(0), t(1), t(2), holds, torch.tensor(gmax, dtype=F64), t(4), t(5),
+                        torch.tensor(eta, dtype=F64))
 
 
 __all__ = ["LinearOp", "Prop51Result", "eigvals", "linear_operator", "prop51_bound", "spectral_norm"]

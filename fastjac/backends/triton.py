@@ -13,8 +13,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import FASTJAC_MODELS, Backend
+from ..models import AKOrN, ItrSA
 from ..ops._utils import interpreter_on
+from .base import KernelBackend
 
 SUPPORTED_DTYPES = (torch.float32, torch.float64)
 _kernels = None  # the step module once imported, or the import error's text
@@ -32,12 +33,13 @@ def _step_module():
     return _kernels
 
 
-class TritonBackend(Backend):
+class TritonBackend(KernelBackend):
     name = "triton"
 
     def why_not(self, step, X: Tensor) -> Optional[str]:
-        if not isinstance(step, FASTJAC_MODELS):
-            return f"step is a {type(step).__name__}, not a fastjac model (ItrSA, AKOrN)"
+        reason = self.model_why_not(step)
+        if reason is not None:
+            return reason
         mod = _step_module()
         if isinstance(mod, str):
             return mod
@@ -57,5 +59,17 @@ class TritonBackend(Backend):
                     f"tests, far slower than 'torch'); pass backend='triton' to use it")
         return reason
 
-    def linearize(self, step, X: Tensor, C: Optional[Tensor], batched: bool):
-        return _step_module().triton_linearize(step, X, C)
+
+def _itrsa(step, X, C):
+    return _step_module().TritonItrSALinearization(X, C, step.step_params())
+
+
+def _akorn(step, X, C):
+    return _step_module().TritonAKOrNLinearization(X, C, step.step_params())
+
+
+def make_backend() -> TritonBackend:
+    be = TritonBackend()
+    be.register(ItrSA, _itrsa)
+    be.register(AKOrN, _akorn)
+    return be

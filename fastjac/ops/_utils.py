@@ -48,3 +48,15 @@ def blockdiag(blk: Tensor) -> Tensor:
     G, N = blk.shape[-3], blk.shape[-1]
     eye = torch.eye(G, dtype=blk.dtype, device=blk.device)
     return torch.einsum("...gnm,gh->...gnhm", blk, eye).reshape(*blk.shape[:-3], G * N, G * N)
+
+
+def current_arch(device=None) -> Optional[int]:
+    """The GPU architecture fastjac's launch table is keyed by: 90 (compute capability 9.x, H100-class), 80 (8.x,
+    A100-class; other CUDA capabilities also map here, unverified), or None without CUDA / under the interpreter."""
+    if INTERPRET or not torch.cuda.is_available():
+        return None
+    dev = torch.device("cuda") if device is None else torch.device(device)
+    if dev.type != "cuda":
+        return None
+    major, _ = torch.cuda.get_device_capability(dev)
+    return 90 if major == 9 else 80

@@ -1,19 +1,21 @@
-"""k-tangent attention JVP as one flash-attention-style Triton pass (``backend="triton"``).
+"""k-tangent attention JVP as a two-pass flash-attention-style Triton computation (``backend="triton"``).
 
-Kernel ``_attn_jvp_fwd_kernel`` -> launcher ``attn_jvp_launch`` -> public ``msa_jvp_triton`` (and the forward alone,
-``msa_forward_triton``). The strategy and the rescaling argument are in this folder's README.md; ``ref.py`` is the
-readable reference (``msa_jvp``) that the tests hold this kernel to.
+Kernels ``_attn_fwd_kernel`` (forward: o and the row log-sum-exp) and ``_attn_jvp_fwd_kernel`` (tangent pass) ->
+launchers ``attn_fwd_launch`` / ``attn_jvp_launch`` -> public ``attention_forward_triton``,
+``attention_jvp_triton``, ``msa_forward_triton``, ``msa_jvp_triton``. The derivation, the design choice and the
+resource numbers are in this folder's README.md; ``ref.py`` is the readable reference the tests hold these to.
 
-One program owns a tile of BM query rows of one (batch, head), KT tangents and BV value columns. It walks the key
-tiles once with an online softmax and computes the probabilities p of a tile once for all KT tangents:
+The forward walks the key tiles once with an online softmax and saves, per query row, o_i and
+lse_i = m_i + log l_i. The tangent pass then recomputes the probabilities exactly, p_ij = exp(beta q_i.k_j - lse_i)
+(= A_ij: no running maximum, no rescaling), so every tangent accumulator is a plain sum over key tiles:
 
-    acc_o  = sum_j p_ij v_j                                   [BM, BV]
-    acc_t  = sum_j p_ij (vdot_tj + Ldot_tij v_j)              [KT, BM, BV]
-    acc_l  = sum_j p_ij Ldot_tij                              [KT, BM]
-    o = acc_o / l,   odot_t = acc_t / l - (acc_l / l) o
+    acc_t = sum_j p_ij (vdot_tj + Ldot_tij v_j)     [BM, BV]      acc_l = sum_j p_ij Ldot_tij     [BM]
+    odot_t = acc_t - acc_l o_i,     Ldot_tij = beta (qdot_ti.k_j + q_i.kdot_tj)
 
-Every accumulator is a sum of p-weighted terms, so all of them are rescaled by the same exp(m_old - m_new) when the
-running row maximum moves. Nothing of size S x S reaches global memory: memory is O(k S d).
+One program owns BM query rows of one (batch, head), ONE tangent and BV value columns: every tile is 2-D, which is
+what makes the kernel fit the register file and shared memory at tensor-core tile sizes (the former [KT, BM, BN]
+tiles did not). The softmax normalisation (max, sum, lse) and o are computed once, by the forward, for all k
+tangents. Nothing of size S x S reaches global memory.
 """
 from __future__ import annotations
 
@@ -24,139 +26,233 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .._utils import INTERPRET, PRECISIONS, precision_for, pow2 as _pow2
+from .. import _launch
+from .._utils import INTERPRET, PRECISIONS, precision_for, pow2 as _pow2  # noqa: F401 (PRECISIONS re-exported)
 from .ref import AttnParams, _out_proj, _project
 
+HALF = (torch.bfloat16, torch.float16)
+DTYPES = (torch.float32, torch.float64) + HALF
 
 
-@triton.jit
-def _attn_jvp_fwd_kernel(
-    q_ptr, k_ptr, v_ptr, qd_ptr, kd_ptr, vd_ptr, o_ptr, od_ptr,
-    S, DH, DV, H, K, beta,
-    sq_b, sq_h, sq_s, sv_b, sv_h, sv_s,  # q and k share strides; v and o share strides (all last-dim contiguous)
-    sqd_t, sqd_b, sqd_h, sqd_s, svd_t, svd_b, svd_h, svd_s,  # qd, kd share; vd, od share
-    CAUSAL: tl.constexpr, HAS_T: tl.constexpr, STORE_O: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, KT: tl.constexpr, BDH: tl.constexpr, BV: tl.constexpr,
-    PREC: tl.constexpr, ACC: tl.constexpr,
+@triton.jit(do_not_specialize=["S", "H"])
+def _attn_fwd_kernel(
+    q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr,
+    S, DH, DV, H, beta,
+    sq_b, sq_h, sq_s, sv_b, sv_h, sv_s, so_b, so_h, so_s,  # q and k share strides; all last dims contiguous
+    CAUSAL: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BDH: tl.constexpr, BV: tl.constexpr,
+    PREC: tl.constexpr, F64: tl.constexpr,
 ):
-    pid_m, pid_bh, pid_tv = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    nv = tl.cdiv(DV, BV)
-    pid_t, pid_v = pid_tv // nv, pid_tv % nv
+    ACC: tl.constexpr = tl.float64 if F64 else tl.float32
+    pid_m, pid_bh, pid_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b, h = pid_bh // H, pid_bh % H
     rm = pid_m * BM + tl.arange(0, BM)  # query rows [BM]
     rd = tl.arange(0, BDH)  # [BDH]
     rv = pid_v * BV + tl.arange(0, BV)  # [BV]
-    rt = pid_t * KT + tl.arange(0, KT)  # tangents [KT]
-    m_ok, d_ok, v_ok, t_ok = rm < S, rd < DH, rv < DV, rt < K
-
-    qo = b * sq_b + h * sq_h
-    vo = b * sv_b + h * sv_h
-    q = tl.load(q_ptr + qo + rm[:, None] * sq_s + rd[None, :], mask=m_ok[:, None] & d_ok[None, :], other=0.0)  # [BM, BDH]
-    t3 = rt[:, None, None]
-    if HAS_T:
-        qdo = b * sqd_b + h * sqd_h
-        vdo = b * svd_b + h * svd_h
-        qd = tl.load(qd_ptr + qdo + t3 * sqd_t + rm[None, :, None] * sqd_s + rd[None, None, :],
-                     mask=t_ok[:, None, None] & m_ok[None, :, None] & d_ok[None, None, :], other=0.0)  # [KT, BM, BDH]
-        qd2 = tl.reshape(qd, (KT * BM, BDH))
-        q3 = tl.broadcast_to(q[None, :, :], (KT, BM, BDH))
+    m_ok, d_ok, v_ok = rm < S, rd < DH, rv < DV
+    qo = b.to(tl.int64) * sq_b + h * sq_h
+    vo = b.to(tl.int64) * sv_b + h * sv_h
+    q = tl.load(q_ptr + qo + rm[:, None] * sq_s + rd[None, :], mask=m_ok[:, None] & d_ok[None, :], other=0.0)
 
     m_i = tl.full((BM,), float("-inf"), ACC)
     l_i = tl.zeros((BM,), ACC)
-    acc_o = tl.zeros((BM, BV), ACC)
-    acc_t = tl.zeros((KT, BM, BV), ACC)
-    acc_l = tl.zeros((KT, BM), ACC)
-
-    # causal: keys beyond the last row of this tile contribute nothing
-    hi = tl.minimum(S, (pid_m + 1) * BM) if CAUSAL else S
+    acc = tl.zeros((BM, BV), ACC)
+    hi = tl.minimum(S, (pid_m + 1) * BM) if CAUSAL else S  # causal: later keys contribute nothing
     for j0 in range(0, hi, BN):
         rn = j0 + tl.arange(0, BN)  # keys [BN]
         n_ok = rn < S
-        kT = tl.load(k_ptr + qo + rn[None, :] * sq_s + rd[:, None], mask=d_ok[:, None] & n_ok[None, :], other=0.0)  # [BDH, BN]
-        v = tl.load(v_ptr + vo + rn[:, None] * sv_s + rv[None, :], mask=n_ok[:, None] & v_ok[None, :], other=0.0)  # [BN, BV]
-        s = beta * tl.dot(q, kT, input_precision=PREC, out_dtype=ACC)  # [BM, BN]
+        kT = tl.load(k_ptr + qo + rn[None, :] * sq_s + rd[:, None], mask=d_ok[:, None] & n_ok[None, :],
+                     other=0.0)  # [BDH, BN]
+        v = tl.load(v_ptr + vo + rn[:, None] * sv_s + rv[None, :], mask=n_ok[:, None] & v_ok[None, :],
+                    other=0.0)  # [BN, BV]
+        s = tl.dot(q, kT, input_precision=PREC, out_dtype=ACC) * beta  # [BM, BN]
         keep = n_ok[None, :]
         if CAUSAL:
             keep = keep & (rn[None, :] <= rm[:, None])
         s = tl.where(keep, s, float("-inf"))
-        # the first key tile holds key 0, which every row (even a padded one) may see: m_new is finite from then on
+        # the first key tile holds key 0, which every row (even a padded one) sees: m_new is finite from then on
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp(m_i - m_new)  # [BM]
         p = tl.exp(s - m_new[:, None])  # [BM, BN]
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc_o = acc_o * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC, out_dtype=ACC)
-        if HAS_T:
-            kdT = tl.load(kd_ptr + qdo + t3 * sqd_t + rn[None, None, :] * sqd_s + rd[None, :, None],
-                          mask=t_ok[:, None, None] & d_ok[None, :, None] & n_ok[None, None, :], other=0.0)  # [KT, BDH, BN]
-            vd = tl.load(vd_ptr + vdo + t3 * svd_t + rn[None, :, None] * svd_s + rv[None, None, :],
-                         mask=t_ok[:, None, None] & n_ok[None, :, None] & v_ok[None, None, :], other=0.0)  # [KT, BN, BV]
-            # Ldot = beta (qd k^T + q kd^T): the first product stacks the tangents on the rows, the second is batched
-            ld = tl.reshape(tl.dot(qd2, kT, input_precision=PREC, out_dtype=ACC), (KT, BM, BN))
-            ld = beta * (ld + tl.dot(q3, kdT, input_precision=PREC, out_dtype=ACC))  # [KT, BM, BN]
-            p3 = tl.broadcast_to(p[None, :, :], (KT, BM, BN))
-            pl = p3 * ld  # [KT, BM, BN]; zero wherever p is (masked keys)
-            upd = tl.dot(p3.to(v.dtype), vd, input_precision=PREC, out_dtype=ACC)  # [KT, BM, BV]
-            upd += tl.reshape(tl.dot(tl.reshape(pl, (KT * BM, BN)).to(v.dtype), v, input_precision=PREC,
-                                     out_dtype=ACC), (KT, BM, BV))
-            acc_t = acc_t * alpha[None, :, None] + upd
-            acc_l = acc_l * alpha[None, :] + tl.sum(pl, 2)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC, out_dtype=ACC)
         m_i = m_new
-
-    o = acc_o / l_i[:, None]  # [BM, BV]
-    if STORE_O:
-        if pid_t == 0:
-            tl.store(o_ptr + vo + rm[:, None] * sv_s + rv[None, :], o.to(o_ptr.dtype.element_ty),
-                     mask=m_ok[:, None] & v_ok[None, :])
-    if HAS_T:
-        od = acc_t / l_i[None, :, None] - (acc_l / l_i[None, :])[:, :, None] * o[None, :, :]  # [KT, BM, BV]
-        tl.store(od_ptr + vdo + t3 * svd_t + rm[None, :, None] * svd_s + rv[None, None, :],
-                 od.to(od_ptr.dtype.element_ty), mask=t_ok[:, None, None] & m_ok[None, :, None] & v_ok[None, None, :])
+    o = acc / l_i[:, None]  # [BM, BV]
+    tl.store(o_ptr + b.to(tl.int64) * so_b + h * so_h + rm[:, None] * so_s + rv[None, :],
+             o.to(o_ptr.dtype.element_ty), mask=m_ok[:, None] & v_ok[None, :])
+    if pid_v == 0:
+        tl.store(lse_ptr + pid_bh.to(tl.int64) * S + rm, (m_i + tl.log(l_i)).to(lse_ptr.dtype.element_ty),
+                 mask=m_ok)
 
 
-def default_blocks(dh: int, dv: int, k: int) -> Tuple[int, int, int, int]:
-    """(BM, BN, KT, BV). Interpreter: 16-wide tiles (tests see ragged S). GPU: untuned defaults that keep the
-    [KT, BM, BV] accumulator and the [KT, BM, BN] logit tangent near 8K floats each per program."""
-    bv = min(_pow2(dv), 64)
-    if INTERPRET:
-        return 32, 32, min(triton.next_power_of_2(max(k, 1)), 8), bv
-    kt = min(triton.next_power_of_2(max(k, 1)), 4)
-    return (64 if kt == 1 else 32), 64, kt, bv
+@triton.jit(do_not_specialize=["S", "H"])
+def _attn_jvp_fwd_kernel(
+    q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, qd_ptr, kd_ptr, vd_ptr, od_ptr,
+    S, DH, DV, H, beta,
+    sq_b, sq_h, sq_s, sv_b, sv_h, sv_s, so_b, so_h, so_s,
+    sqd_t, sqd_b, sqd_h, sqd_s, svd_t, svd_b, svd_h, svd_s,  # qd, kd share strides; vd, od share strides
+    CAUSAL: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BDH: tl.constexpr, BV: tl.constexpr,
+    PREC: tl.constexpr, F64: tl.constexpr,
+):
+    ACC: tl.constexpr = tl.float64 if F64 else tl.float32
+    pid_m, pid_bh, pid_tv = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    nv = tl.cdiv(DV, BV)
+    t, pid_v = pid_tv // nv, pid_tv % nv  # tangents on the grid: one per program
+    b, h = pid_bh // H, pid_bh % H
+    rm = pid_m * BM + tl.arange(0, BM)  # [BM]
+    rd = tl.arange(0, BDH)  # [BDH]
+    rv = pid_v * BV + tl.arange(0, BV)  # [BV]
+    m_ok, d_ok, v_ok = rm < S, rd < DH, rv < DV
+    qo = b.to(tl.int64) * sq_b + h * sq_h
+    vo = b.to(tl.int64) * sv_b + h * sv_h
+    qdo = t.to(tl.int64) * sqd_t + b.to(tl.int64) * sqd_b + h * sqd_h
+    vdo = t.to(tl.int64) * svd_t + b.to(tl.int64) * svd_b + h * svd_h
+    md = m_ok[:, None] & d_ok[None, :]
+    q = tl.load(q_ptr + qo + rm[:, None] * sq_s + rd[None, :], mask=md, other=0.0)  # [BM, BDH]
+    qd = tl.load(qd_ptr + qdo + rm[:, None] * sqd_s + rd[None, :], mask=md, other=0.0)  # [BM, BDH]
+    # padded rows get lse = +inf, hence p = 0
+    lse = tl.load(lse_ptr + pid_bh.to(tl.int64) * S + rm, mask=m_ok, other=float("inf")).to(ACC)  # [BM]
+
+    acc = tl.zeros((BM, BV), ACC)
+    acc_l = tl.zeros((BM,), ACC)
+    hi = tl.minimum(S, (pid_m + 1) * BM) if CAUSAL else S
+    for j0 in range(0, hi, BN):
+        rn = j0 + tl.arange(0, BN)
+        n_ok = rn < S
+        dn = d_ok[:, None] & n_ok[None, :]
+        nv_ok = n_ok[:, None] & v_ok[None, :]
+        kT = tl.load(k_ptr + qo + rn[None, :] * sq_s + rd[:, None], mask=dn, other=0.0)  # [BDH, BN]
+        kdT = tl.load(kd_ptr + qdo + rn[None, :] * sqd_s + rd[:, None], mask=dn, other=0.0)  # [BDH, BN]
+        v = tl.load(v_ptr + vo + rn[:, None] * sv_s + rv[None, :], mask=nv_ok, other=0.0)  # [BN, BV]
+        vd = tl.load(vd_ptr + vdo + rn[:, None] * svd_s + rv[None, :], mask=nv_ok, other=0.0)  # [BN, BV]
+        s = tl.dot(q, kT, input_precision=PREC, out_dtype=ACC) * beta  # [BM, BN]
+        keep = n_ok[None, :]
+        if CAUSAL:
+            keep = keep & (rn[None, :] <= rm[:, None])
+        p = tl.exp(tl.where(keep, s, float("-inf")) - lse[:, None])  # = A_ij exactly, [BM, BN]
+        ld = tl.dot(qd, kT, input_precision=PREC, out_dtype=ACC)
+        ld = tl.dot(q, kdT, ld, input_precision=PREC, out_dtype=ACC) * beta  # Ldot [BM, BN]
+        pl = p * ld
+        acc = tl.dot(p.to(vd.dtype), vd, acc, input_precision=PREC, out_dtype=ACC)
+        acc = tl.dot(pl.to(v.dtype), v, acc, input_precision=PREC, out_dtype=ACC)  # [BM, BV]
+        acc_l += tl.sum(pl, 1)
+    o = tl.load(o_ptr + b.to(tl.int64) * so_b + h * so_h + rm[:, None] * so_s + rv[None, :],
+                mask=m_ok[:, None] & v_ok[None, :], other=0.0).to(ACC)  # [BM, BV]
+    od = acc - acc_l[:, None] * o
+    tl.store(od_ptr + vdo + rm[:, None] * svd_s + rv[None, :], od.to(od_ptr.dtype.element_ty),
+             mask=m_ok[:, None] & v_ok[None, :])
+
+
+def _interp_blocks(dv: int) -> Tuple[int, int, int]:
+    # interpreter only: 32-wide tiles, so the tests see ragged query and key tiles at S = 33 and 100
+    return 32, 32, min(_pow2(dv), 64)
+
+
+def launch_config(kind: str, q: Tensor, dv: int, precision: Optional[str] = None,
+                  blocks: Optional[Tuple[int, ...]] = None):
+    """(BM, BN, BDH, BV, options) for ``kind`` in {"attn_fwd", "attn_jvp"}: the launch table's entry on a GPU
+    (``fastjac/ops/_launch.py``), small tiles under the interpreter. ``blocks`` = (BM, BN, BV) or the former
+    (BM, BN, KT, BV) overrides the tiles under the interpreter only: a GPU compiles nothing outside the table."""
+    dh = q.shape[-1]
+    arch = _launch.arch_of(q.device)
+    if arch is None:
+        if blocks is not None:
+            BM, BN, BV = (blocks[0], blocks[1], blocks[-1])
+        else:
+            BM, BN, BV = _interp_blocks(dv)
+        return BM, BN, _pow2(dh), BV, {}
+    if blocks is not None:
+        raise ValueError("blocks: tile overrides are for the interpreter tests; on a GPU the verified launch table "
+                         "(fastjac/ops/_launch.py) decides")
+    dc = _launch.dtype_class(q.dtype, precision_for(q.dtype, precision))
+    BDH, cfg = _launch.config(kind, arch, dc, _pow2(dh))
+    return cfg["BM"], cfg["BN"], BDH, cfg["BV"], cfg.options()
+
+
+def default_blocks(dh: int, dv: int, k: int = 1) -> Tuple[int, int, int, int]:
+    """(BM, BN, 1, BV) of the tangent kernel under the interpreter (kept for callers of the former API; on a GPU
+    the tiles come from the launch table, ``launch_config``)."""
+    BM, BN, BV = _interp_blocks(dv)
+    return BM, BN, 1, BV
+
+
+def attn_fwd_launch(q: Tensor, k: Tensor, v: Tensor, beta: float, causal: bool, o: Tensor, lse: Tensor, *,
+                    precision: Optional[str] = None, blocks: Optional[Tuple[int, ...]] = None) -> None:
+    """Launch ``_attn_fwd_kernel``: o [B, H, S, dv] (any float dtype, last dim contiguous) and lse [B, H, S]
+    (contiguous, float32, float64 for float64 inputs). q, k [B, H, S, dh], v [B, H, S, dv], last dims contiguous."""
+    B, H, S, dh = q.shape
+    dv = v.shape[-1]
+    BM, BN, BDH, BV, opts = launch_config("attn_fwd", q, dv, precision, blocks)
+    grid = (triton.cdiv(S, BM), B * H, triton.cdiv(dv, BV))
+    _attn_fwd_kernel[grid](
+        q, k, v, o, lse, S, dh, dv, H, float(beta),
+        q.stride(0), q.stride(1), q.stride(2), v.stride(0), v.stride(1), v.stride(2),
+        o.stride(0), o.stride(1), o.stride(2),
+        CAUSAL=bool(causal), BM=BM, BN=BN, BDH=BDH, BV=BV, PREC=precision_for(q.dtype, precision),
+        F64=q.dtype == torch.float64, **opts)
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def attn_jvp_launch(q: Tensor, k: Tensor, v: Tensor, qd: Optional[Tensor], kd: Optional[Tensor],
                     vd: Optional[Tensor], beta: float, causal: bool, *, o: Optional[Tensor] = None,
                     od: Optional[Tensor] = None, precision: Optional[str] = None,
-                    blocks: Optional[Tuple[int, int, int, int]] = None, num_warps: Optional[int] = None):
-    """Launch ``_attn_jvp_fwd_kernel``. q, k [B, H, S, dh]; v [B, H, S, dv]; qd, kd [K, B, H, S, dh] and
-    vd [K, B, H, S, dv], or all None (forward only). Writes o [B, H, S, dv] (if given) and od [K, B, H, S, dv]."""
+                    blocks: Optional[Tuple[int, ...]] = None, num_warps: Optional[int] = None,
+                    o_acc: Optional[Tensor] = None, lse: Optional[Tensor] = None):
+    """Attention forward and/or K-tangent JVP. q, k [B, H, S, dh]; v [B, H, S, dv]; qd, kd [K, B, H, S, dh] and
+    vd [K, B, H, S, dv], or all None (forward only). Writes o [B, H, S, dv] (if given) and od [K, B, H, S, dv].
+
+    ``o_acc`` (o in the accumulation dtype) and ``lse`` [B, H, S] from an earlier forward skip the forward launch;
+    otherwise ``_attn_fwd_kernel`` runs once here and its statistics serve all K tangents. Returns (o, od).
+    ``num_warps`` is accepted for backward compatibility and must be None on a GPU (the launch table decides)."""
+    if num_warps is not None and _launch.arch_of(q.device) is not None:
+        raise ValueError("num_warps: the verified launch table decides on a GPU")
     B, H, S, dh = q.shape
     dv = v.shape[-1]
     has_t = qd is not None
-    K = qd.shape[0] if has_t else 1
-    BM, BN, KT, BV = blocks if blocks is not None else default_blocks(dh, dv, K)
-    BDH = _pow2(dh)
-    acc = tl.float64 if q.dtype == torch.float64 else tl.float32
-    prec = precision_for(q.dtype, precision)
-    if has_t:
-        for name, t, ref in (("qd", qd, q), ("kd", kd, q)):
-            if t.stride(-1) != 1 or t.stride() != qd.stride():
-                raise ValueError(f"{name}: expected the layout of qd with a contiguous last dim")
-        if vd.stride() != od.stride() or vd.stride(-1) != 1:
-            raise ValueError("vd: expected vd and od to share a layout with a contiguous last dim")
-    dummy = q
-    grid = (triton.cdiv(S, BM), B * H, triton.cdiv(K, KT) * triton.cdiv(dv, BV))
-    sqd = qd.stride()[:4] if has_t else (0, 0, 0, 0)
-    svd = vd.stride()[:4] if has_t else (0, 0, 0, 0)
-    extra = {} if num_warps is None else {"num_warps": num_warps}
+    if o_acc is None or lse is None:
+        acc_dt = _acc_dtype(q.dtype)
+        o_acc = o if (o is not None and o.dtype == acc_dt and o.stride(-1) == 1) else \
+            torch.empty(B, H, S, dv, dtype=acc_dt, device=q.device)
+        lse = torch.empty(B, H, S, dtype=acc_dt, device=q.device)
+        attn_fwd_launch(q, k, v, beta, causal, o_acc, lse, precision=precision, blocks=blocks)
+    if o is not None and o.data_ptr() != o_acc.data_ptr():
+        o.copy_(o_acc)
+    if not has_t:
+        return o, od
+    for name, t in (("qd", qd), ("kd", kd)):
+        if t.stride(-1) != 1 or t.stride() != qd.stride():
+            raise ValueError(f"{name}: expected the layout of qd with a contiguous last dim")
+    if vd.stride() != od.stride() or vd.stride(-1) != 1:
+        raise ValueError("vd: expected vd and od to share a layout with a contiguous last dim")
+    K = qd.shape[0]
+    BM, BN, BDH, BV, opts = launch_config("attn_jvp", q, dv, precision, blocks)
+    grid = (triton.cdiv(S, BM), B * H, K * triton.cdiv(dv, BV))
     _attn_jvp_fwd_kernel[grid](
-        q, k, v, qd if has_t else dummy, kd if has_t else dummy, vd if has_t else dummy,
-        o if o is not None else dummy, od if has_t else dummy,
-        S, dh, dv, H, K, float(beta),
+        q, k, v, o_acc, lse, qd, kd, vd, od, S, dh, dv, H, float(beta),
         q.stride(0), q.stride(1), q.stride(2), v.stride(0), v.stride(1), v.stride(2),
-        *sqd, *svd,
-        CAUSAL=bool(causal), HAS_T=has_t, STORE_O=o is not None,
-        BM=BM, BN=BN, KT=KT, BDH=BDH, BV=BV, PREC=prec, ACC=acc, **extra)
+        o_acc.stride(0), o_acc.stride(1), o_acc.stride(2),
+        *qd.stride()[:4], *vd.stride()[:4],
+        CAUSAL=bool(causal), BM=BM, BN=BN, BDH=BDH, BV=BV, PREC=precision_for(q.dtype, precision),
+        F64=q.dtype == torch.float64, **opts)
     return o, od
+
+
+def attn_flops(S: int, dh: int, dv: int, k: int, *, B: int = 1, H: int = 1, causal: bool = False,
+               BV: Optional[int] = None) -> dict:
+    """Multiply-add FLOPs (2 per MAC) of the attention part of one k-tangent JVP call, this design against the
+    one-tangent-per-call baseline (a JVP-flash kernel that redoes the forward for every tangent) and against the
+    former shared-softmax kernel with [KT, BM, BN] tiles. Causal halves every term (not counted here)."""
+    nv = 1 if BV is None else -(-dv // BV)  # the tangent pass recomputes q.k^T once per value tile
+    pairs = B * H * S * S * (0.5 if causal else 1.0)
+    fwd = 2 * pairs * (dh + dv)
+    per_tangent = 2 * pairs * (3 * dh * nv + 2 * dv)  # q.k^T (recompute), qd.k^T, q.kd^T; p vd, (p Ldot) v
+    ours = fwd + k * per_tangent
+    baseline = k * (fwd + 2 * pairs * (2 * dh + 2 * dv))
+    shared = fwd + k * 2 * pairs * (2 * dh + 2 * dv)
+    return dict(two_pass=ours, one_tangent_per_call=baseline, shared_softmax_3d=shared,
+                ratio_vs_baseline=ours / baseline)
 
 
 def _check_qkv(q: Tensor, k: Tensor, v: Tensor) -> None:

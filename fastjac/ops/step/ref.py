@@ -18,6 +18,7 @@ from torch import Tensor
 from .._utils import blockdiag as _blockdiag, group as _g
 from ..akorn.ref import omega_apply, omega_vjp, proj_jvp, proj_vjp, proj_forward, antisym
 from ..attention.ref import AttnParams, msa_cache, msa_jacobian_rows, msa_jvp, msa_vjp
+from ..base import BatchedLinearization
 from ..norm.ref import NormParams, norm_cache, norm_jacobian_blocks, norm_jvp, norm_vjp
 
 # A dense row-chunk (one batched GEMM's output) is kept near this many bytes. At S=64, D=64, H=4 on a 2-core CPU
@@ -44,21 +45,20 @@ def _osc_norm(N: int) -> NormParams:
     return NormParams("l2", None, None, 0.0, N)
 
 
-class StepLinearization:
-    """Base: subclasses set ``out`` [B, S, D] and implement jvp, vjp and the per-token factors of the dense rows.
+class StepLinearization(BatchedLinearization):
+    """Base of the attention steps: subclasses implement jvp, vjp and the per-token factors of the dense rows.
 
     Both steps have the dense form  J_step[i, m] = eta L_i J_MSA[i, m] + delta_im E_i  with per-token D x D
     matrices L_i (left factor: the norm Jacobian, times AKOrN's projection) and E_i (the diagonal block).
+
+    The attention forward is one overridable hook, ``_attention(X, p) -> MSA(X)``: the torch version keeps the full
+    cache (probabilities included) in ``self.attn``; a kernel backend (Triton) overrides it with its own forward and
+    builds ``attn`` only when a VJP or a dense Jacobian asks for it. Everything else of the step is shared.
     """
 
-    out: Tensor
-    X: Tensor
-
-    def jvp(self, T: Tensor) -> Tensor:  # pragma: no cover - interface
-        raise NotImplementedError
-
-    def vjp(self, G: Tensor) -> Tensor:  # pragma: no cover - interface
-        raise NotImplementedError
+    def _attention(self, X: Tensor, p: AttnParams) -> Tensor:
+        self.attn = msa_cache(X, p)
+        return self.attn.out
 
     def _row_factors(self):  # pragma: no cover - interface
         """(L [B, S, D, D] or None for the identity, E [B, S, D, D])."""
@@ -88,8 +88,8 @@ class ItrSALinearization(StepLinearization):
 
     def __init__(self, X: Tensor, C: Optional[Tensor], p: ItrSAParams):
         self.X, self.p = X, p
-        self.attn = msa_cache(X, p.attn)
-        F = self.attn.out if C is None else C + self.attn.out
+        msa = self._attention(X, p.attn)
+        F = msa if C is None else C + msa
         self.norm = norm_cache(X + p.eta * F, p.norm)
         self.out = self.norm.out
 
@@ -113,8 +113,8 @@ class AKOrNLinearization(StepLinearization):
 
     def __init__(self, X: Tensor, C: Optional[Tensor], p: AKOrNParams):
         self.X, self.p = X, p
-        self.attn = msa_cache(X, p.attn)
-        self.Y = self.attn.out if C is None else C + self.attn.out
+        msa = self._attention(X, p.attn)
+        self.Y = msa if C is None else C + msa
         Z = X + p.eta * (omega_apply(p.omega, X) + proj_forward(X, self.Y, p.osc_dim))
         self.norm = norm_cache(Z, _osc_norm(p.osc_dim))
         self.out = self.norm.out

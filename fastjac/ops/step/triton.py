@@ -12,13 +12,13 @@ import torch
 from torch import Tensor
 
 from .._utils import INTERPRET, blockdiag as _blockdiag, group as _g
-from ..akorn.ref import antisym, omega_apply, proj_forward, proj_jvp
+from ..akorn.ref import antisym, omega_apply, proj_jvp
 from ..attention.ref import AttnCache, attention_probs
 from ..attention.triton import msa_forward_triton, msa_jvp_triton
-from ..norm.ref import NormCache, norm_cache, norm_left_apply
+from ..norm.ref import NormCache, norm_left_apply
 from ..norm.triton import norm_residual_jvp_triton
 from .dense_triton import step_dense_triton
-from .ref import AKOrNLinearization, AKOrNParams, ItrSALinearization, ItrSAParams, _osc_norm
+from .ref import AKOrNLinearization, AKOrNParams, ItrSALinearization, ItrSAParams
 
 # the VJP forms [k, B, H, S, S] products: cotangents go through in chunks that keep those near this many bytes
 VJP_CHUNK_BYTES = (32 if INTERPRET else 1024) * 2**20
@@ -28,7 +28,7 @@ class _TritonAttention:
     """Shared by both steps: the flash forward at X, the attention JVP kernel, and a full torch cache (with the
     S x S probabilities) built only when a VJP or a dense Jacobian asks for it."""
 
-    def _forward_attention(self, X: Tensor, pa) -> Tensor:
+    def _attention(self, X: Tensor, pa) -> Tensor:
         self._msa, self._q, self._k, self._v, self._o = msa_forward_triton(X, pa)
         self._pa, self._attn = pa, None
         return self._msa
@@ -72,12 +72,8 @@ class TritonItrSALinearization(_TritonAttention, ItrSALinearization):
     """
 
     def __init__(self, X: Tensor, C: Optional[Tensor], p: ItrSAParams):
-        with torch.no_grad():
-            self.X, self.p = X, p
-            msa = self._forward_attention(X, p.attn)
-            F = msa if C is None else C + msa
-            self.norm = norm_cache(X + p.eta * F, p.norm)
-            self.out = self.norm.out
+        with torch.no_grad():  # the kernels are not differentiable in the weights: build no graph
+            super().__init__(X, C, p)
 
     def jvp(self, T: Tensor) -> Tensor:
         with torch.no_grad():
@@ -108,12 +104,7 @@ class TritonAKOrNLinearization(_TritonAttention, AKOrNLinearization):
 
     def __init__(self, X: Tensor, C: Optional[Tensor], p: AKOrNParams):
         with torch.no_grad():
-            self.X, self.p = X, p
-            msa = self._forward_attention(X, p.attn)
-            self.Y = msa if C is None else C + msa
-            Z = X + p.eta * (omega_apply(p.omega, X) + proj_forward(X, self.Y, p.osc_dim))
-            self.norm = norm_cache(Z, _osc_norm(p.osc_dim))
-            self.out = self.norm.out
+            super().__init__(X, C, p)
 
     def jvp(self, T: Tensor) -> Tensor:
         with torch.no_grad():
@@ -127,7 +118,7 @@ class TritonAKOrNLinearization(_TritonAttention, AKOrNLinearization):
         # L_i = N_i P_i with P_i = I - X_g X_g^T per oscillator g
         I, D, K = M.shape
         N = self.p.osc_dim
-        Xg = self.X[b, i0:i0 + I].unflatten(-1, (D // N, N))  # [I, G, N]
+        Xg = _g(self.X[b, i0:i0 + I], N)  # [I, G, N]
         Mg = M.reshape(I, D // N, N, K)
         PM = Mg - Xg.unsqueeze(-1) * (Xg.unsqueeze(-2) @ Mg)
         return norm_left_apply(_sample(self.norm, b), PM.reshape(I, D, K).unsqueeze(0), i0)[0]
@@ -136,8 +127,8 @@ class TritonAKOrNLinearization(_TritonAttention, AKOrNLinearization):
         # E_i = N_i (I + eta blockdiag(Omega_g - X_g Y_g^T - <Y_g, X_g> I))
         I, D, _ = Dg.shape
         N = self.p.osc_dim
-        Xg = self.X[b, i0:i0 + I].unflatten(-1, (D // N, N))
-        Yg = self.Y.expand_as(self.X)[b, i0:i0 + I].unflatten(-1, (D // N, N))
+        Xg = _g(self.X[b, i0:i0 + I], N)
+        Yg = _g(self.Y.expand_as(self.X)[b, i0:i0 + I], N)
         eyeN = torch.eye(N, dtype=Dg.dtype, device=Dg.device)
         blk = antisym(self.p.omega) - Xg.unsqueeze(-1) * Yg.unsqueeze(-2) - (Xg * Yg).sum(-1)[..., None, None] * eyeN
         inner = torch.eye(D, dtype=Dg.dtype, device=Dg.device) + self.p.eta.detach() * _blockdiag(blk)
@@ -148,11 +139,3 @@ def _sample(c: NormCache, b: int) -> NormCache:
     """The norm cache of sample b alone (norm_left_apply reads rows of every sample it is given)."""
     one = lambda t: None if t is None else t[b:b + 1]  # noqa: E731
     return NormCache(c.params, one(c.w), one(c.s), one(c.out))
-
-
-def triton_linearize(step, X: Tensor, C: Optional[Tensor]):
-    """The Triton linearisation of a fastjac model at a batched X [B, S, D] (C broadcastable to X, or None)."""
-    from ...models import ItrSA
-    if isinstance(step, ItrSA):
-        return TritonItrSALinearization(X, C, step.step_params())
-    return TritonAKOrNLinearization(X, C, step.step_params())

@@ -1,0 +1,63 @@
+"""What a backend is: a name, a test of whether it can linearise (step, X), and the linearisation itself."""
+from __future__ import annotations
+
+from typing import Callable, Dict, Optional
+
+from torch import Tensor
+
+from ..ops.base import BatchedLinearization
+
+# factory(step, X [B, S, D], C [B, S, D] | [S, D] | None) -> BatchedLinearization
+Linearizer = Callable[..., BatchedLinearization]
+
+
+class Backend:
+    """Subclass and register with :func:`fastjac.backends.register_backend`; ``fj.info`` then lists it."""
+
+    name: str = ""
+
+    def why_not(self, step, X: Tensor) -> Optional[str]:
+        """None if this backend can linearise ``step`` at X [B, S, D], else the reason it cannot."""
+        raise NotImplementedError
+
+    def auto_why_not(self, step, X: Tensor) -> Optional[str]:
+        """As why_not, for "auto"'s choice: a backend may be usable by name yet not worth picking automatically."""
+        return self.why_not(step, X)
+
+    def linearize(self, step, X: Tensor, C: Optional[Tensor], batched: bool) -> BatchedLinearization:
+        raise NotImplementedError
+
+
+class KernelBackend(Backend):
+    """A backend of fused kernels that knows some model classes: a table ``model class -> linearizer``.
+
+    The table is keyed by the exact class (no subclass lookup), so a subclass that changes the maths never gets
+    its parent's kernels silently: it registers its own (:func:`fastjac.backends.register_linearizer`), or the
+    backend says it does not know it.
+    """
+
+    def __init__(self):
+        self.linearizers: Dict[type, Linearizer] = {}
+
+    def register(self, model_cls: type, factory: Linearizer) -> None:
+        self.linearizers[model_cls] = factory
+
+    def model_why_not(self, step) -> Optional[str]:
+        if type(step) not in self.linearizers:
+            known = ", ".join(sorted(c.__name__ for c in self.linearizers)) or "none"
+            return (f"no {self.name} kernels are registered for {type(step).__name__} (registered: {known}; see "
+                    f"fastjac.backends.register_linearizer)")
+        return None
+
+    def linearize(self, step, X, C, batched):
+        return self.linearizers[type(step)](step, X, C)
+
+
+class UnavailableBackend(Backend):
+    """Stands in for a backend whose module failed to import, so that its name explains why."""
+
+    def __init__(self, name: str, reason: str):
+        self.name, self.reason = name, reason
+
+    def why_not(self, step, X):
+        return self.reason
