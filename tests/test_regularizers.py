@@ -203,10 +203,11 @@ def test_jacobian_spectral_value_and_grad(kind):
     ts = _params(m) + [X]
     # the same detached vector through double autograd: exact
     ref = ((J @ v.reshape(-1)) ** 2).sum()
-    _close(_grads(val, ts), _grads(ref, ts))
+    g = _grads(val, ts)
+    _close(g, torch.autograd.grad(ref, ts, retain_graph=True))
     # and, converged, the gradient of sigma_max^2 itself
     if (s[0] - s[1]) / s[0] > 1e-2:
-        _close(_grads(val, ts), _grads(s[0] ** 2, ts), tol=1e-6)
+        _close(g, _grads(s[0] ** 2, ts), tol=1e-6)
 
 
 # ----------------------------------------------------------------------------------------------- Lyapunov
@@ -258,7 +259,7 @@ def test_lyapunov_grad_matches_double_autograd(kind):
     h, k, seed = 5, 3, 11
     ours = R.lyapunov(m, X, C=C, horizon=h, k=k, seed=seed)
     n = X.numel()
-    Q0 = torch.linalg.qr(torch.randn(1, n, k, generator=torch.Generator().manual_seed(seed), dtype=F64))[0][0]
+    Q0 = torch.linalg.qr(torch.randn(n, k, generator=torch.Generator().manual_seed(seed), dtype=F64))[0]
     P = _product(m, X, C, h)
     ref = torch.linalg.svdvals(P @ Q0).log() / h
     assert torch.allclose(ours, ref, atol=1e-10)
@@ -271,7 +272,7 @@ def test_lyapunov_batched_penalty_alias_and_trivial():
     m, X, C = _model("itrsa", D=6, H=2, S=3, seed=10)
     Xb = torch.stack([X, -X])
     ex = R.lyapunov(m, Xb, C=C, horizon=3, k=2)
-    assert ex.shape == (2, 2) and torch.allclose(ex[1], R.lyapunov(m, -X, C=C, horizon=3, k=2))
+    assert ex.shape == (2, 2) and torch.allclose(ex[1], R.lyapunov(m, -X, C=C, horizon=3, k=2, seed=1))
     with pytest.warns(DeprecationWarning):
         a = R.lyapunov(m, X, C=C, T=3, k=2)
     assert torch.equal(a, R.lyapunov(m, X, C=C, horizon=3, k=2))

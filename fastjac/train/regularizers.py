@@ -64,6 +64,12 @@ def _gen(seed: int, name: str = "seed") -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
+def _is_fastjac(step) -> bool:
+    from .. import models
+
+    return isinstance(step, getattr(models, "RecurrentStep", (models.ItrSA, models.AKOrN)))
+
+
 def _check_backend(step, backend: str) -> str:
     if not isinstance(backend, str):
         raise TypeError(f"backend: expected a string, one of {DIFF_BACKENDS}, got {type(backend).__name__}")
@@ -73,11 +79,9 @@ def _check_backend(step, backend: str) -> str:
                          "'torch' for fastjac models)")
     if backend not in DIFF_BACKENDS:
         raise ValueError(f"backend: a differentiable regulariser needs one of {DIFF_BACKENDS}, got {backend!r}")
-    from ..backends import FASTJAC_MODELS
-
     if backend == "auto":
-        return "torch" if isinstance(step, FASTJAC_MODELS) else "autograd"
-    if backend == "torch" and not isinstance(step, FASTJAC_MODELS):
+        return "torch" if _is_fastjac(step) else "autograd"
+    if backend == "torch" and not _is_fastjac(step):
         raise ValueError(f"backend: 'torch' needs a fastjac model, got a {type(step).__name__}; use 'autograd'")
     return backend
 
@@ -485,7 +489,7 @@ def lyapunov(step, X0: Tensor, *, C: Optional[Tensor] = None, horizon: int = 16,
     Args:
         step: a fastjac model or any callable. X0: [S, D] or [B, S, D] (per-sample exponents). C: injected input.
         horizon: number of steps (the paper: 16). ``T=`` is a deprecated alias. k: number of exponents
-            (default min(4, S*D)). iters: subspace-iteration passes for Q0 (see above). seed: draws Q0.
+            (default min(4, S*D)). iters: subspace-iteration passes for Q0 (see above). seed: draws Q0 (sample b of a batch: seed + b).
         backend: "auto" | "torch" | "autograd" ("triton" is refused).
 
     Returns:
@@ -516,8 +520,10 @@ def lyapunov(step, X0: Tensor, *, C: Optional[Tensor] = None, horizon: int = 16,
     if k > n:
         raise ValueError(f"k: expected at most S*D = {n}, got {k}")
 
-    g = _gen(seed)
-    Q0 = torch.linalg.qr(torch.randn(B, n, k, generator=g, dtype=torch.float64))[0]
+    _gen(seed)  # validates
+    # sample b draws its frame with seed + b (as lyapunov_spectrum does): a batched call equals B single calls
+    Q0 = torch.linalg.qr(torch.stack([torch.randn(n, k, generator=torch.Generator().manual_seed(seed + b),
+                                                  dtype=torch.float64) for b in range(B)]))[0]
     Q0 = Q0.to(dtype=X.dtype, device=X.device)
     as_tangent = lambda M: M.permute(2, 0, 1).reshape(k, B, S, D)  # [B, n, k] -> [k, B, S, D]  # noqa: E731
     as_matrix = lambda V: V.reshape(k, B, n).permute(1, 2, 0)  # noqa: E731
