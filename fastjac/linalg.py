@@ -26,6 +26,7 @@ fixed seed 0 is used, so repeated calls agree).
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Callable, Optional, Sequence, Tuple, Union
 
 import torch
@@ -204,7 +205,7 @@ def svds(matvec: Op, rmatvec: Op, n: int, k: int, *, dtype: torch.dtype = F64, d
         return s, Y[:b], done
 
     s, ok, it = _krylov(op, n, k, b, blocks, maxiter, ritz, device, generator)
-    return _pad(s[:k], k), ok, it
+    return KrylovResult(_pad(s[:k], k), ok, it)
 
 
 @renamed_kwargs(generator="seed")
@@ -230,13 +231,27 @@ def power_norm(matvec: Op, rmatvec: Op, n: int, *, dtype: torch.dtype = F64, dev
     generator = make_generator(seed)
     s, ok, it = svds(matvec, rmatvec, n, 1, dtype=dtype, device=device, tol=tol, maxiter=maxiter,
                      seed=generator, shape=shape, block=2, ncv=20)
-    return float(s[0]), ok, it
+    return KrylovResult(float(s[0]), ok, it)
 
 
 @renamed_kwargs(generator="seed")
-def eigsh(matvec: Op, n: int, k: int, *, which: str = "LA", return_vectors: bool = False, dtype: torch.dtype = F64,
+class KrylovResult(tuple):
+    """What every solver here returns: the 3-tuple ``(values, converged, cycles)``, whatever the flags.
+
+    Attributes ``values``, ``converged`` (bool), ``cycles`` (restart cycles used) and ``vectors`` (eigsh with
+    ``vectors=True``: [k, n] float64 orthonormal rows; else None).
+    """
+
+    def __new__(cls, values, converged: bool, cycles: int, vectors=None):
+        self = super().__new__(cls, (values, converged, cycles))
+        self.values, self.converged, self.cycles, self.vectors = values, converged, cycles, vectors
+        return self
+
+
+def eigsh(matvec: Op, n: int, k: int, *, which: str = "LA", vectors: bool = False, dtype: torch.dtype = F64,
           device=None, tol: float = 1e-8, maxiter: int = 200, seed: Optional[Union[int, torch.Generator]] = None,
-          shape: Optional[Sequence[int]] = None, block: Optional[int] = None, ncv: Optional[int] = None):
+          shape: Optional[Sequence[int]] = None, block: Optional[int] = None, ncv: Optional[int] = None,
+          return_vectors: Optional[bool] = None):
     """k extreme eigenvalues (and optionally eigenvectors) of a symmetric operator (block Lanczos, full reorth).
 
     Args:
@@ -245,8 +260,9 @@ def eigsh(matvec: Op, n: int, k: int, *, which: str = "LA", return_vectors: bool
             modulus (descending |θ|). Other arguments as :func:`svds`.
 
     Returns:
-        (values [k] float64, converged, cycles), or (values, vectors [k, n] float64 orthonormal rows, converged,
-        cycles) with ``return_vectors=True``.
+        :class:`KrylovResult` ``(values [k] float64, converged, cycles)``; with ``vectors=True`` its ``.vectors``
+        holds [k, n] float64 orthonormal rows. (``return_vectors=True``, deprecated, returns the old 4-tuple
+        ``(values, vectors, converged, cycles)``.)
 
     Example:
         >>> import torch
@@ -281,7 +297,13 @@ def eigsh(matvec: Op, n: int, k: int, *, which: str = "LA", return_vectors: bool
 
     vals, ok, it = _krylov(lambda V: [A(V)], n, k, b, blocks, maxiter, ritz, device, generator)
     vals = _pad(vals[:k], k)
-    return (vals, out["vec"], ok, it) if return_vectors else (vals, ok, it)
+    if return_vectors is not None:
+        warnings.warn("eigsh: return_vectors= is deprecated (it changed the number of returned values) and will be "
+                      "removed in fastjac 0.3; pass vectors=True and read result.vectors", DeprecationWarning,
+                      stacklevel=2)
+        if return_vectors:
+            return vals, out["vec"], ok, it
+    return KrylovResult(vals, ok, it, out["vec"] if vectors else None)
 
 
 @renamed_kwargs(generator="seed")
@@ -327,7 +349,7 @@ def eigs(matvec: Op, n: int, k: int, *, dtype: torch.dtype = F64, device=None, t
         return lam, torch.cat([keep.real, keep.imag]), done
 
     lam, ok, it = _krylov(lambda V: [A(V)], n, k, b, blocks, maxiter, ritz, device, generator)
-    return _pad(lam[:k], k), ok, it
+    return KrylovResult(_pad(lam[:k], k), ok, it)
 
 
 def _pad(x: Tensor, k: int) -> Tensor:
@@ -335,4 +357,4 @@ def _pad(x: Tensor, k: int) -> Tensor:
     return x if x.numel() >= k else torch.cat([x, x.new_zeros(k - x.numel())])
 
 
-__all__ = ["eigs", "eigsh", "power_norm", "svds"]
+__all__ = ["KrylovResult", "eigs", "eigsh", "power_norm", "svds"]

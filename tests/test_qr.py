@@ -34,7 +34,8 @@ def test_qr_matches_householder(backend, dtype, shape):
     g = torch.Generator().manual_seed(sum(shape))
     M = torch.randn(shape, generator=g, dtype=torch.float64).to(dtype)
     out = torch.full_like(M, float("nan"))  # an unwritten element would stay NaN
-    Q, logd, fb = qr(M, backend=backend, out=out, return_fallback=True)
+    res = qr(M, backend=backend, out=out)
+    Q, logd, fb = res.Q, res.logd, res.fallback
     assert Q.data_ptr() == out.data_ptr() and Q.dtype == dtype
     Qh, lh = _householder(M)
     torch.testing.assert_close(Q.double(), Qh, rtol=0, atol=TOL[dtype])
@@ -66,7 +67,8 @@ def _conditioned(n, k, cond, seed):
 def test_qr_ill_conditioned_falls_back_to_householder(backend):
     well, ill = _conditioned(200, 8, 1e3, 0), _conditioned(200, 8, 1e12, 1)
     M = torch.stack([well, ill])
-    Q, logd, fb = qr(M, backend=backend, return_fallback=True)
+    res = qr(M, backend=backend)
+    Q, logd, fb = res.Q, res.logd, res.fallback
     assert fb.tolist() == [False, True]  # CholeskyQR2 for the first, Householder for the second
     eye = torch.eye(8, dtype=torch.float64)
     torch.testing.assert_close(Q.transpose(-1, -2) @ Q, eye.expand(2, 8, 8), rtol=0, atol=1e-12)
@@ -82,7 +84,8 @@ def test_qr_rank_deficient(backend, dtype):
     M = torch.randn(2, 120, 6, dtype=torch.float64)
     M[0, :, 5] = M[0, :, 0] - 2 * M[0, :, 3]
     M[1, :, 2] = 0
-    Q, logd, fb = qr(M.to(dtype), backend=backend, return_fallback=True)
+    res = qr(M.to(dtype), backend=backend)
+    Q, logd, fb = res.Q, res.logd, res.fallback
     assert fb.all()
     eye = torch.eye(6, dtype=dtype)
     torch.testing.assert_close(Q.transpose(-1, -2) @ Q, eye.expand(2, 6, 6), rtol=0, atol=10 * TOL[dtype])

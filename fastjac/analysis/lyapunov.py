@@ -57,20 +57,20 @@ class LyapunovResult:
     def batched(self) -> bool:
         return self.exponents.dim() == 2
 
-    def _reduce(self, fn):
+    def _reduce(self, fn) -> Tensor:
         ex = self.exponents if self.batched else self.exponents.unsqueeze(0)
         tv = self.trivial if self.batched else self.trivial.unsqueeze(0)
         vals = torch.stack([fn(e[~t]) if bool((~t).any()) else e.new_tensor(float("nan")) for e, t in zip(ex, tv)])
-        return vals if self.batched else vals[0].item()
+        return vals if self.batched else vals[0]
 
     @property
-    def max(self) -> Union[float, Tensor]:
-        """The largest non-trivial exponent (a float, or [B] for a batched X0)."""
+    def max(self) -> Tensor:
+        """The largest non-trivial exponent: a float64 tensor, 0-dim (or [B] for a batched X0)."""
         return self._reduce(lambda e: e.max())
 
     @property
-    def mean(self) -> Union[float, Tensor]:
-        """The mean of the non-trivial exponents (a float, or [B]); trivial -inf never enters it."""
+    def mean(self) -> Tensor:
+        """The mean of the non-trivial exponents (0-dim, or [B]); trivial -inf never enters it."""
         return self._reduce(lambda e: e.mean())
 
     def to_dict(self) -> Dict[str, Any]:
@@ -81,7 +81,7 @@ class LyapunovResult:
         m, mu = self.max, self.mean
         return {
             "exponents": clean(self.exponents), "trivial": self.trivial.tolist(),
-            "max": m if isinstance(m, float) else m.tolist(), "mean": mu if isinstance(mu, float) else mu.tolist(),
+            "max": _json_num(m), "mean": _json_num(mu),
             "steps": self.steps, "settings": self.settings,
             "history_steps": self.history_steps.tolist(), "history": clean(self.history.flatten(1)) if
             self.history.numel() else [],
@@ -98,6 +98,13 @@ class LyapunovResult:
 
 
 # ---------------------------------------------------------------------------------------------------- helpers
+
+def _json_num(t: Tensor):
+    """A tensor's value(s) for strict JSON: NaN and +-inf become null."""
+    v = t.tolist()
+    fix = lambda x: x if isinstance(x, float) and math.isfinite(x) else (None if isinstance(x, float) else x)  # noqa
+    return [fix(x) for x in v] if isinstance(v, list) else fix(v)
+
 
 def trivial_count(step, S: int, D: int) -> int:
     """How many exponents of the full S*D spectrum normalisation makes -inf (0 for a callable: unknown)."""

@@ -116,11 +116,11 @@ def _ci(op, x: Tensor, K: int, dense: bool, tol, maxiter, generator) -> float:
         a = U[:, -K:].T @ x
     else:
         sym = lambda V: op.matvec(V) + op.rmatvec(V)  # noqa: E731
-        _, vecs, ok, it = linalg.eigsh(sym, op.n, K, which="LA", return_vectors=True, dtype=op.dtype,
-                                       device=op.device, tol=tol, maxiter=maxiter, seed=generator)
-        if not ok:
-            _warn_unconverged("pseudo_energy_trace (contribution index)", it)
-        a = vecs @ x
+        res = linalg.eigsh(sym, op.n, K, which="LA", vectors=True, dtype=op.dtype, device=op.device, tol=tol,
+                           maxiter=maxiter, seed=generator)
+        if not res.converged:
+            _warn_unconverged("pseudo_energy_trace (contribution index)", res.cycles)
+        a = res.vectors @ x
     return ((a ** 2).sum() / (x @ x)).item()
 
 

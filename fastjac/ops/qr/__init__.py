@@ -4,7 +4,8 @@
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+import warnings
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -42,8 +43,17 @@ def qr_backend(M: Tensor, backend: str = "auto") -> str:
     return backend
 
 
+class QRResult(tuple):
+    """``(Q, logd)``, a 2-tuple whatever the flags; ``.fallback`` [...] bool marks the samples done by Householder."""
+
+    def __new__(cls, Q: Tensor, logd: Tensor, fallback: Tensor):
+        self = super().__new__(cls, (Q, logd))
+        self.Q, self.logd, self.fallback = Q, logd, fallback
+        return self
+
+
 def qr(M: Tensor, *, backend: str = "auto", out: Optional[Tensor] = None,
-       return_fallback: bool = False) -> Tuple[Tensor, ...]:
+       return_fallback: Optional[bool] = None) -> QRResult:
     """Orthonormalise the columns of tall-skinny matrices: ``M = Q R``, R upper triangular, diag R > 0.
 
     CholeskyQR2 (Gram matrix, Cholesky in float64, triangular apply; three reads of M, one write of Q), with a
@@ -54,10 +64,11 @@ def qr(M: Tensor, *, backend: str = "auto", out: Optional[Tensor] = None,
         M: [..., n, k] with n >= k, float32 or float64, any strides.
         backend: "auto" (fused Triton kernels on CUDA, torch ops elsewhere), "triton", "torch" or "householder".
         out: optional [..., n, k] buffer (any strides) that receives Q.
-        return_fallback: also return a bool mask [...] of the samples that went to Householder.
+        return_fallback: deprecated (it changed the number of returned values); read ``result.fallback``.
 
     Returns:
-        (Q [..., n, k] in M's dtype, log|diag R| [..., k] float64), plus the fallback mask if asked.
+        :class:`QRResult` ``(Q [..., n, k] in M's dtype, log|diag R| [..., k] float64)``; ``.fallback`` is the bool
+        mask [...] of the samples that went to Householder.
         A column that is exactly dependent on the previous ones has log|R_ii| = -inf.
 
     Example:
@@ -93,8 +104,13 @@ def qr(M: Tensor, *, backend: str = "auto", out: Optional[Tensor] = None,
     if out is not None and Q.data_ptr() != out.data_ptr():
         out.copy_(Q)
         Q = out
-    res = (Q, logd.reshape(*batch, k))
-    return res + (bad.reshape(batch),) if return_fallback else res
+    res = QRResult(Q, logd.reshape(*batch, k), bad.reshape(batch))
+    if return_fallback is not None:
+        warnings.warn("qr: return_fallback= is deprecated and will be removed in fastjac 0.3; read "
+                      "result.fallback instead", DeprecationWarning, stacklevel=2)
+        if return_fallback:
+            return res.Q, res.logd, res.fallback
+    return res
 
 
-__all__ = ["qr", "qr_backend", "cholesky_qr2", "householder_qr", "QR_BACKENDS"]
+__all__ = ["QRResult", "qr", "qr_backend", "cholesky_qr2", "householder_qr", "QR_BACKENDS"]
