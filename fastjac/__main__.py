@@ -49,11 +49,17 @@ def _state(model, args):
     return X0, C
 
 
-def run_lyapunov(args) -> dict:
-    from .lyapunov import lyapunov_spectrum
-
+def make_model_and_state(args):
+    """The job's model and its (X0 [S, D], C [S, D]) from the parsed arguments (shared with fastjac.distributed)."""
     model = _load_model(args.model) if args.model else _default_model(args)
     X0, C = _state(model, args)
+    return model, X0, C
+
+
+def run_lyapunov(args) -> dict:
+    from .analysis.lyapunov import lyapunov_spectrum
+
+    model, X0, C = make_model_and_state(args)
     os.makedirs(args.out, exist_ok=True)
     ckpt = os.path.join(args.out, "lyapunov.ckpt")
     if args.fresh and os.path.exists(ckpt):
@@ -88,8 +94,7 @@ def run_lyapunov(args) -> dict:
 def run_jacobian(args) -> dict:
     from . import api
 
-    model = _load_model(args.model) if args.model else _default_model(args)
-    X0, C = _state(model, args)
+    model, X0, C = make_model_and_state(args)
     n = X0.numel()
     t0 = time.perf_counter()
     J = api.jacobian(model, X0, C=C, backend=args.backend)
@@ -129,10 +134,8 @@ def _external(job: str, argv) -> int:
     return int(mod.main(list(argv)) or 0)
 
 
-def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if argv and argv[0] in EXTERNAL_JOBS:
-        return _external(argv[0], argv[1:])
+def build_parser() -> argparse.ArgumentParser:
+    """The main job's argument parser (the sharded job of fastjac.distributed reuses it)."""
     ap = argparse.ArgumentParser(prog="fastjac", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("job", nargs="?", default="lyapunov", choices=("lyapunov", "jacobian"))
@@ -151,7 +154,20 @@ def main(argv=None) -> int:
     ap.add_argument("--checkpoint-every", type=int, default=50)
     ap.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
-    args = ap.parse_args(argv)
+    ap.add_argument("--parallel", choices=("samples", "tokens"), default=None,
+                    help="under torchrun: shard the job across ranks by samples or by tokens (fastjac.distributed)")
+    return ap
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in EXTERNAL_JOBS:
+        return _external(argv[0], argv[1:])
+    args = build_parser().parse_args(argv)
+    if args.parallel is not None:
+        from .distributed.cli import run_parallel
+
+        return int(run_parallel(args) or 0)
     try:
         (run_lyapunov if args.job == "lyapunov" else run_jacobian)(args)
     except KeyboardInterrupt:

@@ -139,7 +139,7 @@ def _trivial_mask(ex: Tensor, n: int, n_triv: int, dtype: torch.dtype, below: Op
     return mask | (ex < below)
 
 
-def _fingerprint(step, X0: Tensor, C: Optional[Tensor], settings: Dict[str, Any]) -> str:
+def fingerprint(step, X0: Tensor, C: Optional[Tensor], settings: Dict[str, Any]) -> str:
     """A hash of the inputs and settings, so a checkpoint is resumed only by the run that wrote it."""
     h = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode())
     tensors = [X0] + ([] if C is None else [C])
@@ -186,7 +186,8 @@ def lyapunov_spectrum(step, X0: Tensor, *, C: Optional[Tensor] = None, k: Option
                       burn_in: int = 0, renorm_every: int = 1, project_radial: bool = False, backend: str = "auto",
                       qr_backend: str = "auto", seed: int = 0, history_every: int = 1,
                       checkpoint: Optional[str] = None, checkpoint_every: int = 100, progress: bool = True,
-                      trivial_below: Optional[float] = None) -> LyapunovResult:
+                      trivial_below: Optional[float] = None, parallel: Optional[str] = None,
+                      group=None) -> LyapunovResult:
     """The k largest Lyapunov exponents along the trajectory from X0 by the Benettin/QR method.
 
     ``Q <- qr(J_t Q)`` every ``renorm_every`` steps, ``lambda_i = (1/steps) sum log|R_ii|`` accumulated in float64,
@@ -210,6 +211,9 @@ def lyapunov_spectrum(step, X0: Tensor, *, C: Optional[Tensor] = None, k: Option
             of an uninterrupted run (on the same device). The file is left in place at the end.
         progress: show a tqdm progress bar. trivial_below: exponents below this are marked trivial
             (default log(1000 eps) of the dtype: rounding noise), besides the structural -inf of normalisation.
+        parallel: None (one process), "samples" (shard a batch of samples across the ranks of ``group``) or
+            "tokens" (shard the tokens of each sample); see :mod:`fastjac.distributed`. group: a
+            ``torch.distributed`` process group (default: the default group). Every rank returns the same result.
 
     Returns:
         LyapunovResult with exponents [k] (or [B, k]) descending, trivial mask, max, mean, history.
@@ -222,6 +226,14 @@ def lyapunov_spectrum(step, X0: Tensor, *, C: Optional[Tensor] = None, k: Option
         >>> res.exponents.shape, res.history.shape
         (torch.Size([4]), torch.Size([50, 4]))
     """
+    if parallel is not None:
+        from ..distributed import lyapunov_spectrum_parallel  # torch.distributed is imported only when asked
+
+        return lyapunov_spectrum_parallel(
+            step, X0, C=C, k=k, steps=steps, burn_in=burn_in, renorm_every=renorm_every,
+            project_radial=project_radial, backend=backend, qr_backend=qr_backend, seed=seed,
+            history_every=history_every, checkpoint=checkpoint, checkpoint_every=checkpoint_every,
+            progress=progress, trivial_below=trivial_below, parallel=parallel, group=group)
     X, C3, batched = _prepare(step, X0, C)
     B, S, D = X.shape
     n = S * D
@@ -251,7 +263,7 @@ def lyapunov_spectrum(step, X0: Tensor, *, C: Optional[Tensor] = None, k: Option
                     project_radial=project_radial, backend=backend, qr_backend=qr_backend, seed=seed,
                     history_every=history_every, dtype=str(X.dtype), shape=list(X0.shape),
                     step=type(step).__name__)
-    fp = _fingerprint(step, X0, C, settings) if checkpoint else None
+    fp = fingerprint(step, X0, C, settings) if checkpoint else None
 
     # sample b draws its initial tangents with seed + b: a batched run equals B single runs
     gens = [torch.Generator().manual_seed(seed + b) for b in range(B)]
@@ -335,7 +347,8 @@ def lyapunov_spectrum(step, X0: Tensor, *, C: Optional[Tensor] = None, k: Option
 @renamed_kwargs(T="horizon")
 def finite_time_lyapunov(step, X0: Tensor, *, C: Optional[Tensor] = None, horizon: int = 16, k: Optional[int] = None,
                          method: str = "auto", dense_max: int = 1024, backend: str = "auto", tol: float = 1e-8,
-                         maxiter: int = 300, seed: int = 0, trivial_below: Optional[float] = None) -> LyapunovResult:
+                         maxiter: int = 300, seed: int = 0, trivial_below: Optional[float] = None,
+                         parallel: Optional[str] = None, group=None) -> LyapunovResult:
     """The paper's finite-horizon exponents ``lambda_i = (1/horizon) ln sigma_i(J_{horizon-1} ... J_0)`` from X0.
 
     ``method="dense"``: the product of the ``horizon`` dense step Jacobians (in float64) and its SVD, exact, for small S*D
@@ -347,6 +360,7 @@ def finite_time_lyapunov(step, X0: Tensor, *, C: Optional[Tensor] = None, horizo
         step, X0, C: as for :func:`lyapunov_spectrum`. horizon: the number of steps (the paper: T = 16; ``T=`` is a deprecated alias).
         k: how many leading exponents; None: all S*D (dense), 32 (matrix-free).
         tol, maxiter, seed: of the matrix-free solver.
+        parallel: None, or "samples" to shard a batch across the ranks of ``group`` (:mod:`fastjac.distributed`).
 
     Returns:
         LyapunovResult (descending exponents [k] or [B, k], trivial mask; empty history).
@@ -358,6 +372,12 @@ def finite_time_lyapunov(step, X0: Tensor, *, C: Optional[Tensor] = None, horizo
         >>> res.exponents.shape, int(res.trivial.sum())       # 5 tokens: 5 radial directions are -inf
         (torch.Size([40]), 5)
     """
+    if parallel is not None:
+        from ..distributed import finite_time_lyapunov_parallel
+
+        return finite_time_lyapunov_parallel(
+            step, X0, C=C, horizon=horizon, k=k, method=method, dense_max=dense_max, backend=backend, tol=tol,
+            maxiter=maxiter, seed=seed, trivial_below=trivial_below, parallel=parallel, group=group)
     X, C3, batched = _prepare(step, X0, C)
     B, S, D = X.shape
     n = S * D
