@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from .._checks import check_int
 
 __all__ = ["spec", "spec_state", "load_spec_state", "e_single", "e_multi", "orthogonal_values", "remove_orthogonal",
-           "jacobian_frobenius", "jacobian_spectral", "lyapunov", "lyapunov_penalty", "value_output_maps",
+           "plain_copy", "jacobian_frobenius", "jacobian_spectral", "lyapunov", "lyapunov_penalty", "value_output_maps",
            "WEIGHT_NAMES", "BIAS_NAMES"]
 
 WEIGHT_NAMES = ("wq", "wk", "wv", "wo")
@@ -338,8 +338,8 @@ def orthogonal_values(model: nn.Module, *, hard: bool = False) -> nn.Module:
     then exactly symmetric and the heads write into mutually orthogonal subspaces, so :func:`e_multi` is 0 and needs
     no penalty (the exact-constraint variant; W^O's rows are orthogonal, of lengths |s|).
 
-    Needs H dv <= D. Returns the model (modified in place). Call :func:`remove_orthogonal` before
-    ``fj.save_model`` (it keeps the current values as plain parameters).
+    Needs H dv <= D. Returns the model (modified in place). Save with ``fj.save_model(plain_copy(model), path)``
+    (or call :func:`remove_orthogonal` first, which keeps the current values as plain parameters).
     """
     from torch.nn.utils import parametrize
 
@@ -358,6 +358,21 @@ def orthogonal_values(model: nn.Module, *, hard: bool = False) -> nn.Module:
         else:
             parametrize.register_parametrization(core, "wo", _OrthoColumns(True))
     return model
+
+
+def plain_copy(model: nn.Module) -> nn.Module:
+    """A new fastjac model (same class and config, no parametrisation) holding ``model``'s current weights: what
+    ``fj.save_model`` can write and analysis code can take, leaving the parametrised training model untouched."""
+    from .. import models
+
+    core = _core(model)
+    cls = next((c for c in (models.ItrSA, models.AKOrN) if isinstance(core, c)), None)
+    if cls is None:
+        raise TypeError(f"model: expected a fastjac ItrSA/AKOrN, got {type(core).__name__}")
+    new = cls(**core.config(), dtype=core.wq.dtype, device=core.wq.device)
+    with torch.no_grad():
+        new.load_state_dict({k: getattr(core, k).detach().clone() for k in new.state_dict()})
+    return new
 
 
 def remove_orthogonal(model: nn.Module) -> nn.Module:

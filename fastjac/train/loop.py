@@ -1,0 +1,411 @@
+"""Training of the Sudoku models with any combination of regularisers: Adam, gradient clipping, optional EMA, a
+progress bar, checkpoint/resume, JSON logs, and evaluation (board and cell accuracy, ID and OOD, at several T).
+
+    from fastjac.train.loop import TrainConfig, train
+    res = train(TrainConfig.preset("cpu", out="runs/cpu", jac_frob=1e-2))
+    res["eval"]["test_id"]["16"]["board"]
+
+Everything random is derived from ``seed``: the data (fastjac.data.sudoku, cached), the initial weights, the
+batch order of epoch e (a permutation seeded by (seed, e)), and the regularisers' probes at step t (seed by
+(seed, t)). So a run that is stopped and resumed from its checkpoint ends with the weights of an uninterrupted
+run, bit for bit on the same machine (tests/test_train.py checks it).
+
+Files in ``out``: ``checkpoint.pt`` (atomic; loaded with ``torch.load(weights_only=True)``: tensors, numbers,
+strings, lists and dicts only), ``log.jsonl`` (one JSON line per logged step and per evaluation),
+``results.json`` (config, final evaluation, Lyapunov exponents, timings), ``model.safetensors`` (the trained
+recurrent core, ``fj.load_model``-able) and ``sudoku_net.safetensors`` (the whole Sudoku model: embedding,
+positions, core, readout; :func:`load_net`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from . import regularizers as R
+from .sudoku_models import SudokuNet, accuracy, sudoku_loss
+
+PRESETS: Dict[str, Dict[str, Any]] = {
+    # 4x4 boards, trains in a few minutes on 2 CPU cores (docs/training.md has the measured numbers)
+    "cpu": dict(size=4, dim=32, heads=4, steps=16, batch_size=64, n_train=4000, n_test=500, epochs=6, lr=3e-3,
+                eval_steps=(16, 32, 64), lyap_samples=4),
+    # the paper's setting (9x9, D = 512, H = 8, batch 100, 100 epochs): for a GPU
+    "paper": dict(size=9, dim=512, heads=8, steps=16, batch_size=100, n_train=9000, n_test=1000, epochs=100,
+                  lr=5e-4, eval_steps=(16, 32, 64), lyap_samples=1, device="cuda"),
+}
+
+# fields that do not change the trajectory of the weights (excluded from the resume fingerprint)
+_NON_TRAJECTORY = ("out", "progress", "stop_at", "checkpoint_every", "log_every", "eval_steps", "lyap_samples",
+                   "cache_dir", "threads", "eval_every")
+
+
+@dataclass
+class TrainConfig:
+    """All settings of one training run (``python -m fastjac train --help`` lists them as flags).
+
+    Regularisers (weights; 0 = off): spec, e_single, e_multi (E-multi trains with the orthogonal parametrisation of
+    W^V and W^O; ``e_multi_hard`` makes its constraints exact instead, with no penalty), jac_frob (Hutchinson
+    |J|_F^2 with ``probes`` probes), jac_spec (sigma_max(J)^2 with ``jac_iters`` power steps), lyap
+    ((lambda_max - lyap_target)^2 of the finite-horizon exponents over ``steps`` steps with ``lyap_k`` tangents).
+    The Jacobian terms use the first ``reg_samples`` boards of each batch: jac_* at the input of the last step,
+    lyap from X0.
+    """
+
+    kind: str = "itrsa"
+    size: int = 4
+    dim: int = 32
+    heads: int = 4
+    steps: int = 16
+    osc_dim: int = 4
+    n_train: int = 4000
+    n_test: int = 500
+    batch_size: int = 64
+    epochs: int = 6
+    lr: float = 3e-3
+    schedule: str = "cosine"
+    warmup: int = 50
+    weight_decay: float = 0.0
+    clip: float = 1.0
+    ema: float = 0.0
+    spec: float = 0.0
+    e_single: float = 0.0
+    e_multi: float = 0.0
+    e_multi_hard: bool = False
+    jac_frob: float = 0.0
+    jac_spec: float = 0.0
+    lyap: float = 0.0
+    lyap_target: float = 0.1
+    probes: int = 4
+    jac_iters: int = 2
+    lyap_k: int = 4
+    reg_samples: int = 8
+    eval_steps: Tuple[int, ...] = (16, 32, 64)
+    eval_every: int = 0
+    lyap_samples: int = 4
+    seed: int = 0
+    device: str = "cpu"
+    out: str = "runs/train"
+    checkpoint_every: int = 200
+    log_every: int = 20
+    stop_at: int = 0
+    progress: bool = True
+    cache_dir: str = ""
+    threads: int = 0
+
+    @staticmethod
+    def preset(name: str, **overrides) -> "TrainConfig":
+        """The settings of a preset ("cpu", "paper"), with ``overrides`` on top."""
+        if name not in PRESETS:
+            raise ValueError(f"preset: expected one of {sorted(PRESETS)}, got {name!r}")
+        cfg = dict(PRESETS[name])
+        cfg.update(overrides)
+        return TrainConfig(**cfg)
+
+    def validate(self) -> "TrainConfig":
+        if self.kind not in ("itrsa", "akorn"):
+            raise ValueError(f"kind: expected 'itrsa' or 'akorn', got {self.kind!r}")
+        if self.schedule not in ("cosine", "constant"):
+            raise ValueError(f"schedule: expected 'cosine' or 'constant', got {self.schedule!r}")
+        for name in ("dim", "heads", "steps", "n_train", "n_test", "batch_size", "epochs", "probes", "lyap_k",
+                     "reg_samples"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name}: expected an int >= 1, got {v!r}")
+        for name in ("spec", "e_single", "e_multi", "jac_frob", "jac_spec", "lyap", "weight_decay", "ema"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or v < 0 or not math.isfinite(v):
+                raise ValueError(f"{name}: expected a number >= 0, got {v!r}")
+        if self.ema >= 1:
+            raise ValueError(f"ema: expected a decay in [0, 1), got {self.ema}")
+        if not (isinstance(self.lr, (int, float)) and self.lr > 0):
+            raise ValueError(f"lr: expected a number > 0, got {self.lr!r}")
+        self.eval_steps = tuple(int(t) for t in self.eval_steps)
+        return self
+
+    def to_dict(self) -> Dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["eval_steps"] = list(self.eval_steps)
+        return d
+
+
+def _fingerprint(cfg: TrainConfig) -> str:
+    d = {k: v for k, v in cfg.to_dict().items() if k not in _NON_TRAJECTORY}
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def build_net(cfg: TrainConfig) -> SudokuNet:
+    """The Sudoku model of a config (with E-multi's parametrisation applied when asked)."""
+    net = SudokuNet(cfg.kind, size=cfg.size, dim=cfg.dim, heads=cfg.heads, steps=cfg.steps, osc_dim=cfg.osc_dim,
+                    dtype=torch.float32, seed=cfg.seed)
+    if cfg.e_multi > 0 or cfg.e_multi_hard:
+        R.orthogonal_values(net.core, hard=cfg.e_multi_hard)
+    return net.to(cfg.device)
+
+
+def load_data(cfg: TrainConfig):
+    from ..data import sudoku
+
+    sp = sudoku.splits(cfg.size, n_train=cfg.n_train, n_test=cfg.n_test, seed=cfg.seed,
+                       cache_dir=cfg.cache_dir or None, progress=cfg.progress)
+    return {k: (torch.from_numpy(p), torch.from_numpy(s)) for k, (p, s) in sp.items()}
+
+
+def _lr_at(cfg: TrainConfig, step: int, total: int) -> float:
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    if cfg.schedule == "constant":
+        return cfg.lr
+    t = (step - cfg.warmup) / max(1, total - cfg.warmup)
+    return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+
+
+def regularizer_terms(cfg: TrainConfig, net: SudokuNet, xs: List[Tensor], C: Tensor, step: int) -> Dict[str, Tensor]:
+    """The weighted regulariser terms of one training step (a dict name -> 0-dim tensor, before the weights)."""
+    terms: Dict[str, Tensor] = {}
+    seed = (cfg.seed * 1_000_003 + step) % (2 ** 62)
+    if cfg.spec > 0:
+        terms["spec"] = R.spec(net.core, seed=cfg.seed)
+    if cfg.e_single > 0:
+        terms["e_single"] = R.e_single(net.core)
+    if cfg.e_multi > 0:
+        terms["e_multi"] = R.e_multi(net.core, orthogonality=False)  # the parametrisation makes it exact
+    r = slice(0, min(cfg.reg_samples, C.shape[0]))
+    if cfg.jac_frob > 0:
+        terms["jac_frob"] = R.jacobian_frobenius(net.core, xs[-2][r], C=C[r], probes=cfg.probes, seed=seed)
+    if cfg.jac_spec > 0:
+        terms["jac_spec"] = R.jacobian_spectral(net.core, xs[-2][r], C=C[r], iters=cfg.jac_iters, seed=seed)
+    if cfg.lyap > 0:
+        terms["lyap"] = R.lyapunov_penalty(net.core, xs[0][r], C=C[r], target=cfg.lyap_target, horizon=cfg.steps,
+                                           k=cfg.lyap_k, seed=seed)
+    return terms
+
+
+_WEIGHTS = ("spec", "e_single", "e_multi", "jac_frob", "jac_spec", "lyap")
+
+
+@torch.no_grad()
+def evaluate(net: SudokuNet, data: Dict[str, Tuple[Tensor, Tensor]], steps=(16, 32, 64), batch_size: int = 500,
+             splits=("test_id", "test_ood")) -> Dict[str, Dict[str, Dict[str, float]]]:
+    """Board and cell accuracy per split and per number of recurrent steps T (test-time scaling).
+
+    Returns {split: {str(T): {"board": ..., "cell": ...}}}."""
+    net.eval()
+    dev = net.pos.device
+    out: Dict[str, Dict[str, Dict[str, float]]] = {}
+    for split in splits:
+        P, S = data[split]
+        out[split] = {}
+        for T in steps:
+            nb = cb = nblank = 0
+            for i in range(0, len(P), batch_size):
+                p, s = P[i:i + batch_size].to(dev), S[i:i + batch_size].to(dev)
+                acc = accuracy(net(p, steps=T), p, s)
+                blank = int((p == 0).sum())
+                nb += acc["board"] * len(p)
+                cb += acc["cell"] * blank
+                nblank += blank
+            out[split][str(T)] = {"board": nb / len(P), "cell": cb / max(1, nblank)}
+    net.train()
+    return out
+
+
+def lyapunov_of(net: SudokuNet, puzzles: Tensor, horizon: int = 16) -> Dict[str, Any]:
+    """The paper's finite-horizon exponents (T = 16 from X0) of the trained core on a few boards, in float64:
+    per board the max and the mean of the non-trivial exponents (dense product when S*D <= 1024)."""
+    import inspect
+
+    from .. import finite_time_lyapunov, load_model
+
+    core = R.plain_copy(net.core).double().cpu()
+    X0, C = net.inputs(puzzles.to(net.pos.device))
+    X0, C = X0.detach().double().cpu(), C.detach().double().cpu()
+    kw = {"horizon": horizon} if "horizon" in inspect.signature(finite_time_lyapunov).parameters else {"T": horizon}
+    n = X0.shape[1] * X0.shape[2]
+    maxs, means = [], []
+    with torch.no_grad():
+        for b in range(X0.shape[0]):
+            res = finite_time_lyapunov(core, X0[b], C=C[b], k=None if n <= 1024 else 32, **kw)
+            maxs.append(float(res.max))
+            means.append(float(res.mean))
+    return {"max": float(np.mean(maxs)), "mean": float(np.mean(means)), "per_board_max": maxs,
+            "per_board_mean": means, "horizon": horizon, "boards": len(maxs),
+            "method": "dense (all exponents)" if n <= 1024 else "matrix-free top 32"}
+
+
+def _save_ckpt(path: str, state: Dict[str, Any]) -> None:
+    tmp = path + ".tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def _log(path: str, rec: Dict[str, Any]) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(rec) + "\n")
+
+
+def save_net(net: SudokuNet, path: str, info: Optional[Dict[str, Any]] = None) -> None:
+    """The whole Sudoku model as one safetensors file (weights + JSON config in the metadata)."""
+    from safetensors.torch import save_file
+
+    n = plain_net(net)
+    meta = {"fastjac_sudoku_config": json.dumps(n.config()), "fastjac_core_config": json.dumps(n.core.config())}
+    if info:
+        meta["info"] = json.dumps(info)
+    save_file({k: v.detach().contiguous().cpu() for k, v in n.state_dict().items()}, path, metadata=meta)
+
+
+def plain_net(net: SudokuNet) -> SudokuNet:
+    """A copy of ``net`` whose core carries no parametrisation (E-multi's), with the current weights."""
+    c = net.config()
+    new = SudokuNet(c["kind"], size=c["size"], dim=c["dim"], heads=c["heads"], steps=c["steps"],
+                    osc_dim=c["osc_dim"], dtype=net.pos.dtype, seed=c["seed"])
+    core = R.plain_copy(net.core)
+    sd = {k: v for k, v in net.state_dict().items() if not k.startswith("core.")}
+    sd.update({"core." + k: v for k, v in core.state_dict().items()})
+    new.load_state_dict(sd)
+    return new.to(net.pos.device)
+
+
+def load_net(path: str, dtype: torch.dtype = torch.float32) -> SudokuNet:
+    """Load a model written by :func:`save_net` (no code in the file runs)."""
+    from safetensors import safe_open
+
+    if not os.path.isfile(path):
+        raise ValueError(f"path: no such file {path!r}")
+    with safe_open(path, framework="pt", device="cpu") as f:
+        meta = f.metadata() or {}
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    if "fastjac_sudoku_config" not in meta:
+        raise ValueError(f"path: {path!r} is not a fastjac Sudoku model (no fastjac_sudoku_config metadata)")
+    cfg = json.loads(meta["fastjac_sudoku_config"])
+    net = SudokuNet(cfg["kind"], size=cfg["size"], dim=cfg["dim"], heads=cfg["heads"], steps=cfg["steps"],
+                    osc_dim=cfg.get("osc_dim", 4), dtype=dtype, seed=cfg.get("seed", 0))
+    net.load_state_dict({k: v.to(dtype) for k, v in tensors.items()})
+    return net
+
+
+def train(cfg: TrainConfig, data=None) -> Dict[str, Any]:
+    """Train (or resume) the run described by ``cfg``; returns the results dict also written to results.json.
+
+    A checkpoint in ``cfg.out`` written by the same settings is resumed; one written by other settings is refused
+    (ValueError; delete it or choose another ``out``). ``stop_at > 0`` stops after that many optimizer steps with a
+    checkpoint (for time-limited jobs and the resume test); the next call continues.
+    """
+    cfg = cfg.validate()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    os.makedirs(cfg.out, exist_ok=True)
+    ckpt_path = os.path.join(cfg.out, "checkpoint.pt")
+    log_path = os.path.join(cfg.out, "log.jsonl")
+    fp = _fingerprint(cfg)
+    t_start = time.perf_counter()
+    data = data if data is not None else load_data(cfg)
+    t_data = time.perf_counter() - t_start
+    Ptr, Str = data["train"]
+    net = build_net(cfg)
+    opt = torch.optim.Adam(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    ema = {k: v.detach().clone() for k, v in net.state_dict().items()} if cfg.ema > 0 else None
+    per_epoch = math.ceil(len(Ptr) / cfg.batch_size)
+    total = per_epoch * cfg.epochs
+    st = dict(step=0, train_time=0.0, history=[])
+    if os.path.exists(ckpt_path):
+        saved = torch.load(ckpt_path, map_location=cfg.device, weights_only=True)
+        if saved.get("fingerprint") != fp:
+            raise ValueError(f"out: {ckpt_path!r} was written by a run with other settings; delete it or pass "
+                             f"another out")
+        net.load_state_dict(saved["model"])
+        opt.load_state_dict(saved["optimizer"])
+        if saved.get("spec_state"):
+            R.load_spec_state(net.core, saved["spec_state"])
+        if ema is not None:
+            ema = saved["ema"]
+        st = dict(step=saved["step"], train_time=saved["train_time"], history=saved["history"])
+
+    def checkpoint():
+        _save_ckpt(ckpt_path, dict(fingerprint=fp, model=net.state_dict(), optimizer=opt.state_dict(),
+                                   spec_state=R.spec_state(net.core), ema=ema, step=st["step"],
+                                   train_time=st["train_time"], history=st["history"], config=cfg.to_dict()))
+
+    from tqdm.auto import tqdm
+
+    stop = cfg.stop_at if cfg.stop_at > 0 else total
+    bar = tqdm(total=total, initial=st["step"], disable=not cfg.progress, desc="train", unit="step")
+    net.train()
+    try:
+        while st["step"] < min(total, stop):
+            step = st["step"]
+            epoch, j = divmod(step, per_epoch)
+            perm = torch.randperm(len(Ptr), generator=torch.Generator().manual_seed(cfg.seed * 7919 + epoch))
+            idx = perm[j * cfg.batch_size:(j + 1) * cfg.batch_size]
+            p, s = Ptr[idx].to(cfg.device), Str[idx].to(cfg.device)
+            t0 = time.perf_counter()
+            for gr in opt.param_groups:
+                gr["lr"] = _lr_at(cfg, step, total)
+            logits, xs, C = net(p, return_states=True)
+            ce = sudoku_loss(logits, s)
+            terms = regularizer_terms(cfg, net, xs, C, step)
+            loss = ce + sum(getattr(cfg, k) * v for k, v in terms.items())
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            gnorm = torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.clip) if cfg.clip > 0 else None
+            opt.step()
+            if ema is not None:
+                with torch.no_grad():
+                    for k, v in net.state_dict().items():
+                        if v.is_floating_point():
+                            ema[k].mul_(cfg.ema).add_(v, alpha=1 - cfg.ema)
+                        else:
+                            ema[k].copy_(v)
+            st["train_time"] += time.perf_counter() - t0
+            st["step"] = step + 1
+            bar.update(1)
+            if st["step"] % cfg.log_every == 0 or st["step"] == total:
+                rec = dict(step=st["step"], epoch=epoch, loss=loss.item(), ce=ce.item(), lr=opt.param_groups[0]["lr"],
+                           grad_norm=None if gnorm is None else float(gnorm),
+                           **{k: v.item() for k, v in terms.items()})
+                st["history"].append(rec)
+                _log(log_path, rec)
+                bar.set_postfix(ce=f"{ce.item():.3f}")
+            if cfg.eval_every and st["step"] % (cfg.eval_every * per_epoch) == 0 and st["step"] < total:
+                ev = evaluate(net, data, steps=(cfg.steps,))
+                _log(log_path, dict(step=st["step"], eval=ev))
+            if st["step"] % cfg.checkpoint_every == 0 or st["step"] == stop:
+                checkpoint()
+    except KeyboardInterrupt:
+        checkpoint()
+        raise
+    finally:
+        bar.close()
+    if st["step"] < total:
+        return dict(stopped_at=st["step"], total_steps=total, out=cfg.out)
+    checkpoint()
+    if ema is not None:
+        net.load_state_dict(ema)
+    t_eval = time.perf_counter()
+    ev = evaluate(net, data, steps=cfg.eval_steps)
+    lyap = lyapunov_of(net, data["test_id"][0][:cfg.lyap_samples], horizon=cfg.steps) if cfg.lyap_samples else None
+    t_eval = time.perf_counter() - t_eval
+    from .. import save_model
+
+    save_model(R.plain_copy(net.core), os.path.join(cfg.out, "model.safetensors"))
+    save_net(net, os.path.join(cfg.out, "sudoku_net.safetensors"))
+    res = dict(config=cfg.to_dict(), steps=total, train_time_s=st["train_time"], data_time_s=t_data,
+               eval_time_s=t_eval, final_ce=st["history"][-1]["ce"] if st["history"] else None,
+               eval=ev, lyapunov=lyap, torch=torch.__version__, date=time.strftime("%Y-%m-%d %H:%M:%S"))
+    with open(os.path.join(cfg.out, "results.json"), "w") as f:
+        json.dump(res, f, indent=1)
+    _log(log_path, dict(step=total, eval=ev, lyapunov=lyap))
+    return res
+
+
+__all__ = ["TrainConfig", "PRESETS", "train", "evaluate", "build_net", "load_data", "lyapunov_of", "save_net",
+           "load_net", "plain_net", "regularizer_terms"]
