@@ -43,6 +43,14 @@ def register_backend(backend: Backend, auto_priority: Optional[int] = None) -> N
         _AUTO_ORDER.insert(auto_priority, backend.name)
 
 
+def unregister_backend(name: str) -> None:
+    """Remove a registered backend (a plugin's own, or one a test registered)."""
+    get(name)
+    del _BACKENDS[name]
+    if name in _AUTO_ORDER:
+        _AUTO_ORDER.remove(name)
+
+
 def available() -> List[str]:
     """The names of every registered backend (usable or not on this machine: ``explain`` says which)."""
     return list(_BACKENDS)
@@ -104,4 +112,4 @@ register_backend(AutogradBackend(), auto_priority=1)
 _register_triton()
 
 __all__ = ["AutogradLinearization", "Backend", "KernelBackend", "UnavailableBackend", "autograd_linearization",
-           "available", "explain", "get", "register_backend", "register_linearizer", "select"]
+           "available", "explain", "get", "register_backend", "register_linearizer", "select", "unregister_backend"]
