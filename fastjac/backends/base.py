@@ -53,6 +53,25 @@ class KernelBackend(Backend):
         return self.linearizers[type(step)](step, X, C)
 
 
+def needs_weight_grad(step, X: Tensor) -> Optional[str]:
+    """Why a non-differentiable kernel backend must not be picked by "auto" here, or None.
+
+    The fused kernels give no gradient to X or the weights. Picking them while autograd would want one would hand
+    the user zero gradients silently, so "auto" declines whenever grad mode is on and X or a parameter requires
+    grad (the analysis functions run under no_grad, so they still get the kernels).
+    """
+    import torch
+
+    if not torch.is_grad_enabled():
+        return None
+    params = step.parameters() if hasattr(step, "parameters") else ()
+    if X.requires_grad or any(p.requires_grad for p in params):
+        return ("gradients may be wanted (grad mode on and X or a weight requires grad) and these kernels are not "
+                "differentiable: 'auto' uses a differentiable backend; wrap the call in torch.no_grad() (or pass "
+                "this backend by name) to use the kernels")
+    return None
+
+
 class UnavailableBackend(Backend):
     """Stands in for a backend whose module failed to import, so that its name explains why."""
 

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from ..models import AKOrN, ItrSA
 from ..ops._utils import interpreter_on
-from .base import KernelBackend
+from .base import KernelBackend, needs_weight_grad
 
 SUPPORTED_DTYPES = (torch.float32, torch.float64)
 _kernels = None  # the step module once imported, or the import error's text
@@ -57,7 +57,7 @@ class TritonBackend(KernelBackend):
         if reason is None and X.device.type != "cuda":
             return (f"X is on {X.device.type}: 'auto' never picks the Triton interpreter (TRITON_INTERPRET=1 is for "
                     f"tests, far slower than 'torch'); pass backend='triton' to use it")
-        return reason
+        return reason if reason is not None else needs_weight_grad(step, X)
 
 
 def _itrsa(step, X, C):
