@@ -6,7 +6,7 @@
     J = fj.jacobian(model, X)          # dense [S*D, S*D], token-major
     res = fj.lyapunov_spectrum(model, X, k=32, steps=1000)   # Benettin/QR
 
-See README.md and DESIGN.md (shared) for the mathematics and the public contract.
+See README.md and docs/design.md for the mathematics and the public contract.
 """
 from . import config, ops
 from . import backends

@@ -1,4 +1,4 @@
-"""The public Jacobian functions, with torch.func's conventions (DESIGN section 4).
+"""The public Jacobian functions, with torch.func's conventions (docs/design.md section 4).
 
 ``step`` is a fastjac model (ItrSA, AKOrN: analytic path) or any callable ``X -> X`` (torch.func path; called as
 ``step(X)``, or ``step(X, C)`` when C is given). X is [S, D] or [B, S, D]; samples of a batch are independent.

@@ -1,7 +1,7 @@
 """The float64 torch.func oracle and an independent plain forward, shared by the tests.
 
 The oracle differentiates the model's own forward; the forward itself is checked separately against
-`reference_step`, written here from DESIGN section 1 with per-head loops and torch's own normalisation layers, so
+`reference_step`, written here from docs/design.md section 1 with per-head loops and torch's own normalisation layers, so
 the two together pin the derivatives to the specification rather than to the implementation.
 """
 from __future__ import annotations
@@ -72,7 +72,7 @@ def reference_msa(X, m):
 
 
 def reference_step(model, X, C=None):
-    """One step of ItrSA or AKOrN written from DESIGN section 1 independently of fastjac.ops."""
+    """One step of ItrSA or AKOrN written from docs/design.md section 1 independently of fastjac.ops."""
     F_ = reference_msa(X, model) + (0 if C is None else C)
     if isinstance(model, fj.ItrSA):
         return _reference_norm(X + model.eta * F_, model)

@@ -18,7 +18,7 @@ from oracle import apply_dense, apply_dense_t, oracle_jacobian, randomize_, refe
 
 F64 = torch.float64
 
-# Each option value of DESIGN section 1 appears at least once; S in {1, 7, 33}, D never a power of two.
+# Each option value of docs/design.md section 1 appears at least once; S in {1, 7, 33}, D never a power of two.
 ITRSA_CASES = [
     dict(S=7, D=12, H=3, kw=dict(norm="l2")),
     dict(S=1, D=12, H=1, kw=dict(norm="rms", bias=True)),

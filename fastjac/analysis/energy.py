@@ -1,4 +1,4 @@
-"""Energy-based self-attention (DESIGN section 3, the paper's Props 4.1 and 4.2): energies, weight constructors
+"""Energy-based self-attention (docs/design.md section 3, the paper's Props 4.1 and 4.2): energies, weight constructors
 that satisfy the propositions (and a counter-example that does not), and an RK4 integrator for the flows.
 
 Attention here is the paper's bias-free form without output projection: per head h,
@@ -157,7 +157,7 @@ def symmetric_single_head(dim: int, *, head_dim: Optional[int] = None, beta: flo
     Wv = A: then ``∂E/∂x_i = −Z_i SA_i`` and the sphere flow provably decreases E. With ``symmetric_A=False`` Wq
     and Wk are independent and only the value matrix is symmetrised; **this does not guarantee descent**: the
     weights Σ_j e_ij and Σ_j e_ji of ∂E/∂x_i differ when A ≠ Aᵀ, and ``tests/test_analysis.py`` exhibits a seeded
-    trajectory along which E rises (DESIGN's transcription of Prop 4.1 needs A symmetric for our E and SA).
+    trajectory along which E rises (docs/design.md's transcription of Prop 4.1 needs A symmetric for our E and SA).
 
     Example:
         >>> import torch

@@ -1,4 +1,4 @@
-"""Pseudo-energy monitor (DESIGN section 3): one call unrolls a model and reports, per step t,
+"""Pseudo-energy monitor (docs/design.md section 3): one call unrolls a model and reports, per step t,
 
     E_pseudo(t) = −Tr(X_tᵀ (C + MSA(X_t)))
     lin(t)      = −½ x_tᵀ (J_t + J_tᵀ) x_t = −x_tᵀ J_t x_t,       J_t = ∂MSA/∂X at X_t, x_t = vec(X_t)
@@ -7,7 +7,7 @@
                   K = max(1, floor(top_frac · S·D))
 
 and the "PV" approximation ``J_t ≈ Σ_h P_h ⊗ (Wv_h Wo_h)ᵀ`` (P_h the attention matrix; only the first term of
-DESIGN section 2's exact blocks, biases ignored), in three variants, each through the same quantities
+docs/design.md section 2's exact blocks, biases ignored), in three variants, each through the same quantities
 (``lin_*``, ``cos_*``) and its relative error on the state direction ``‖(J_t − J_PV) x_t‖ / ‖J_t x_t‖``:
 
 - ``pv``: P_h at the current state X_t. Without biases J_PV x_t = MSA(X_t) exactly, so lin_pv is the
@@ -16,7 +16,7 @@ DESIGN section 2's exact blocks, biases ignored), in three variants, each throug
   for time, e.g. the horizon T = 16), i.e. one fixed linear operator for the whole trajectory; it measures how much
   of the dynamics a time-independent linearisation explains.
 - ``pv_hard``: the zero-temperature reading (hard-max attention, P_h = one-hot argmax of each row at X_t),
-  reported as well because DESIGN does not fix the meaning.
+  reported as well because docs/design.md does not fix the meaning.
 
 J_t is never formed for large S·D: ``J_t x`` uses the analytic attention JVP, and CI uses the top K
 eigenvectors of ``J_t + J_tᵀ`` from :func:`fastjac.linalg.eigsh` (Lanczos; dense ``torch.linalg.eigh`` when

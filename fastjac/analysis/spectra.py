@@ -1,4 +1,4 @@
-"""Spectra of the one-step Jacobian (DESIGN section 3): eigenvalues, spectral norms and the Prop 5.1 bound.
+"""Spectra of the one-step Jacobian (docs/design.md section 3): eigenvalues, spectral norms and the Prop 5.1 bound.
 
 Two linear maps can be analysed at a state X:
 

@@ -15,7 +15,7 @@ from torch import Tensor
 
 @dataclass(frozen=True)
 class AttnParams:
-    """The weights of multi-head attention (DESIGN section 1), as the ops see them.
+    """The weights of multi-head attention (docs/design.md section 1), as the ops see them.
 
     wq, wk: [H, D, dh]; wv: [H, D, dv]; wo: [H, dv, D] or None (then dv == D and Wo_h = I);
     bq, bk: [H, dh] or None; bv: [H, dv] or None; bo: [D] or None.
