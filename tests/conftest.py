@@ -1,17 +1,11 @@
-"""Shared pytest set-up.
+"""Shared pytest set-up for tests/ (TRITON_INTERPRET is set by the repository's top-level conftest.py).
 
-Without a CUDA device the Triton kernels run on Triton's CPU interpreter, as Triton's own CI does. Triton reads
-TRITON_INTERPRET when a kernel is decorated (``triton.jit``), i.e. when fastjac's kernel modules are imported, so it
-is set here, before any test module imports fastjac. With a CUDA device the kernels are compiled for it instead.
+Tests marked ``gpu`` are skipped, with the reason, when no CUDA device is present.
 """
-import os
-
 import pytest
 import torch
 
 HAS_CUDA = torch.cuda.is_available()
-if not HAS_CUDA:
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def pytest_collection_modifyitems(config, items):
