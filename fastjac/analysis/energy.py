@@ -23,6 +23,7 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
+from .._checks import check_int as _int
 from .._compat import make_generator, renamed_kwargs
 
 F64 = torch.float64
@@ -131,20 +132,9 @@ def _proj(X: Tensor, Y: Tensor) -> Tensor:
 
 # ------------------------------------------------------------------------------------------ constructors ----
 
-def _gen(generator) -> torch.Generator:
-    if generator is None:
-        return torch.Generator().manual_seed(0)
-    if not isinstance(generator, torch.Generator):
-        raise TypeError(f"generator: expected a torch.Generator or None, got {type(generator).__name__}")
-    return generator
-
-
-def _int(name, v, minimum=1) -> int:
-    if isinstance(v, bool) or not isinstance(v, int):
-        raise TypeError(f"{name}: expected an int, got {type(v).__name__}")
-    if v < minimum:
-        raise ValueError(f"{name}: expected an int >= {minimum}, got {v}")
-    return v
+def _gen(generator: Optional[torch.Generator]) -> torch.Generator:
+    # the constructors are deterministic by default: no seed means seed 0, not torch's global RNG
+    return torch.Generator().manual_seed(0) if generator is None else generator
 
 
 @renamed_kwargs(generator="seed")
