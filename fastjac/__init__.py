@@ -23,6 +23,22 @@ from .models import AKOrN, ItrSA, RecurrentStep, load_model, register_model, sav
 
 __version__ = "0.1.0"
 
+# Subsystems imported on first use (``fj.regularizers``, ``fj.train``, ``fj.data``, ``fj.distributed``), so that
+# ``import fastjac`` stays light and never touches torch.distributed or the training code unless asked.
+_LAZY = {"regularizers": "fastjac.train.regularizers", "train": "fastjac.train", "data": "fastjac.data",
+         "distributed": "fastjac.distributed"}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        mod = importlib.import_module(_LAZY[name])
+        globals()[name] = mod
+        return mod
+    raise AttributeError(f"module 'fastjac' has no attribute {name!r}")
+
+
 # The analysis modules lived at the top level before 0.2; keep ``import fastjac.lyapunov`` (etc.) working.
 import sys as _sys
 for _name in ("energy", "lyapunov", "oscillation", "pseudo_energy", "spectra"):
