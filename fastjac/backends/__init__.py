@@ -107,9 +107,25 @@ def _register_triton() -> None:
     register_backend(make_backend(), auto_priority=0)
 
 
+def _register_cpp() -> None:
+    # the compiled C++ backend: registered for "auto" only where it can be built or was (fastjac/backends/cpp.py
+    # decides when "auto" picks it); nothing is compiled here
+    try:
+        from . import cpp
+        reason = cpp.toolchain_why_not()
+        if reason is not None and not cpp.is_built():
+            register_backend(UnavailableBackend("cpp", f"the C++ extension cannot be built: {reason}"))
+            return
+    except Exception as e:  # pragma: no cover - depends on the installation
+        register_backend(UnavailableBackend("cpp", f"fastjac.backends.cpp failed to import ({e})"))
+        return
+    register_backend(cpp.make_backend(), auto_priority=0)
+
+
 register_backend(TorchBackend(), auto_priority=0)
 register_backend(AutogradBackend(), auto_priority=1)
 _register_triton()
+_register_cpp()
 
 __all__ = ["AutogradLinearization", "Backend", "KernelBackend", "UnavailableBackend", "autograd_linearization",
            "available", "explain", "get", "register_backend", "register_linearizer", "select", "unregister_backend"]
