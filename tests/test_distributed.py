@@ -302,6 +302,26 @@ def test_errors_without_process_group():
         fj.finite_time_lyapunov(m, X0, parallel="tokens")
 
 
+def test_cli_torchrun_tokens_then_refuse_other_world_size(tmp_path):
+    out = str(tmp_path / "job")
+    env = dict(os.environ, GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1",
+               PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.pop("TRITON_INTERPRET", None)
+    flags = ["--parallel", "tokens", "--tokens", "7", "--dim", "8", "--heads", "2", "--k", "4", "--steps", "6",
+             "--burn-in", "1", "--quiet", "--checkpoint-every", "3", "--out", out]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+           f"--master_port={_free_port()}", "-m", "fastjac"] + flags
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT, cwd=ROOT)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    with open(os.path.join(out, "lyapunov.json")) as f:
+        js = json.load(f)
+    assert js["world_size"] == 2 and js["parallel"] == "tokens" and len(js["exponents"]) == 4
+    # the same job as one rank: the 2-rank checkpoint is refused, naming the argument
+    p1 = subprocess.run([sys.executable, "-m", "fastjac"] + flags, env=env, capture_output=True, text=True,
+                        timeout=LAUNCH_TIMEOUT, cwd=ROOT)
+    assert p1.returncode == 2 and "checkpoint:" in p1.stderr and "world size 2" in p1.stderr, p1.stderr[-2000:]
+
+
 if __name__ == "__main__" and len(sys.argv) >= 4 and sys.argv[1] == "worker":
     sys.path.insert(0, ROOT)
     _worker(sys.argv[2], sys.argv[3])
