@@ -1,5 +1,33 @@
-"""fastjac: plain `pip install .`; needs no GPU and no compiler (a compiled CUDA extension in csrc/ is future work)."""
+"""fastjac: plain `pip install .`; needs no GPU and no compiler.
+
+The C++ CPU kernels in csrc/ are compiled just in time against the installed torch (fastjac/backends/cpp.py, or
+ahead of time by `python -m fastjac build`), never here: a missing compiler cannot make the install fail. A
+non-editable install ships the sources as fastjac/_csrc/ (build_py below); an editable one reads csrc/ in place.
+"""
+import os
+import shutil
+
 from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py
+
+CSRC_FILES = ("register.cpp", "attn_jvp.cpp", "norm_jvp.cpp", "step_dense.cpp", "common.h")
+
+
+class build_py_with_csrc(build_py):
+    """Copy csrc/ into the built package as fastjac/_csrc/, where the JIT build looks for it."""
+
+    def run(self):
+        super().run()
+        if getattr(self, "editable_mode", False):
+            return
+        here = os.path.dirname(os.path.abspath(__file__))
+        dst = os.path.join(self.build_lib, "fastjac", "_csrc")
+        os.makedirs(dst, exist_ok=True)
+        for f in CSRC_FILES:
+            src = os.path.join(here, "csrc", f)
+            if os.path.isfile(src):
+                shutil.copyfile(src, os.path.join(dst, f))
+
 
 setup(
     name="fastjac",
@@ -18,8 +46,10 @@ setup(
         # Triton ships wheels for Linux on x86_64 and aarch64 only; elsewhere fastjac runs without it.
         "triton>=3.0; sys_platform == 'linux' and (platform_machine == 'x86_64' or platform_machine == 'aarch64')",
     ],
+    cmdclass={"build_py": build_py_with_csrc},
     extras_require={
-        "test": ["pytest>=7", "hypothesis>=6", "pytest-benchmark", "matplotlib>=3.5"],
+        # ninja: the tests build the C++ extension (backend="cpp") just in time
+        "test": ["ninja", "pytest>=7", "hypothesis>=6", "pytest-benchmark", "matplotlib>=3.5"],
         "plot": ["matplotlib>=3.5"],
     },
     entry_points={"console_scripts": ["fastjac=fastjac.__main__:main"]},
