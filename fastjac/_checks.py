@@ -1,12 +1,50 @@
 """Input validation shared by the public functions. Every error names the argument and what was expected."""
 from __future__ import annotations
 
-from typing import Optional, Tuple
+import math
+from typing import Any, Optional, Tuple
 
 import torch
 from torch import Tensor
 
 from . import config
+
+
+class NonFiniteError(ValueError, FloatingPointError):
+    """A computation left the floating-point range (inf/NaN appeared from finite inputs): an overflowing state,
+    a diverging trajectory. A ValueError (and a FloatingPointError), so ``except ValueError`` catches it."""
+
+
+def check_number(name: str, v, *, positive: bool = False, minimum: Optional[float] = None) -> float:
+    """A real, finite number (not a bool, not a string), optionally > 0 or >= minimum; returns it as a float."""
+    if isinstance(v, Tensor) and v.numel() == 1 and not v.is_complex():
+        v = v.item()
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise TypeError(f"{name}: expected a number, got {type(v).__name__} {v!r}")
+    v = float(v)
+    if not math.isfinite(v):
+        raise ValueError(f"{name}: expected a finite number, got {v!r}")
+    if positive and not v > 0:
+        raise ValueError(f"{name}: expected a positive number, got {v!r}")
+    if minimum is not None and v < minimum:
+        raise ValueError(f"{name}: expected a number >= {minimum:g}, got {v!r}")
+    return v
+
+
+def json_safe(obj: Any) -> Any:
+    """``obj`` with every non-finite float replaced by None (strict JSON has no NaN/Infinity), tuples as lists,
+    tensors as lists; what ``json.dump(..., allow_nan=False)`` then writes is valid JSON."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, Tensor):
+        return json_safe(obj.tolist())
+    if isinstance(obj, dict):
+        return {str(k): json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    if obj is None or isinstance(obj, (bool, int, str)):
+        return obj
+    return str(obj)
 
 
 def check_int(name: str, v, minimum: int = 1) -> int:
@@ -27,6 +65,8 @@ def check_tensor(name: str, x, *, dtype: Optional[torch.dtype] = None, device=No
         raise TypeError(f"{name}: dtype {x.dtype} does not match the state/model dtype {dtype}; convert one of them")
     if device is not None and x.device != torch.device(device):
         raise ValueError(f"{name}: device {x.device} does not match the state/model device {device}; move one of them")
+    if x.device.type == "meta":
+        raise ValueError(f"{name}: is a 'meta' tensor (a shape without values); fastjac needs real data on a device")
     if config.check_finite and not bool(torch.isfinite(x).all()):
         raise ValueError(f"{name}: contains NaN or inf (fastjac.config.check_finite=True)")
     return x
@@ -66,7 +106,10 @@ def check_tangent(name: str, T, X: Tensor) -> Tuple[Tensor, bool]:
 
 
 def check_dense_size(S: int, D: int, B: int, dtype: torch.dtype, max_gb: Optional[float]) -> None:
-    limit = config.dense_limit_gb if max_gb is None else max_gb
+    if max_gb is None:  # the process-wide limit (validated when set; checked again: it is a plain attribute)
+        limit = check_number("fastjac.config.dense_limit_gb", config.dense_limit_gb, positive=True)
+    else:
+        limit = check_number("max_gb", max_gb, positive=True)
     n = S * D
     gb = B * n * n * torch.empty((), dtype=dtype).element_size() / 1e9
     if gb > limit:

@@ -13,29 +13,79 @@ float64 inputs always use "ieee"; the torch and autograd backends ignore it (the
 """
 from __future__ import annotations
 
+import math
 import os
+import warnings
 from contextlib import contextmanager
 
-dense_limit_gb: float = float(os.environ.get("FASTJAC_DENSE_LIMIT_GB", "4"))
-check_finite: bool = True
+DEFAULT_DENSE_LIMIT_GB = 4.0
 MATMUL_PRECISIONS = ("ieee", "tf32")
-matmul_precision: str = os.environ.get("FASTJAC_MATMUL_PRECISION", "ieee")
+
+
+def _valid_gb(name: str, gb) -> float:
+    if isinstance(gb, bool) or not isinstance(gb, (int, float)):
+        raise TypeError(f"{name}: expected a positive number of GB, got {type(gb).__name__} {gb!r}")
+    if not (math.isfinite(gb) and gb > 0):
+        raise ValueError(f"{name}: expected a positive number of GB (finite), got {gb!r}")
+    return float(gb)
+
+
+def _valid_precision(name: str, precision) -> str:
+    if precision not in MATMUL_PRECISIONS:
+        raise ValueError(f"{name}: expected one of {MATMUL_PRECISIONS}, got {precision!r}")
+    return precision
+
+
+def _from_env(var: str, parse, default):
+    """A setting from the environment; a bad value warns and keeps the default (importing must not fail)."""
+    raw = os.environ.get(var)
+    if raw is None:
+        return default
+    try:
+        return parse(var, raw)
+    except (TypeError, ValueError) as e:
+        warnings.warn(f"fastjac.config: ignoring {var}={raw!r} ({e}); using the default {default!r}",
+                      RuntimeWarning, stacklevel=3)
+        return default
+
+
+def _parse_gb(var: str, raw: str) -> float:
+    try:
+        v = float(raw)
+    except ValueError:
+        raise ValueError("not a number") from None
+    return _valid_gb(var, v)
+
+
+dense_limit_gb: float = _from_env("FASTJAC_DENSE_LIMIT_GB", _parse_gb, DEFAULT_DENSE_LIMIT_GB)
+check_finite: bool = True
+matmul_precision: str = _from_env("FASTJAC_MATMUL_PRECISION", lambda var, raw: _valid_precision(var, raw.strip()),
+                                  "ieee")
 
 
 def set_dense_limit_gb(gb: float) -> None:
-    """Set the dense-Jacobian memory limit in GB (1e9 bytes)."""
+    """Set the dense-Jacobian memory limit in GB (1e9 bytes): a positive, finite number."""
     global dense_limit_gb
-    if not (isinstance(gb, (int, float)) and gb > 0):
-        raise ValueError(f"gb: expected a positive number, got {gb!r}")
-    dense_limit_gb = float(gb)
+    dense_limit_gb = _valid_gb("gb", gb)
 
 
 def set_matmul_precision(precision: str) -> None:
     """Set the Triton kernels' float32 matmul operand precision: "ieee" (default) or "tf32"."""
     global matmul_precision
-    if precision not in MATMUL_PRECISIONS:
-        raise ValueError(f"precision: expected one of {MATMUL_PRECISIONS}, got {precision!r}")
-    matmul_precision = precision
+    matmul_precision = _valid_precision("precision", precision)
+
+
+def _valid_bool(name: str, v) -> bool:
+    if not isinstance(v, bool):
+        raise TypeError(f"{name}: expected True or False, got {type(v).__name__} {v!r}")
+    return v
+
+
+_VALIDATE = {
+    "dense_limit_gb": lambda v: _valid_gb("dense_limit_gb", v),
+    "check_finite": lambda v: _valid_bool("check_finite", v),
+    "matmul_precision": lambda v: _valid_precision("matmul_precision", v),
+}
 
 
 @contextmanager
@@ -43,10 +93,9 @@ def settings(**kw):
     """Temporarily change settings: ``with fastjac.config.settings(check_finite=False): ...``."""
     g = globals()
     for k in kw:
-        if k not in ("dense_limit_gb", "check_finite", "matmul_precision"):
+        if k not in _VALIDATE:
             raise TypeError(f"settings: unknown setting {k!r}")
-    if "matmul_precision" in kw and kw["matmul_precision"] not in MATMUL_PRECISIONS:
-        raise ValueError(f"matmul_precision: expected one of {MATMUL_PRECISIONS}, got {kw['matmul_precision']!r}")
+    kw = {k: _VALIDATE[k](v) for k, v in kw.items()}
     old = {k: g[k] for k in kw}
     g.update(kw)
     try:

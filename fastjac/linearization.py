@@ -17,8 +17,8 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from . import backends
-from ._checks import check_dense_size, check_input, check_state, check_tangent
+from . import backends, config
+from ._checks import NonFiniteError, check_dense_size, check_input, check_state, check_tangent
 from .models import RecurrentStep
 from .ops.base import BatchedLinearization
 
@@ -34,10 +34,10 @@ def prepare(step, X: Tensor, C: Optional[Tensor] = None, *, name: str = "X") -> 
     """
     if not callable(step):
         raise TypeError(f"step: expected a fastjac model or a callable X -> X, got {type(step).__name__}")
+    if isinstance(step, RecurrentStep) and isinstance(X, Tensor) and X.is_floating_point() and X.dim() in (2, 3):
+        step.check_state(X, name)  # dim, dtype and device against the model first (a 'meta' X: a device mismatch)
     X3, batched = check_state(X, name=name)
     if isinstance(step, RecurrentStep):
-        step.check_state(X, name)
-        from . import config
         if config.check_finite:
             step.check_parameters()
     C = check_input(C, X)
@@ -140,7 +140,12 @@ def linearization(step, X: Tensor, *, C: Optional[Tensor] = None, backend: str =
                             f".msa(X); got {type(step).__name__}")
         return Linearization(step.msa_linearization(X3), X, batched, "torch")
     be = backends.select(step, X3, backend)
-    return Linearization(be.linearize(step, X3, C3, batched), X, batched, be.name, check)
+    core = be.linearize(step, X3, C3, batched)
+    if check and config.check_finite and not bool(torch.isfinite(core.out).all()):
+        raise NonFiniteError(f"X: step(X) has inf/NaN entries although X, C and the weights are finite: the step "
+                             f"overflowed (largest |X| = {X3.abs().max().item():.3g}, {X3.dtype}); rescale X"
+                             + (" or use float64" if X3.dtype != torch.float64 else ""))
+    return Linearization(core, X, batched, be.name, check)
 
 
 __all__ = ["BatchedLinearization", "Linearization", "linearization", "prepare"]

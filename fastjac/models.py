@@ -16,7 +16,7 @@ from typing import Any, Dict, Optional
 import torch
 from torch import Tensor, nn
 
-from ._checks import check_int as _check_int, check_tensor
+from ._checks import check_int as _check_int, check_number, check_tensor
 from .ops._utils import group
 from .ops.base import BatchedLinearization
 from .ops.akorn import omega_apply, proj_forward
@@ -83,9 +83,15 @@ class RecurrentStep(nn.Module):
             raise ValueError(f"{name}: device {X.device} does not match the model's {self.device}; move one of them")
 
     def check_parameters(self) -> None:
-        """Every parameter finite (under fastjac.config.check_finite): NaN weights would give NaN Jacobians."""
-        for pname, prm in self.named_parameters():
-            check_tensor(f"{type(self).__name__}.{pname}", prm.detach())
+        """Every parameter and buffer finite (under fastjac.config.check_finite), and the float hyperparameters
+        (``beta``, ``eps``) too: NaN or inf weights would give NaN Jacobians with errors about other arguments."""
+        for pname, prm in list(self.named_parameters()) + list(self.named_buffers()):
+            if prm.is_floating_point() or prm.is_complex():
+                check_tensor(f"{type(self).__name__}.{pname}", prm.detach())
+        for attr in ("beta", "eps"):
+            v = getattr(self, attr, None)
+            if isinstance(v, float) and not math.isfinite(v):
+                raise ValueError(f"{type(self).__name__}.{attr}: expected a finite number, got {v!r}")
 
     def unroll(self, X0: Tensor, C: Optional[Tensor] = None, steps: int = 1) -> Tensor:
         """Iterate the step: returns the trajectory [steps + 1, *X0.shape] with X0 first.
@@ -103,6 +109,26 @@ class RecurrentStep(nn.Module):
         return torch.stack(xs)
 
 
+def _check_dtype(dtype) -> torch.dtype:
+    """A real floating-point dtype (None: torch's default); complex and integer weights are refused up front."""
+    if dtype is None:
+        return torch.get_default_dtype()
+    if not isinstance(dtype, torch.dtype):
+        raise TypeError(f"dtype: expected a torch.dtype such as torch.float32, got {type(dtype).__name__} {dtype!r}")
+    if not dtype.is_floating_point:
+        raise TypeError(f"dtype: expected a real floating-point dtype (torch.float32 or torch.float64), got {dtype}")
+    return dtype
+
+
+def _check_device(device):
+    if device is None:
+        return None
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device: not a torch device: {device!r} ({e})") from None
+
+
 class _RecurrentAttention(RecurrentStep):
     """Multi-head attention weights shared by ItrSA and AKOrN, plus the learnable step size eta."""
 
@@ -117,7 +143,15 @@ class _RecurrentAttention(RecurrentStep):
             if value_dim not in (None, D):
                 raise ValueError(f"value_dim: without an output projection the values are D={D} wide, got {value_dim}")
             dv = D
-        fk = dict(dtype=dtype if dtype is not None else torch.get_default_dtype(), device=device)
+        fk = dict(dtype=_check_dtype(dtype), device=_check_device(device))
+        eta = check_number("eta", eta)
+        if beta is not None:
+            beta = check_number("beta", beta)
+        if not isinstance(causal, bool):
+            raise TypeError(f"causal: expected True or False, got {type(causal).__name__} {causal!r}")
+        for flag, v in (("out_proj", out_proj), ("bias", bias)):
+            if not isinstance(v, bool):
+                raise TypeError(f"{flag}: expected True or False, got {type(v).__name__} {v!r}")
         self.dim, self.heads, self.head_dim, self.value_dim = D, H, dh, dv
         self.wq = nn.Parameter(torch.randn(H, D, dh, **fk) / math.sqrt(D))
         self.wk = nn.Parameter(torch.randn(H, D, dh, **fk) / math.sqrt(D))
@@ -192,8 +226,7 @@ class ItrSA(_RecurrentAttention):
         N = _check_int("norm_group", norm_group) if norm_group is not None else dim
         if dim % N:
             raise ValueError(f"norm_group: must divide dim={dim}, got {N}")
-        if not (isinstance(eps, (int, float)) and eps >= 0):
-            raise ValueError(f"eps: expected a float >= 0, got {eps!r}")
+        eps = check_number("eps", eps, minimum=0.0)
         fk = dict(dtype=self.wq.dtype, device=self.wq.device)
         self.norm, self.norm_group, self.eps = norm, N, float(eps)
         self.gamma = nn.Parameter(torch.ones(dim, **fk)) if norm != "none" else None
@@ -259,6 +292,7 @@ class AKOrN(_RecurrentAttention):
         N = _check_int("osc_dim", osc_dim)
         if dim % N:
             raise ValueError(f"osc_dim: must divide dim={dim}, got {N}")
+        omega_std = check_number("omega_std", omega_std, minimum=0.0)
         self.osc_dim = N
         self._config.update(osc_dim=N)
         self.omega = nn.Parameter(omega_std * torch.randn(dim // N, N, N, dtype=self.wq.dtype, device=self.wq.device))

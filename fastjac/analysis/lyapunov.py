@@ -12,10 +12,13 @@ tangent space of the normalised states, so the k tangents explore only non-trivi
 """
 from __future__ import annotations
 
+import functools
 import hashlib
+import inspect
 import json
 import math
 import os
+import types
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional, Union
@@ -23,12 +26,14 @@ from typing import Any, Dict, Optional, Union
 import torch
 from torch import Tensor
 
-from .._checks import check_dense_size
+from .. import config
+from .._checks import NonFiniteError, check_dense_size, json_safe
 from .._checks import check_int as _check_int
-from .._compat import renamed_kwargs
+from .._compat import make_generator, renamed_kwargs
 from ..linearization import linearization, prepare
 from ..models import RecurrentStep
-from ..ops.qr import qr
+from ..ops.qr import QR_BACKENDS, qr
+from ..ops.qr import qr_backend as _qr_backend_for
 
 # Largest S*D for which k=None means "all S*D tangents"; above it a k must be given.
 FULL_K_LIMIT = 4096
@@ -79,17 +84,18 @@ class LyapunovResult:
             return [None if not math.isfinite(v) else v for v in t.tolist()] if t.dim() == 1 else \
                 [clean(r) for r in t]
         m, mu = self.max, self.mean
-        return {
+        return json_safe({
             "exponents": clean(self.exponents), "trivial": self.trivial.tolist(),
-            "max": _json_num(m), "mean": _json_num(mu),
+            "max": _json_num(m), "mean": _json_num(mu), "units": "nats per step",
             "steps": self.steps, "settings": self.settings,
             "history_steps": self.history_steps.tolist(), "history": clean(self.history.flatten(1)) if
             self.history.numel() else [],
-        }
+        })
 
     def save_json(self, path: str) -> None:
+        """Write :meth:`to_dict` as strict JSON (no bare NaN/Infinity: non-finite numbers are null)."""
         with open(path, "w") as f:
-            json.dump(self.to_dict(), f, indent=1)
+            json.dump(json_safe(self.to_dict()), f, indent=1, allow_nan=False)
 
     def __repr__(self) -> str:
         return (f"LyapunovResult(method={self.settings.get('method')!r}, steps={self.steps}, "
@@ -139,15 +145,193 @@ def _trivial_mask(ex: Tensor, n: int, n_triv: int, dtype: torch.dtype, below: Op
     return mask | (ex < below)
 
 
+_SCALARS = (bool, int, float, complex, str, bytes, type(None))
+_MAX_DEPTH = 4  # how deep the fingerprint follows closures, referenced globals and attributes
+
+
+def _hash_tensor(h, t: Tensor) -> None:
+    t = t.detach()
+    h.update(f"<tensor {tuple(t.shape)} {t.dtype}>".encode())
+    if t.device.type == "meta":
+        return
+    t = t.cpu().contiguous().reshape(-1)
+    if t.is_complex():
+        t = torch.view_as_real(t).reshape(-1)
+    h.update(t.view(torch.uint8).numpy().tobytes())
+
+
+def _hash_code(h, code: types.CodeType) -> None:
+    h.update(f"<code {code.co_qualname if hasattr(code, 'co_qualname') else code.co_name}>".encode())
+    h.update(code.co_code)
+    h.update(repr(code.co_names).encode())
+    for c in code.co_consts:
+        if isinstance(c, types.CodeType):
+            _hash_code(h, c)
+        else:
+            h.update(repr((type(c).__name__, c)).encode())
+
+
+def _hash_function(h, f: types.FunctionType, depth: int, seen: set) -> None:
+    h.update(f"<function {f.__module__}.{f.__qualname__}>".encode())
+    _hash_code(h, f.__code__)
+    _hash_obj(h, f.__defaults__, depth + 1, seen)
+    _hash_obj(h, f.__kwdefaults__, depth + 1, seen)
+    for cell in f.__closure__ or ():
+        try:
+            val = cell.cell_contents
+        except ValueError:  # an empty cell
+            val = None
+        _hash_obj(h, val, depth + 1, seen)
+    g = f.__globals__
+    for name in f.__code__.co_names:  # referenced globals: numbers, tensors, functions, modules
+        if name in g and not isinstance(g[name], (types.ModuleType, type)):
+            h.update(f"<global {name}>".encode())
+            _hash_obj(h, g[name], depth + 1, seen)
+
+
+def _hash_module(h, m: torch.nn.Module, depth: int, seen: set) -> None:
+    cls = type(m)
+    h.update(f"<module {cls.__module__}.{cls.__qualname__}>".encode())
+    if isinstance(m, RecurrentStep):
+        h.update(json.dumps(m.config(), sort_keys=True, default=repr).encode())
+    for name, sub in m.named_modules():  # every submodule's class and plain attributes (beta, eps, norm, ...)
+        h.update(f"<sub {name} {type(sub).__module__}.{type(sub).__qualname__}>".encode())
+        for key in sorted(vars(sub)):
+            val = vars(sub)[key]
+            if not key.startswith("_") and isinstance(val, _SCALARS + (tuple, list, dict, Tensor)):
+                h.update(f"<attr {key}>".encode())
+                _hash_obj(h, val, depth + 1, seen)
+        fwd = getattr(type(sub), "forward", None)
+        if isinstance(fwd, types.FunctionType):
+            _hash_code(h, fwd.__code__)
+    for name, t in sorted(m.state_dict(keep_vars=True).items()):  # names, shapes, dtypes, values
+        h.update(f"<param {name}>".encode())
+        _hash_tensor(h, t)
+
+
+def _hash_obj(h, obj, depth: int = 0, seen: Optional[set] = None) -> None:
+    """Feed what identifies ``obj`` into the hash h (see :func:`fingerprint` for what can and cannot be seen)."""
+    seen = set() if seen is None else seen
+    if isinstance(obj, _SCALARS):
+        h.update(repr((type(obj).__name__, obj)).encode())  # repr of a float round-trips exactly
+        return
+    if isinstance(obj, Tensor):
+        _hash_tensor(h, obj)
+        return
+    if isinstance(obj, (torch.dtype, torch.device)):
+        h.update(repr(obj).encode())
+        return
+    if depth > _MAX_DEPTH or id(obj) in seen:
+        h.update(f"<{type(obj).__qualname__} ...>".encode())
+        return
+    seen.add(id(obj))
+    if isinstance(obj, (tuple, list)):
+        h.update(f"<{type(obj).__name__} {len(obj)}>".encode())
+        for v in obj:
+            _hash_obj(h, v, depth + 1, seen)
+    elif isinstance(obj, dict):
+        h.update(f"<dict {len(obj)}>".encode())
+        for key in sorted(obj, key=repr):
+            h.update(repr(key).encode())
+            _hash_obj(h, obj[key], depth + 1, seen)
+    elif isinstance(obj, torch.nn.Module):
+        _hash_module(h, obj, depth, seen)
+    elif isinstance(obj, functools.partial):
+        h.update(b"<partial>")
+        _hash_obj(h, (obj.func, obj.args, obj.keywords), depth + 1, seen)
+    elif isinstance(obj, types.MethodType):
+        h.update(b"<method>")
+        _hash_obj(h, obj.__func__, depth + 1, seen)
+        _hash_obj(h, obj.__self__, depth + 1, seen)
+    elif isinstance(obj, types.FunctionType):
+        _hash_function(h, obj, depth, seen)
+    elif isinstance(obj, (types.BuiltinFunctionType, types.ModuleType, type)) or not hasattr(obj, "__dict__"):
+        h.update(f"<{type(obj).__qualname__} {getattr(obj, '__module__', '')}."
+                 f"{getattr(obj, '__qualname__', getattr(obj, '__name__', ''))}>".encode())
+    else:  # an instance of a Python class (e.g. a callable object): its class, __call__ and attributes
+        cls = type(obj)
+        h.update(f"<object {cls.__module__}.{cls.__qualname__}>".encode())
+        call = getattr(cls, "__call__", None)
+        if isinstance(call, types.FunctionType):
+            _hash_function(h, call, depth + 1, seen)
+        for key in sorted(vars(obj)):
+            h.update(f"<attr {key}>".encode())
+            _hash_obj(h, vars(obj)[key], depth + 1, seen)
+
+
 def fingerprint(step, X0: Tensor, C: Optional[Tensor], settings: Dict[str, Any]) -> str:
-    """A hash of the inputs and settings, so a checkpoint is resumed only by the run that wrote it."""
+    """A SHA-256 of everything that defines a run, so a checkpoint is resumed only by the run that wrote it.
+
+    It covers the settings (JSON), X0 and C (shape, dtype and values) and the step:
+
+    - a model (any ``torch.nn.Module``, fastjac's included): its class, ``config()`` (fastjac models), the plain
+      attributes of every submodule (``heads``, ``beta``, ``eps``, ``norm``, ``norm_group``, ``causal``, ... even
+      when changed after construction), each submodule's ``forward`` code, and every parameter and buffer's name,
+      shape, dtype and values;
+    - a plain callable: its qualified name, its code object (bytecode, constants, names, nested code), its default
+      arguments, the values in its closure cells and the globals it names (tensors, numbers, strings, containers
+      of them, and functions and modules followed the same way, up to 4 levels deep); ``functools.partial``
+      objects by their function, args and keywords; bound methods by their function and object; callable objects
+      by their class, ``__call__`` and attributes.
+
+    What it cannot see: builtin and C functions (by name only, e.g. ``torch.tanh``); objects that are neither of
+    the above (by type only); state deeper than 4 levels; code of functions imported from a module and called by
+    attribute (``mylib.f`` is seen as "a module"); files, environment variables or random numbers a step reads
+    when it runs. Two callables that differ only there get the same fingerprint: start such a run with a fresh
+    checkpoint path.
+    """
     h = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode())
-    tensors = [X0] + ([] if C is None else [C])
-    if isinstance(step, torch.nn.Module):
-        tensors += [p for _, p in sorted(step.state_dict().items())]
-    for t in tensors:
-        h.update(t.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
+    h.update(b"<X0>")
+    _hash_tensor(h, X0)
+    h.update(b"<C>")
+    _hash_obj(h, C)
+    h.update(b"<step>")
+    _hash_obj(h, step)
     return h.hexdigest()
+
+
+# what a checkpoint file says it is; loaded with torch.load(weights_only=True): tensors, numbers, strings, lists
+_CKPT_FORMAT = "fastjac.lyapunov_spectrum.v2"
+_STATE_KEYS = ("t", "X", "Q", "sums", "hist", "hist_steps", "renorms", "m", "since", "snap", "lscale")
+
+
+def _start_over(path: str) -> str:
+    return f"delete {path!r} to start over (CLI: --fresh), or pass another checkpoint path"
+
+
+def _load_checkpoint(path: str, device) -> Dict[str, Any]:
+    """Read a checkpoint safely (no code in the file runs) or raise ValueError saying what is wrong."""
+    if os.path.getsize(path) == 0:
+        raise ValueError(f"checkpoint: {path!r} is empty (a write was cut off?); {_start_over(path)}")
+    try:
+        saved = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:  # truncated / corrupt / a pickle with objects weights_only refuses
+        why = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+        raise ValueError(f"checkpoint: {path!r} is not a readable fastjac checkpoint (corrupt, truncated, or not "
+                         f"written by lyapunov_spectrum: {type(e).__name__}: {why}); nothing in it was run. "
+                         f"{_start_over(path)}") from None
+    ok = isinstance(saved, dict) and saved.get("format") == _CKPT_FORMAT and isinstance(saved.get("state"), dict) \
+        and all(k in saved["state"] for k in _STATE_KEYS) and isinstance(saved.get("rng"), list)
+    if not ok:
+        raise ValueError(f"checkpoint: {path!r} is not a lyapunov_spectrum checkpoint of this fastjac version; "
+                         f"{_start_over(path)}")
+    return saved
+
+
+def _check_writable(path: str) -> None:
+    """Fail before any compute when the checkpoint cannot be written (missing folder, read-only, a directory)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise ValueError(f"checkpoint: {path!r} is a directory; pass a file path")
+    if not os.path.isdir(folder):
+        raise ValueError(f"checkpoint: the folder {folder!r} does not exist; create it or pass another path")
+    probe = path + ".tmp"
+    try:
+        with open(probe, "ab"):
+            pass
+        os.remove(probe)
+    except OSError as e:
+        raise ValueError(f"checkpoint: cannot write {probe!r} ({e.strerror or e}); pass a writable path") from None
 
 
 def _save_checkpoint(path: str, state: Dict[str, Any]) -> None:
@@ -180,6 +364,78 @@ def _advance(step, X: Tensor, C: Optional[Tensor], backend: str) -> Tensor:
         return _lin(step, X, C, backend).out
 
 
+def _base_seed(seed) -> int:
+    """The int seed of the tangents (sample b uses seed + b); a torch.Generator gives one draw from it."""
+    g = make_generator(seed)  # validates: an int >= 0 or a torch.Generator
+    if seed is None:
+        raise TypeError("seed: expected an int or a torch.Generator, got NoneType")
+    if isinstance(seed, torch.Generator):
+        return int(torch.randint(0, 2 ** 62, (), generator=g))
+    return seed
+
+
+def _check_opt_float(name: str, v) -> Optional[float]:
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise TypeError(f"{name}: expected a number or None, got {type(v).__name__}")
+    if not math.isfinite(v):
+        raise ValueError(f"{name}: expected a finite number, got {v!r}")
+    return float(v)
+
+
+def _independence(V: Tensor, logd: Tensor, n_track: int) -> float:
+    """log of the smallest |R_ii| / |v_i| over the first n_track columns of V [k, B, S, D] (logd [B, k] from its QR):
+    how much of each column is independent of the ones before it, the worst over the batch. -inf when a column
+    left the range where V's dtype keeps full precision (entries near underflow or overflow)."""
+    k, B = V.shape[:2]
+    n = V[0, 0].numel()
+    fi = torch.finfo(V.dtype)
+    norms = V.reshape(k, B, -1).double().norm(dim=-1).transpose(0, 1)  # [B, k], in float64's range
+    lo = math.log(fi.tiny / fi.eps) + 0.5 * math.log(n)  # entries ~ |v| / sqrt(n) must stay far from subnormal
+    hi = math.log(fi.max * fi.eps) - 0.5 * math.log(n)
+    ln = norms.log()
+    if not bool(((ln > lo) & (ln < hi)).all()):
+        return float("-inf")
+    ratio = logd - ln
+    return float(ratio[:, :n_track].min()) if n_track > 0 else 0.0
+
+
+def _finite(V: Tensor) -> bool:
+    return bool(torch.isfinite(V).all())
+
+
+def _fmt_ratio(logr: float) -> str:
+    if math.isnan(logr):
+        return "lost (the tangents overflowed)"
+    if logr == float("-inf"):
+        return "lost (the tangents left the dtype's full-precision range, or a column became dependent)"
+    return f"{math.exp(logr):.1e} of its norm"
+
+
+def _hint(step) -> str:
+    if getattr(step, "norm", None) == "none":
+        return "norm='none': nothing bounds the state"
+    return "nothing in the step bounds the state" if not isinstance(step, RecurrentStep) else "the step diverges"
+
+
+def _check_trajectory(Xn: Tensor, Xp: Tensor, t: int, total: int, step) -> None:
+    if not bool(torch.isfinite(Xn).all()):
+        raise NonFiniteError(f"X0: the trajectory overflowed at step {t} of {total} (the state became inf/NaN; its "
+                             f"largest entry was {Xp.abs().max().item():.3g} one step before; {_hint(step)}). "
+                             f"Use fewer steps, a smaller eta or a normalised model"
+                             + (" or float64" if Xn.dtype != torch.float64 else ""))
+
+
+def _warn_divergence(X0: Tensor, Xt: Tensor, step) -> None:
+    """A RuntimeWarning when the state grew by more than 1e6 over the run (an unbounded, diverging trajectory)."""
+    a, b = X0.abs().max().item(), Xt.abs().max().item()
+    if math.isfinite(b) and b > 1e6 * max(a, 1.0):
+        warnings.warn(f"lyapunov_spectrum: the state grew from max|X0| = {a:.3g} to {b:.3g} ({_hint(step)}): the "
+                      f"trajectory diverges, and the exponents measure that growth, not the dynamics on an "
+                      f"attractor", RuntimeWarning, stacklevel=3)
+
+
 # ---------------------------------------------------------------------------------------------------- Benettin
 
 def lyapunov_spectrum(step, X0: Tensor, *, C: Optional[Tensor] = None, k: Optional[int] = None, steps: int,
@@ -200,7 +456,14 @@ def lyapunov_spectrum(step, X0: Tensor, *, C: Optional[Tensor] = None, k: Option
         k: number of tangents; None means all S*D (S*D <= 4096), or S*D minus the trivial ones when
             ``project_radial``.
         steps: Jacobians in the product (after burn-in). burn_in: state-only steps first.
-        renorm_every: re-orthonormalise every m steps (the growth in between must stay in floating-point range).
+        renorm_every: re-orthonormalise every m steps. In between, each tangent is only rescaled to norm 1 (so
+            none overflows or underflows), but all of them turn toward the leading directions: after m steps column
+            i keeps a part ``|R_ii| / |v_i| ~ exp(-m (lambda_1 - lambda_i))`` independent of the columns before it.
+            The rule: at every re-orthonormalisation that part must be at least sqrt(eps) of the dtype (3.5e-4 in
+            float32, 1.5e-8 in float64) for every column that is not a structural -inf direction; otherwise the
+            interval is redone from its start with m halved (from then on), and a RuntimeWarning says so.
+            ``result.settings["renorm_every_used"]`` is the interval that was finally used. So the result never
+            rests on rounding noise; a too-large m only costs the redone steps.
         project_radial: keep tangents off the directions normalisation kills (fastjac models; needs burn_in >= 1,
             so that states lie where the step puts them).
         backend: Jacobian backend ("auto", "torch", "triton", "autograd"). qr_backend: see ``fastjac.ops.qr``.
@@ -208,7 +471,11 @@ def lyapunov_spectrum(step, X0: Tensor, *, C: Optional[Tensor] = None, k: Option
             re-orthonormalisations.
         checkpoint: a file path; the run saves its state there every ``checkpoint_every`` steps and on Ctrl-C, and
             a run started with the same path, inputs and settings resumes from it and ends with exactly the numbers
-            of an uninterrupted run (on the same device). The file is left in place at the end.
+            of an uninterrupted run (on the same device). The file is left in place at the end. A checkpoint of
+            another run (other model class, configuration, weights, X0, C or arguments: see :func:`fingerprint`)
+            is refused, and so is a corrupt one (ValueError saying how to start over); it is read with
+            ``torch.load(weights_only=True)``, so no code in the file runs. An unwritable path is refused before
+            any compute; a write that fails later only warns (the computed exponents are returned).
         progress: show a tqdm progress bar. trivial_below: exponents below this are marked trivial
             (default log(1000 eps) of the dtype: rounding noise), besides the structural -inf of normalisation.
         parallel: None (one process), "samples" (shard a batch of samples across the ranks of ``group``) or
@@ -242,6 +509,14 @@ def lyapunov_spectrum(step, X0: Tensor, *, C: Optional[Tensor] = None, k: Option
     renorm_every = _check_int("renorm_every", renorm_every, 1)
     history_every = _check_int("history_every", history_every, 1)
     checkpoint_every = _check_int("checkpoint_every", checkpoint_every, 1)
+    seed = _base_seed(seed)
+    trivial_below = _check_opt_float("trivial_below", trivial_below)
+    if qr_backend not in QR_BACKENDS:
+        raise ValueError(f"qr_backend: expected one of {QR_BACKENDS}, got {qr_backend!r}")
+    if checkpoint is not None:
+        if not isinstance(checkpoint, (str, os.PathLike)):
+            raise TypeError(f"checkpoint: expected a file path or None, got {type(checkpoint).__name__}")
+        checkpoint = os.fspath(checkpoint)
     n_triv = trivial_count(step, S, D)
     if project_radial:
         if radial_basis(step, X) is None:
@@ -259,32 +534,51 @@ def lyapunov_spectrum(step, X0: Tensor, *, C: Optional[Tensor] = None, k: Option
     k = _check_int("k", k, 1)
     if k > n_eff:
         raise ValueError(f"k: expected at most {n_eff} tangents ({'S*D minus the trivial directions' if project_radial else 'S*D'}), got {k}")
+    try:  # an unusable QR backend is refused now, not after the burn-in
+        _qr_backend_for(torch.empty(0, n, k, dtype=X.dtype, device=X.device), qr_backend)
+    except (ValueError, TypeError) as e:
+        raise type(e)(f"qr_backend: {str(e).split(': ', 1)[-1]}") from None
     settings = dict(method="benettin", k=k, steps=steps, burn_in=burn_in, renorm_every=renorm_every,
                     project_radial=project_radial, backend=backend, qr_backend=qr_backend, seed=seed,
                     history_every=history_every, dtype=str(X.dtype), shape=list(X0.shape),
-                    step=type(step).__name__)
+                    step=type(step).__name__, device=str(X.device))
     fp = fingerprint(step, X0, C, settings) if checkpoint else None
+    # a column whose part independent of the columns before it is below this fraction of its norm is rounding noise
+    renorm_tol = math.sqrt(torch.finfo(X.dtype).eps)
+    n_track = k if project_radial else min(k, n - n_triv)  # columns that measure real (not structural -inf) growth
 
     # sample b draws its initial tangents with seed + b: a batched run equals B single runs
     gens = [torch.Generator().manual_seed(seed + b) for b in range(B)]
     st = dict(t=0, X=X, Q=None, sums=torch.zeros(B, k, dtype=torch.float64, device=X.device), hist=[],
-              hist_steps=[], renorms=0)
+              hist_steps=[], renorms=0, m=renorm_every, since=0, snap=None, shrunk=[],
+              lscale=torch.zeros(B, k, dtype=torch.float64, device=X.device))
     if checkpoint and os.path.exists(checkpoint):
-        saved = torch.load(checkpoint, map_location=X.device, weights_only=False)
+        saved = _load_checkpoint(checkpoint, X.device)
         if saved.get("fingerprint") != fp:
-            raise ValueError(f"checkpoint: {checkpoint!r} was written by a run with other inputs or settings; "
-                             f"delete it or pass another path")
+            raise ValueError(f"checkpoint: {checkpoint!r} was written by a run with other inputs or settings (model, "
+                             f"its configuration or weights, X0, C or arguments differ); {_start_over(checkpoint)}")
         st = saved["state"]
         for g, r in zip(gens, saved["rng"]):
             g.set_state(r)
+    elif checkpoint:
+        _check_writable(checkpoint)
+    save_failed = []
 
-    def save():
-        if checkpoint:
-            _save_checkpoint(checkpoint, dict(fingerprint=fp, state=st, rng=[g.get_state() for g in gens]))
+    def save(final: bool = False):
+        if not checkpoint or (save_failed and not final):
+            return
+        try:
+            _save_checkpoint(checkpoint, dict(format=_CKPT_FORMAT, fingerprint=fp, state=st,
+                                              rng=[g.get_state() for g in gens]))
+        except Exception as e:  # a full disk must not cost the computed exponents
+            save_failed.append(e)
+            warnings.warn(f"lyapunov_spectrum: could not write the checkpoint {checkpoint!r} ({e}); the run goes "
+                          f"on without it", RuntimeWarning, stacklevel=3)
 
     from tqdm.auto import tqdm
 
     total = burn_in + steps
+    check_states = config.check_finite
     grad_mode = torch.is_grad_enabled()
     torch.set_grad_enabled(False)  # torch.func (the autograd backend) ignores an outer no_grad, as it should
     bar = tqdm(total=total, initial=st["t"], disable=not progress, desc="lyapunov", unit="step")
@@ -292,7 +586,10 @@ def lyapunov_spectrum(step, X0: Tensor, *, C: Optional[Tensor] = None, k: Option
         while st["t"] < total:
             t = st["t"]
             if t < burn_in:
-                st["X"] = _advance(step, st["X"], C3, backend)
+                Xn = _advance(step, st["X"], C3, backend)
+                if check_states:
+                    _check_trajectory(Xn, st["X"], t + 1, total, step)
+                st["X"] = Xn
             else:
                 if st["Q"] is None:  # random orthonormal tangents at the first state after burn-in
                     Q0 = torch.stack([torch.randn(k, S, D, generator=g, dtype=torch.float64) for g in gens], 1)
@@ -300,21 +597,52 @@ def lyapunov_spectrum(step, X0: Tensor, *, C: Optional[Tensor] = None, k: Option
                     if project_radial:
                         Q0 = project_off(Q0, radial_basis(step, st["X"]))
                     st["Q"] = _orthonormalize(Q0, qr_backend)[0]
+                if st["since"] == 0:  # start of a re-orthonormalisation interval: what a redo goes back to
+                    st["snap"] = (t, st["X"], st["Q"])
                 lin = _lin(step, st["X"], C3, backend)
                 V = lin.jvp(st["Q"])
+                if check_states:
+                    _check_trajectory(lin.out, st["X"], t + 1, total, step)
                 st["X"] = lin.out
                 if project_radial:
                     V = project_off(V, radial_basis(step, st["X"]))
+                st["since"] += 1
                 done = t + 1 - burn_in
-                if done % renorm_every == 0 or done == steps:
-                    st["Q"], logd = _orthonormalize(V, qr_backend)
-                    st["sums"] = st["sums"] + logd
+                if st["since"] == st["m"] or done == steps:
+                    fin = _finite(V)
+                    if fin:
+                        Qn, logd = _orthonormalize(V, qr_backend)
+                    worst = _independence(V, logd, n_track) if fin and st["since"] > 1 else 0.0
+                    if st["since"] > 1 and not (fin and worst >= math.log(renorm_tol)):
+                        # the tangents collapsed (or overflowed) within the interval: redo it, re-orthonormalising
+                        # twice as often (from here on), so no exponent is computed from rounding noise
+                        t0, Xs, Qs = st["snap"]
+                        st["shrunk"].append((done, st["since"], worst if fin else float("nan")))
+                        if progress:
+                            bar.write(f"lyapunov: re-orthonormalising every {max(1, st['since'] // 2)} steps instead of "
+                                      f"{st['since']} (the tangents collapsed); redoing steps {t0 + 1}-{t + 1}")
+                        st.update(t=t0, X=Xs, Q=Qs, since=0, m=max(1, st["since"] // 2), lscale=st["lscale"] * 0)
+                        bar.n = t0
+                        bar.refresh()
+                        continue
+                    if not fin:
+                        raise NonFiniteError(f"X0: the tangents overflowed (inf/NaN) at step {t + 1} of {total}; "
+                                             f"the step is not differentiable there or grows too fast for "
+                                             f"{X.dtype}")
+                    st["Q"] = Qn
+                    st["sums"] = st["sums"] + logd + st["lscale"]
+                    st["lscale"] = st["lscale"] * 0
                     st["renorms"] += 1
+                    st["since"] = 0
                     if st["renorms"] % history_every == 0 or done == steps:
                         st["hist"].append(st["sums"] / done)
                         st["hist_steps"].append(done)
                 else:
-                    st["Q"] = V
+                    # between re-orthonormalisations each column is rescaled to norm 1 (its log norm kept in
+                    # float64): directions are unchanged, and no tangent can overflow or underflow
+                    nrm = V.reshape(k, B, -1).norm(dim=-1)  # [k, B]
+                    st["lscale"] = st["lscale"] + nrm.double().log().transpose(0, 1)
+                    st["Q"] = V / nrm.clamp_min(torch.finfo(V.dtype).tiny)[:, :, None, None]
             st["t"] = t + 1
             bar.update(1)
             if progress and st["hist"] and st["t"] % 10 == 0:
@@ -322,13 +650,11 @@ def lyapunov_spectrum(step, X0: Tensor, *, C: Optional[Tensor] = None, k: Option
             if checkpoint and st["t"] % checkpoint_every == 0 and st["t"] < total:
                 save()
     except KeyboardInterrupt:
-        save()
+        save(final=True)
         raise
     finally:
         bar.close()
         torch.set_grad_enabled(grad_mode)
-    if checkpoint:
-        save()
 
     ex = st["sums"] / steps
     order = torch.argsort(ex, dim=-1, descending=True)
@@ -339,7 +665,18 @@ def lyapunov_spectrum(step, X0: Tensor, *, C: Optional[Tensor] = None, k: Option
     hsteps = torch.tensor(st["hist_steps"])
     if not batched:
         ex, triv, hist = ex[0], triv[0], hist[:, 0]
-    return LyapunovResult(ex, triv, hist.cpu(), hsteps, steps, settings)
+    out_settings = dict(settings, renorm_every_used=st["m"])
+    if st["m"] < renorm_every:
+        d, m_bad, w = st["shrunk"][0]
+        warnings.warn(f"lyapunov_spectrum: renorm_every={renorm_every} lets the tangents collapse onto the leading "
+                      f"directions (after {m_bad} steps a column's part independent of the others was "
+                      f"{_fmt_ratio(w)}, where at least sqrt(eps) = {renorm_tol:.1e} of {X.dtype} is needed, or the "
+                      f"lower exponents are rounding noise); those intervals were redone, re-orthonormalising every "
+                      f"{st['m']} steps (result.settings['renorm_every_used'])", RuntimeWarning, stacklevel=2)
+    _warn_divergence(X, st["X"], step)
+    if checkpoint:
+        save(final=True)  # the result is computed: a failed write only warns
+    return LyapunovResult(ex, triv, hist.cpu(), hsteps, steps, out_settings)
 
 
 # ---------------------------------------------------------------------------------------------------- finite time

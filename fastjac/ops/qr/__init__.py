@@ -12,7 +12,7 @@ from torch import Tensor
 
 from ..._checks import check_tensor
 from .._utils import interpreter_on
-from .ref import cholesky_qr2, householder_qr
+from .ref import cholesky_qr2, householder_qr, shares_memory
 
 try:  # Triton is optional (no wheels off Linux); the torch primitives always work
     from .triton import MAX_K, cholesky_qr2_triton
@@ -63,7 +63,7 @@ def qr(M: Tensor, *, backend: str = "auto", out: Optional[Tensor] = None,
     Args:
         M: [..., n, k] with n >= k, float32 or float64, any strides.
         backend: "auto" (fused Triton kernels on CUDA, torch ops elsewhere), "triton", "torch" or "householder".
-        out: optional [..., n, k] buffer (any strides) that receives Q.
+        out: optional [..., n, k] buffer (any strides) that receives Q; it may be M itself (then Q overwrites M).
         return_fallback: deprecated (it changed the number of returned values); read ``result.fallback``.
 
     Returns:
@@ -92,7 +92,10 @@ def qr(M: Tensor, *, backend: str = "auto", out: Optional[Tensor] = None,
     kind = qr_backend(M, backend)
     batch = M.shape[:-2]
     M3 = M.reshape(-1, n, k)
-    out3 = None if out is None else out.view(-1, n, k) if out.dim() == 3 or out.is_contiguous() else None
+    # M is read again after Q is written (second pass, Householder fallback): never hand the kernels an out that
+    # aliases it; Q then goes to a fresh buffer and is copied into out at the end
+    aliased = out is not None and shares_memory(out, M)
+    out3 = None if out is None or aliased else out.view(-1, n, k) if out.dim() == 3 or out.is_contiguous() else None
     if kind == "householder":
         Q, logd = householder_qr(M3)
         bad = torch.ones(M3.shape[0], dtype=torch.bool, device=M.device)

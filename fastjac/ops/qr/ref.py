@@ -24,6 +24,11 @@ from torch import Tensor
 ORTHO_TOL = 0.5
 
 
+def shares_memory(a: Tensor, b: Tensor) -> bool:
+    """Whether two tensors may overlap in memory (same storage: conservative, no false negatives)."""
+    return a.device == b.device and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+
+
 def gram_ref(M: Tensor) -> Tensor:
     """MᵀM [..., k, k] in M's dtype."""
     return M.transpose(-1, -2) @ M
@@ -74,8 +79,12 @@ def cholesky_qr2(M: Tensor, gram: Callable = gram_ref, apply_gram: Callable = ap
                  apply: Callable = apply_ref, out: Tensor = None) -> Tuple[Tensor, Tensor, Tensor]:
     """CholeskyQR2 of M [..., n, k] with the given n-long primitives; Householder for samples that break down.
 
-    Returns (Q [..., n, k], log|diag R| [..., k] float64, fell_back [...] bool).
+    Returns (Q [..., n, k], log|diag R| [..., k] float64, fell_back [...] bool). ``out`` may be M itself (or share
+    its memory): Q is then computed into a fresh buffer and copied, since M is read again after the apply.
     """
+    if out is not None and shares_memory(out, M):
+        Q, logd, bad = cholesky_qr2(M, gram, apply_gram, apply, out=None)
+        return out.copy_(Q), logd, bad
     R1, ok1 = _chol_upper(gram(M))
     R1inv = _inv_upper(R1)
     G2 = apply_gram(M, R1inv.to(M.dtype)).double()
