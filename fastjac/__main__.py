@@ -1,8 +1,8 @@
 """fastjac's main job: ``python -m fastjac`` (or the ``fastjac`` command).
 
     python -m fastjac                        # Lyapunov spectrum of a default ItrSA model: JSON + PNG in fastjac_out/
-    python -m fastjac lyapunov --steps 2000 --k 64 --model my_model.pt --out runs/a
-    python -m fastjac jacobian               # dense step Jacobian: size, spectral radius, time vs torch.func
+    python -m fastjac lyapunov --steps 2000 --k 64 --model my_model.safetensors --out runs/a
+    python -m fastjac jacobian               # dense step Jacobian: size, spectral radius, time vs torch.func (~1 min)
     python -m fastjac aot | train | build    # GPU compile check, training, compiled extension (--help each)
 
 The default model is the paper's setting at CPU scale: ItrSA, l2 (RMS) normalisation, D = 64, H = 4, S = 81 tokens
@@ -20,6 +20,20 @@ import time
 import torch
 
 
+# model options of the default model; given beside --model they would be ignored, so they are refused
+MODEL_OPTS = {"dim": 64, "heads": 4, "norm": "l2", "eta": 1.0}
+
+
+def _fill_model_defaults(args) -> None:
+    """Record which model options were given, then fill the defaults in (once; idempotent)."""
+    if hasattr(args, "_model_opts_given"):
+        return
+    args._model_opts_given = [k for k in MODEL_OPTS if getattr(args, k, None) is not None]
+    for k, v in MODEL_OPTS.items():
+        if getattr(args, k, None) is None:
+            setattr(args, k, v)
+
+
 def _default_model(args):
     from .models import ItrSA
 
@@ -27,17 +41,15 @@ def _default_model(args):
     return ItrSA(args.dim, args.heads, norm=args.norm, eta=args.eta, dtype=torch.float64)
 
 
-def _load_model(path: str):
-    """A fastjac model saved whole with ``torch.save(model, path)`` (a pickle: load only files you trust)."""
-    from .backends import FASTJAC_MODELS
+def _load_model(path: str, allow_pickle: bool = False):
+    """A model saved with ``fastjac.save_model`` (safetensors + JSON: no code in the file runs), or, only with
+    ``--allow-pickle``, one saved whole with ``torch.save(model, path)`` (a pickle runs code: trusted files only)."""
+    from .models import load_model
 
-    if not os.path.exists(path):
-        raise SystemExit(f"--model: no such file {path!r}")
-    model = torch.load(path, map_location="cpu", weights_only=False)
-    if not isinstance(model, FASTJAC_MODELS):
-        raise SystemExit(f"--model: expected a saved fastjac ItrSA or AKOrN (torch.save(model, path)), got "
-                         f"{type(model).__name__}")
-    return model
+    try:
+        return load_model(path, allow_pickle=allow_pickle)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"--model: {str(e).split(': ', 1)[-1]}") from None
 
 
 def _state(model, args):
@@ -51,16 +63,61 @@ def _state(model, args):
 
 def make_model_and_state(args):
     """The job's model and its (X0 [S, D], C [S, D]) from the parsed arguments (shared with fastjac.distributed)."""
-    model = _load_model(args.model) if args.model else _default_model(args)
+    _fill_model_defaults(args)
+    if args.model:
+        if args._model_opts_given:
+            given = ", ".join(f"--{k}" for k in args._model_opts_given)
+            raise ValueError(f"--model: {given} would be ignored beside --model (the file fixes the model); drop "
+                             f"{'it' if len(args._model_opts_given) == 1 else 'them'}")
+        model = _load_model(args.model, getattr(args, "allow_pickle", False))
+    else:
+        model = _default_model(args)
     X0, C = _state(model, args)
     return model, X0, C
+
+
+def _check_out_dir(out: str) -> None:
+    """Create the output folder and prove it writable before any compute (a late failure would lose the run)."""
+    try:
+        os.makedirs(out, exist_ok=True)
+        probe = os.path.join(out, f".fastjac_write_test_{os.getpid()}")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise ValueError(f"--out: cannot write to {out!r} ({e.strerror or e}); pass a writable folder with --out")
+
+
+def _write_json(path: str, obj: dict, what: str) -> str:
+    """Write strict JSON to path; on failure to a fallback file in the temp folder, else to stdout. Returns where."""
+    from ._checks import json_safe
+
+    text = json.dumps(json_safe(obj), indent=1, allow_nan=False)
+    try:
+        with open(path, "w") as f:
+            f.write(text)
+        return path
+    except OSError as e:
+        import tempfile
+
+        fallback = os.path.join(tempfile.gettempdir(), f"fastjac_{what}_{os.getpid()}_{int(time.time())}.json")
+        print(f"fastjac: could not write {path!r} ({e.strerror or e})", file=sys.stderr)
+        try:
+            with open(fallback, "w") as f:
+                f.write(text)
+            print(f"fastjac: the results are in {fallback} instead", file=sys.stderr)
+            return fallback
+        except OSError:
+            print("fastjac: nor the fallback file; the results follow on stdout", file=sys.stderr)
+            print(text)
+            return "<stdout>"
 
 
 def run_lyapunov(args) -> dict:
     from .analysis.lyapunov import lyapunov_spectrum
 
     model, X0, C = make_model_and_state(args)
-    os.makedirs(args.out, exist_ok=True)
+    _check_out_dir(args.out)
     ckpt = os.path.join(args.out, "lyapunov.ckpt")
     if args.fresh and os.path.exists(ckpt):
         os.remove(ckpt)
@@ -74,9 +131,10 @@ def run_lyapunov(args) -> dict:
     out = res.to_dict()
     out["wall_s_this_run"] = dt
     out["model"] = repr(model)
-    js = os.path.join(args.out, "lyapunov.json")
-    with open(js, "w") as f:
-        json.dump(out, f, indent=1)
+    # results first: printed, then the JSON (with a fallback), then the plot; a failed write loses nothing
+    print(f"lambda_max = {res.max.item():+.5f}   mean of the {int((~res.trivial).sum())} non-trivial exponents = "
+          f"{res.mean.item():+.5f} nats per step   ({int(res.trivial.sum())} trivial)")
+    js = _write_json(os.path.join(args.out, "lyapunov.json"), out, "lyapunov")
     png = os.path.join(args.out, "lyapunov.png")
     try:
         from .plot.lyapunov import plot_lyapunov
@@ -85,31 +143,72 @@ def run_lyapunov(args) -> dict:
     except ImportError:
         png = None
         print("matplotlib is not installed: no plot (pip install 'fastjac[plot]')")
-    print(f"lambda_max = {res.max:+.5f}   mean of the {int((~res.trivial).sum())} non-trivial exponents = "
-          f"{res.mean:+.5f}   ({int(res.trivial.sum())} trivial)")
+    except (OSError, RuntimeError, ValueError) as e:
+        png = None
+        print(f"fastjac: could not write the plot ({e}); the JSON has every number", file=sys.stderr)
     print(f"wrote {js}" + (f" and {png}" if png else "") + f" in {dt:.1f} s")
     return out
 
 
+# jacrev's reference runs by default up to this S*D (about 40 s at the default 81 x 64 on 2 cores; its cost grows
+# like S^2 * S*D, so S*D = 16000 would take the better part of an hour)
+JACREV_AUTO_MAX_N = 8192
+JACREV_CHUNK_BYTES = 1 << 30
+
+
+def _timed(fn, repeat: int):
+    """fn() once to warm up, then ``repeat`` timed calls: (result, median seconds, min, max)."""
+    out = fn()
+    ts = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        out = fn()
+        ts.append(time.perf_counter() - t0)
+    ts.sort()
+    return out, ts[len(ts) // 2], ts[0], ts[-1]
+
+
 def run_jacobian(args) -> dict:
     from . import api
+    from .analysis.spectra import eigvals
 
     model, X0, C = make_model_and_state(args)
-    n = X0.numel()
+    S, n = X0.shape[0], X0.numel()
+    J, t_fast, t_min, t_max = _timed(lambda: api.jacobian(model, X0, C=C, backend=args.backend), args.repeat)
+    gb = J.numel() * J.element_size() / 1e9
+    # the spectral radius: dense eig is O(n^3) (about 75 s at n = 5184 on 2 cores); Arnoldi on JVPs agrees to ~1e-9
     t0 = time.perf_counter()
-    J = api.jacobian(model, X0, C=C, backend=args.backend)
-    t_fast = time.perf_counter() - t0
+    if n <= 1024:
+        rho, how = torch.linalg.eigvals(J).abs().max().item(), "dense eig"
+    else:
+        rho = eigvals(model, X0, C=C, k=8, method="arnoldi", tol=1e-10, seed=0).abs().max().item()
+        how = "Arnoldi, 8 eigenvalues"
+    t_rho = time.perf_counter() - t0
+    out = dict(S=S, D=model.dim, shape=list(J.shape), gb=gb, spectral_radius=rho, spectral_radius_method=how,
+               time_fastjac_s=t_fast, time_fastjac_min_s=t_min, time_fastjac_max_s=t_max, repeat=args.repeat,
+               time_spectral_radius_s=t_rho)
+    print(f"model: {model}\ndense step Jacobian [{n}, {n}] ({gb:.3f} GB): spectral radius {rho:.6f} ({how}, "
+          f"{t_rho:.1f} s)\nfastjac {t_fast * 1e3:.1f} ms (median of {args.repeat} warmed runs, "
+          f"{t_min * 1e3:.1f}-{t_max * 1e3:.1f} ms)")
+    run_ref = args.reference == "always" or (args.reference == "auto" and n <= JACREV_AUTO_MAX_N)
+    if not run_ref:
+        why = "--reference never" if args.reference == "never" else (
+            f"S*D = {n} > {JACREV_AUTO_MAX_N}: jacrev's cost grows like S^2 * S*D (about "
+            f"{40 * (S / 81) ** 2 * (n / 5184) / 60:.0f} min on 2 cores); --reference always runs it")
+        print(f"torch.func.jacrev reference skipped ({why})")
+        out.update(time_jacrev_s=None, speedup=None, max_rel_err=None)
+        return out
+    heads = getattr(model, "heads", 1)
+    per_row = 4 * heads * S * S * X0.element_size() + 8 * n * X0.element_size()
+    chunk = max(1, min(n, JACREV_CHUNK_BYTES // per_row))  # bounded memory (unchunked it needs n x that)
     t0 = time.perf_counter()
-    Jref = torch.func.jacrev(lambda x: model(x, C))(X0).reshape(n, n)
+    with torch.no_grad():
+        Jref = torch.func.jacrev(lambda x: model(x, C), chunk_size=chunk)(X0).reshape(n, n)
     t_ref = time.perf_counter() - t0
     err = ((J - Jref).abs().max() / Jref.abs().max()).item()
-    rho = torch.linalg.eigvals(J).abs().max().item()
-    out = dict(S=X0.shape[0], D=model.dim, shape=list(J.shape), gb=J.numel() * J.element_size() / 1e9,
-               spectral_radius=rho, time_fastjac_s=t_fast, time_jacrev_s=t_ref, speedup=t_ref / t_fast,
-               max_rel_err=err)
-    print(f"model: {model}\ndense step Jacobian [{n}, {n}] ({out['gb']:.3f} GB): spectral radius {rho:.5f}\n"
-          f"fastjac {t_fast * 1e3:.1f} ms, torch.func.jacrev {t_ref * 1e3:.1f} ms: {t_ref / t_fast:.1f}x faster "
-          f"(max relative difference {err:.1e})")
+    out.update(time_jacrev_s=t_ref, jacrev_chunk_size=chunk, speedup=t_ref / t_fast, max_rel_err=err)
+    print(f"torch.func.jacrev {t_ref * 1e3:.1f} ms (one run, chunk_size={chunk}): {t_ref / t_fast:.1f}x slower "
+          f"than fastjac's median (max relative difference {err:.1e})")
     return out
 
 
@@ -134,24 +233,53 @@ def _external(job: str, argv) -> int:
     return int(mod.main(list(argv)) or 0)
 
 
+def _int_at_least(minimum: int):
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an int, got {text!r}") from None
+        if v < minimum:
+            raise argparse.ArgumentTypeError(f"expected an int >= {minimum}, got {v}")
+        return v
+    return parse
+
+
+def _finite_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if v != v or v in (float("inf"), float("-inf")):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return v
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The main job's argument parser (the sharded job of fastjac.distributed reuses it)."""
     ap = argparse.ArgumentParser(prog="fastjac", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("job", nargs="?", default="lyapunov", choices=("lyapunov", "jacobian"))
-    ap.add_argument("--model", help="a model saved with torch.save(model, path) (default: a fresh ItrSA)")
-    ap.add_argument("--dim", type=int, default=64)
-    ap.add_argument("--heads", type=int, default=4)
-    ap.add_argument("--tokens", type=int, default=81)
-    ap.add_argument("--norm", default="l2", choices=("l2", "rms", "layer", "none"))
-    ap.add_argument("--eta", type=float, default=1.0)
-    ap.add_argument("--k", type=int, default=32, help="tangents (leading exponents)")
-    ap.add_argument("--steps", type=int, default=500)
-    ap.add_argument("--burn-in", type=int, default=50)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--model", help="a model saved with fastjac.save_model(model, path) (default: a fresh ItrSA); "
+                    "--dim/--heads/--norm/--eta do not apply to it")
+    ap.add_argument("--allow-pickle", action="store_true",
+                    help="let --model load a torch.save(model, path) pickle: unpickling runs code from the file, "
+                         "so only for files you made")
+    ap.add_argument("--dim", type=_int_at_least(1), default=None, help="default model: features D (64)")
+    ap.add_argument("--heads", type=_int_at_least(1), default=None, help="default model: heads H (4)")
+    ap.add_argument("--tokens", type=_int_at_least(1), default=81)
+    ap.add_argument("--norm", default=None, choices=("l2", "rms", "layer", "none"), help="default model (l2)")
+    ap.add_argument("--eta", type=_finite_float, default=None, help="default model: step size eta (1.0)")
+    ap.add_argument("--k", type=_int_at_least(1), default=32, help="tangents (leading exponents)")
+    ap.add_argument("--steps", type=_int_at_least(1), default=500)
+    ap.add_argument("--burn-in", type=_int_at_least(0), default=50)
+    ap.add_argument("--seed", type=_int_at_least(0), default=0)
     ap.add_argument("--backend", default="auto")
     ap.add_argument("--out", default="fastjac_out", help="output folder (JSON, PNG, checkpoint)")
-    ap.add_argument("--checkpoint-every", type=int, default=50)
+    ap.add_argument("--checkpoint-every", type=_int_at_least(1), default=50)
+    ap.add_argument("--repeat", type=_int_at_least(1), default=3, help="jacobian: timed runs after a warm-up")
+    ap.add_argument("--reference", choices=("auto", "always", "never"), default="auto",
+                    help=f"jacobian: time torch.func.jacrev too (auto: when S*D <= {JACREV_AUTO_MAX_N})")
     ap.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
     ap.add_argument("--parallel", choices=("samples", "tokens"), default=None,
@@ -164,6 +292,7 @@ def main(argv=None) -> int:
     if argv and argv[0] in EXTERNAL_JOBS:
         return _external(argv[0], argv[1:])
     args = build_parser().parse_args(argv)
+    _fill_model_defaults(args)
     if args.parallel is not None:
         from .distributed.cli import run_parallel
 
@@ -173,7 +302,7 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted: the checkpoint is saved; run the same command again to resume", file=sys.stderr)
         return 130
-    except (ValueError, TypeError) as e:
+    except (ValueError, TypeError, ArithmeticError) as e:
         print(f"fastjac: {e}", file=sys.stderr)
         return 2
     return 0

@@ -32,6 +32,9 @@ F64 = torch.float64
 PARTS = ("step", "msa")
 # eigvals with k given goes dense up to this S*D (a dense eig of 1024^2 takes well under a second)
 DENSE_EIG_MAX_N = 1024
+# eigvals with k=None and method="auto" refuses a dense eig above this S*D (O(n^3): about 75 s at n = 5184 and
+# ~10 min at n = 10240 on 2 CPU cores); method="dense" insists
+DENSE_EIG_AUTO_LIMIT = 4096
 
 
 # ----------------------------------------------------------------------------------------- linear operators ----
@@ -137,7 +140,8 @@ def eigvals(step, X: Tensor, *, C: Optional[Tensor] = None, k: Optional[int] = N
         part: "step" (J_step) or "msa" (J_MSA = ∂MSA/∂X).
         method: "dense" (``torch.linalg.eigvals`` of the dense Jacobian), "arnoldi" (matrix-free, k JVPs per block
             on a shared forward pass, :func:`fastjac.linalg.eigs`), or "auto": dense when k is None or
-            S·D ≤ 1024, Arnoldi otherwise.
+            S·D ≤ 1024, Arnoldi otherwise. "auto" with k=None refuses S·D > 4096 (a dense eig is O(n³):
+            minutes there) with the estimate; pass k, or method="dense" to insist.
         backend: as for ``fastjac.jvp``. tol, maxiter, seed: for Arnoldi (an int or a torch.Generator) (see :mod:`fastjac.linalg`).
 
     Returns:
@@ -166,6 +170,13 @@ def eigvals(step, X: Tensor, *, C: Optional[Tensor] = None, k: Optional[int] = N
     if method == "arnoldi" and k is None:
         raise ValueError("k: method='arnoldi' needs k (the number of eigenvalues of largest modulus)")
     dense = method == "dense" or (method == "auto" and (k is None or n <= DENSE_EIG_MAX_N))
+    if dense and method == "auto" and n > DENSE_EIG_AUTO_LIMIT:
+        B = X.shape[0] if X.dim() == 3 else 1
+        secs = B * 75.0 * (n / 5184) ** 3
+        raise ValueError(f"k: all S*D = {n} eigenvalues need a dense eig of a [{n}, {n}] matrix per sample "
+                         f"({n * n * X.element_size() / 1e9:.2f} GB, O(n^3): about {secs / 60:.0f} min on 2 CPU "
+                         f"cores); pass k (the k eigenvalues of largest modulus, matrix-free Arnoldi) or "
+                         f"method='dense' to insist")
     out = []
     for Xb, Cb in _no_grad(samples):
         op = _op(linearization(step, Xb, C=Cb, part=part, backend=backend, check=False))
