@@ -88,3 +88,21 @@ def test_cli_and_config_errors(tmp_path):
         TrainConfig.preset("gpu")
     with pytest.raises(ValueError, match="spec"):
         TrainConfig(spec=-1.0).validate()
+
+
+def test_shipped_default_model():
+    from fastjac.train import pretrained
+
+    if not os.path.isfile(pretrained.CORE_FILE):
+        pytest.skip("weights not built (python examples/train_default_model.py)")
+    model, X0, C = pretrained.load_default()
+    assert type(model).__name__ == "ItrSA" and model.wq.dtype == torch.float64
+    assert X0.shape == C.shape == (16, model.dim) and X0.dtype == torch.float64
+    info = pretrained.DEFAULT_INFO
+    assert info["eval"]["test_id"]["16"]["board"] > 0.5 and len(info["example_puzzle"]) == 16
+    net = pretrained.load_net()
+    p = torch.tensor(info["example_puzzle"]).unsqueeze(0)
+    assert torch.allclose(net.inputs(p)[1][0], C)
+    Y = model(X0, C)  # the core is the one inside the Sudoku model
+    assert torch.allclose(Y, net.core(X0, C))
+    assert sum(os.path.getsize(f) for f in (pretrained.CORE_FILE, pretrained.NET_FILE)) < 400_000
