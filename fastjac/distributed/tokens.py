@@ -13,7 +13,8 @@ own block first) and the softmax is merged block by block exactly as the online-
 
 which are the formulas of ``fastjac/ops/attention/ref.py`` with the sum over keys split into the ranks' blocks.
 Causal masks use global token indices; key blocks wholly in a query block's future are skipped (but still passed
-on). The forward keeps the P key/value blocks it received (H (dh + dv) numbers per token of the whole sequence),
+on). The JVP tiles each received block over its keys (``JVP_CHUNK_ELEMS``) so that its [k, B, H, S_p, c] tensors
+stay bounded; the forward's [B, H, S_p, S_q] logits are per block. The forward keeps the P key/value blocks it received (H (dh + dv) numbers per token of the whole sequence),
 so the JVP ring carries only the k tangent blocks.
 
 Only ``jvp`` (and the forward) are distributed: ``vjp`` and ``dense`` raise NotImplementedError.
@@ -31,6 +32,10 @@ from ..ops.attention.ref import AttnParams, _out_proj, _project
 from ..ops.norm.ref import norm_jvp
 from ..ops.step.ref import AKOrNLinearization, ItrSALinearization
 from . import _comm
+
+# The JVP's per-key-block tensors [k, B, H, S_p, c] (tangent logits, their products with A) are tiled over the keys
+# of a received block so that each tile holds at most this many elements (256 MB in float64).
+JVP_CHUNK_ELEMS = 2 ** 25
 
 
 @dataclass
@@ -95,26 +100,30 @@ class TokenAttention:
         out = _out_proj(self.o, p.wo)
         self.out = out if p.bo is None else out + p.bo
 
-    def _mask(self, src: int) -> Optional[Tensor]:
-        """Causal: True where key j (of rank src's block) is in the future of query i (this rank's); None if none."""
+    def _mask(self, src: int, c0: int = 0, c1: Optional[int] = None) -> Optional[Tensor]:
+        """Causal: True where key j (keys [c0, c1) of rank src's block) is in the future of query i (this rank's);
+        None if there is none."""
         if not self.p.causal:
             return None
         lo, hi = self.ctx.lo, self.ctx.hi
-        klo, khi = self.ctx.bounds[src]
-        if khi - 1 <= lo:
+        klo = self.ctx.bounds[src][0]
+        c1 = self.ctx.size(src) if c1 is None else c1
+        if klo + c1 - 1 <= lo:
             return None
         qi = torch.arange(lo, hi, device=self.q.device)
-        kj = torch.arange(klo, khi, device=self.q.device)
+        kj = torch.arange(klo + c0, klo + c1, device=self.q.device)
         return kj.unsqueeze(0) > qi.unsqueeze(1)
 
-    def _skip(self, src: int) -> bool:
-        return self.p.causal and self.ctx.bounds[src][0] > self.ctx.hi - 1  # every key after every query
+    def _skip(self, src: int, c0: int = 0) -> bool:
+        return self.p.causal and self.ctx.bounds[src][0] + c0 > self.ctx.hi - 1  # every key after every query
 
-    def _logits(self, src: int) -> Optional[Tensor]:
-        if self._skip(src):
+    def _logits(self, src: int, c0: int = 0, c1: Optional[int] = None) -> Optional[Tensor]:
+        """beta q k^T for this rank's queries and keys [c0, c1) of rank src's block (masked); None if all masked."""
+        if self._skip(src, c0):
             return None
-        s = self.p.beta * (self.q @ self.kv[src][..., :self.dh].transpose(-1, -2))  # [B, H, S_p, S_src]
-        mask = self._mask(src)
+        kb = self.kv[src][..., c0:c1, :self.dh]
+        s = self.p.beta * (self.q @ kb.transpose(-1, -2))  # [B, H, S_p, c1 - c0]
+        mask = self._mask(src, c0, c1)
         return s if mask is None else s.masked_fill(mask, float("-inf"))
 
     def jvp(self, T: Tensor) -> Tensor:
@@ -124,17 +133,21 @@ class TokenAttention:
         st = dict(acc1=None, acc2=None)
 
         def block(src: int, kvd: Tensor) -> None:
-            s = self._logits(src)
-            if s is None:
-                return
-            A = torch.exp(s - self.m) / self.l  # [B, H, S_p, S_src]
-            kb, vb = self.kv[src][..., :dh], self.kv[src][..., dh:]
-            Ld = p.beta * (qd @ kb.transpose(-1, -2) + self.q @ kvd[..., :dh].transpose(-1, -2))
-            P = A * Ld  # [k, B, H, S_p, S_src]
-            a1 = A @ kvd[..., dh:] + P @ vb
-            a2 = P.sum(-1, keepdim=True)
-            st["acc1"] = a1 if st["acc1"] is None else st["acc1"] + a1
-            st["acc2"] = a2 if st["acc2"] is None else st["acc2"] + a2
+            n = self.ctx.size(src)
+            chunk = max(1, min(n, JVP_CHUNK_ELEMS // max(1, qd.numel() // dh)))  # keys per [k, B, H, S_p, c] tile
+            for c0 in range(0, n, chunk):
+                c1 = min(n, c0 + chunk)
+                s = self._logits(src, c0, c1)
+                if s is None:
+                    return
+                A = torch.exp(s - self.m) / self.l  # [B, H, S_p, c]
+                kb, vb = self.kv[src][..., c0:c1, :dh], self.kv[src][..., c0:c1, dh:]
+                Ld = p.beta * (qd @ kb.transpose(-1, -2) + self.q @ kvd[..., c0:c1, :dh].transpose(-1, -2))
+                P = A * Ld  # [k, B, H, S_p, c]
+                a1 = A @ kvd[..., c0:c1, dh:] + P @ vb
+                a2 = P.sum(-1, keepdim=True)
+                st["acc1"] = a1 if st["acc1"] is None else st["acc1"] + a1
+                st["acc2"] = a2 if st["acc2"] is None else st["acc2"] + a2
 
         kvd = torch.cat([kd, vd], -1)
         K, B, H = T.shape[0], T.shape[1], self.q.shape[1]
