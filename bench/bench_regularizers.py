@@ -91,13 +91,15 @@ def torchfunc_lyapunov(core, X0, C, k, horizon, seed):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1: steadier on a shared machine)")
     ap.add_argument("--out", default=os.path.join(HERE, "results", "regularizers_cpu.json"))
     args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
     mt = 0.3 if args.quick else 1.5
     base = TrainConfig.preset("cpu")
     P, S = sudoku.generate(base.batch_size, size=base.size, seed=0, cache=False)
     P, S = torch.from_numpy(P), torch.from_numpy(S)
-    results = dict(machine=machine_info(), model=dict(kind=base.kind, size=base.size, dim=base.dim,
+    results = dict(machine=machine_info(), load_average_at_start=os.getloadavg(), model=dict(kind=base.kind, size=base.size, dim=base.dim,
                                                       heads=base.heads, steps=base.steps, batch=base.batch_size),
                    step_ratios={}, torch_func={})
 
@@ -165,6 +167,7 @@ def main(argv=None):
                                                                 speedup=trl / tl if ok else None)
     print(f"Lyapunov k=4, T=16 (value + backward): fastjac {tl * 1e3:.1f} ms, vmap(jvp)+QR {trl * 1e3:.1f} ms" +
           (f", {trl / tl:.2f}x" if ok else " (values differ: no speedup reported)"))
+    results["load_average_at_end"] = os.getloadavg()
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(results, f, indent=1)

@@ -343,6 +343,7 @@ def train(cfg: TrainConfig, data=None) -> Dict[str, Any]:
     stop = cfg.stop_at if cfg.stop_at > 0 else total
     bar = tqdm(total=total, initial=st["step"], disable=not cfg.progress, desc="train", unit="step")
     net.train()
+    last_terms: Dict[str, float] = {}
     try:
         while st["step"] < min(total, stop):
             step = st["step"]
@@ -356,6 +357,7 @@ def train(cfg: TrainConfig, data=None) -> Dict[str, Any]:
             logits, xs, C = net(p, return_states=True)
             ce = sudoku_loss(logits, s)
             terms = regularizer_terms(cfg, net, xs, C, step)
+            last_terms.update({k: v.item() for k, v in terms.items()})
             loss = ce + sum(getattr(cfg, k) * v for k, v in terms.items())
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -374,7 +376,7 @@ def train(cfg: TrainConfig, data=None) -> Dict[str, Any]:
             if st["step"] % cfg.log_every == 0 or st["step"] == total:
                 rec = dict(step=st["step"], epoch=epoch, loss=loss.item(), ce=ce.item(), lr=opt.param_groups[0]["lr"],
                            grad_norm=None if gnorm is None else float(gnorm),
-                           **{k: v.item() for k, v in terms.items()})
+                           **last_terms)  # the latest value of each term (with reg_every > 1: of a past step)
                 st["history"].append(rec)
                 _log(log_path, rec)
                 bar.set_postfix(ce=f"{ce.item():.3f}")
