@@ -11,6 +11,8 @@ Measured (medians of ``triton.testing.do_bench``; a call over 1 s is timed 3 tim
   the same kernel (what sharing one softmax across the k tangents buys).
 - dense step Jacobian (``lin.dense(out)``) against ``torch.func.jacrev`` (chunk_size rows at a time) and against the
   time to write the same output once at this device's bandwidth (``out.fill_``, measured in the same run).
+- FLOPs per call of the two-pass attention JVP beside the one-tangent-per-call baseline (printed first, also without
+  a GPU: arithmetic only), and the launch-table entries (tiles, num_warps, num_stages) the run used;
 - achieved TFLOP/s and GB/s (formulas printed beside them), peak memory per method (``torch.cuda.max_memory_allocated``
   over the call, minus what was allocated before), and the error of ``matmul_precision="tf32"`` against float64.
 
@@ -104,11 +106,42 @@ def setup(S, D, H, k, device, seed=0):
     return model, X, C, T
 
 
-def jvp_flops(S, D, H, dh, dv, k, B=1):
-    """Attention part (the kernel: forward + k tangents; causal would halve it) + the torch projection GEMMs."""
-    attn = B * H * S * S * (2 * (dh + dv) + k * 4 * (dh + dv))
+def jvp_flops(S, D, H, dh, dv, k, B=1, BV=None):
+    """Attention part (the kernels: one forward, then the two-pass tangent kernel, which recomputes q.k^T per tangent
+    and per value tile; causal would halve it) + the torch projection GEMMs."""
+    from fastjac.ops.attention.triton import attn_flops
+    attn = attn_flops(S, dh, dv, k, B=B, H=H, BV=BV)["two_pass"]
     proj = k * B * S * 2 * D * H * (2 * dh + 2 * dv)  # T Wq, T Wk, T Wv and Wo^T od
     return attn + proj
+
+
+def flop_table(sizes, ks, arch=90) -> list:
+    """FLOPs per k-tangent JVP call of the attention kernels (two-pass design, value tile BV from the launch table of
+    ``arch``) beside the one-tangent-per-call baseline (a JVP-flash kernel redoing the forward per tangent) and the
+    former shared-softmax 3-D kernel. Arithmetic only: nothing is timed."""
+    from fastjac.ops import _launch
+    from fastjac.ops.attention.triton import attn_flops
+    from fastjac.ops._utils import pow2
+    rows = []
+    for cfg in sizes:
+        S, D, H = cfg["S"], cfg["D"], cfg["H"]
+        dh = dv = D // H
+        _, ent = _launch.config("attn_jvp", arch, "tf32", pow2(dh))
+        for k in ks:
+            f = attn_flops(S, dh, dv, k, H=H, BV=ent["BV"])
+            rows.append(dict(S=S, D=D, H=H, k=k, BV=ent["BV"], **f))
+    return rows
+
+
+def print_flop_table(rows) -> None:
+    print("attention FLOPs per JVP call (B = 1, non-causal; GFLOP): two-pass incl. its forward | two-pass after "
+          "linearize (forward cached) | one tangent per call (baseline) | former shared-p 3-D kernel | ratio "
+          "two-pass (incl. forward) / baseline")
+    for r in rows:
+        print(f"  S={r['S']:<5d} D={r['D']:<4d} H={r['H']} k={r['k']:<3d} BV={r['BV']:<3d} "
+              f"{r['two_pass'] / 1e9:10.2f} | {r['two_pass_cached_forward'] / 1e9:10.2f} | "
+              f"{r['one_tangent_per_call'] / 1e9:10.2f} | {r['shared_softmax_3d'] / 1e9:10.2f} | "
+              f"{r['ratio_vs_baseline']:.3f}")
 
 
 def jvp_bytes(S, D, H, dh, dv, k, B=1, es=4):
@@ -156,8 +189,17 @@ def bench_jvp(cfg, k, timer, cuda, device, notes):
     t_ours = timer(lambda: f(T))
     row["fastjac_s"] = t_ours
     row["fastjac_peak_mb"] = peak_mb(lambda: f(T), cuda)
-    fl, by = jvp_flops(S, D, H, dh, dv, k), jvp_bytes(S, D, H, dh, dv, k)
-    row["flop_formula"] = "B H S^2 (2(dh+dv) + 4k(dh+dv)) + 2 k B S D H (2dh + 2dv)"
+    from fastjac.ops import _launch
+    from fastjac.ops._utils import pow2
+    arch = _launch.arch_of(device)
+    bv = _launch.config("attn_jvp", arch, "fp32", pow2(dh))[1]["BV"] if arch else None
+    fl, by = jvp_flops(S, D, H, dh, dv, k, BV=bv), jvp_bytes(S, D, H, dh, dv, k)
+    row["flop_formula"] = ("B H S^2 (2(dh+dv) + k 2(3 dh nv + 2 dv)) + 2 k B S D H (2dh + 2dv), nv = cdiv(dv, BV) "
+                           "(two-pass: q.k^T recomputed per tangent and value tile)")
+    if arch:
+        row["launch"] = {kind: dict(arch=arch, **dict(_launch.config(kind, arch, "fp32", pow2(dh))[1].tiles),
+                                    **_launch.config(kind, arch, "fp32", pow2(dh))[1].options())
+                         for kind in ("attn_fwd", "attn_jvp")}
     row["byte_formula"] = "4 (2 k B S D + 3 B H S (dh+dv) + 2 k B H S (2dh + 2dv))"
     row["tflops"], row["gbps"] = fl / t_ours / 1e12, by / t_ours / 1e9
     t_single = timer(lambda: k_single_tangent_jvps(f, T))
@@ -267,6 +309,7 @@ def main(argv=None) -> int:
     elif not cuda:
         print("bench_gpu_triton.py: no CUDA device found; this benchmark needs a GPU (nothing was measured). "
               "For a CPU check of the script: TRITON_INTERPRET=1 python bench/bench_gpu_triton.py --cpu-smoke")
+        print_flop_table(flop_table([SUDOKU] + LARGE, (1,) + KS))
         return 0
     else:
         device = "cuda"
@@ -275,6 +318,8 @@ def main(argv=None) -> int:
         torch.backends.cudnn.allow_tf32 = False
     from machine import machine_info
     import fastjac as fj
+    flops = flop_table([SUDOKU] + LARGE, (1,) + KS)
+    print_flop_table(flops)
     timer = Timer(cuda)
     rows, notes = [], []
     for cfg in sizes:
@@ -296,7 +341,8 @@ def main(argv=None) -> int:
     if cuda:
         p = torch.cuda.get_device_properties(0)
         info.update(gpu_memory_gb=p.total_memory / 1e9, cuda=torch.version.cuda)
-    result = dict(machine=info, match_tol=MATCH_TOL, rows=rows, notes=notes, smoke=bool(args.cpu_smoke))
+    result = dict(machine=info, match_tol=MATCH_TOL, rows=rows, notes=notes, smoke=bool(args.cpu_smoke),
+                  attention_flops_per_call=flops)
     name = re.sub(r"[^A-Za-z0-9]+", "_", info["device"]).strip("_").lower()
     path = args.out or os.path.join(HERE, "results", f"gpu_triton_{name}.json")
     os.makedirs(os.path.dirname(path), exist_ok=True)

@@ -18,7 +18,7 @@ import torch
 
 import fastjac as fj
 from fastjac import backends, config
-from fastjac.ops.attention.ref import attention_probs
+from fastjac.ops.attention.ref import AttnParams, attention_probs
 from fastjac.ops.norm import NormParams, norm_cache, norm_forward
 from oracle import apply_dense, apply_dense_t, oracle_jacobian
 from test_foundation import CASES, _ids, make, rel
@@ -47,25 +47,71 @@ def _attention(q, k, v, beta, causal):
     return attention_probs(q, k, beta, causal) @ v
 
 
-@pytest.mark.parametrize("dtype", [F64, F32], ids=["f64", "f32"])
-@pytest.mark.parametrize("S,H,K,causal,dh,dv", [
-    (1, 1, 1, False, 5, 7), (7, 3, 5, True, 5, 7), (33, 3, 5, False, 3, 20), (33, 1, 1, True, 16, 4),
-])
-def test_attention_jvp_kernel(S, H, K, causal, dh, dv, dtype):
-    B, beta = (2 if S < 33 else 1), 0.6  # the interpreter pays per program: batch only the small sizes
-    q, k = _rand(B, H, S, dh, seed=1), _rand(B, H, S, dh, seed=2)
-    v = _rand(B, H, S, dv, seed=3)
-    qd, kd, vd = _rand(K, B, H, S, dh, seed=4), _rand(K, B, H, S, dh, seed=5), _rand(K, B, H, S, dv, seed=6)
+ATTN_CASES = [(1, 1, 1, False, 5, 7), (7, 3, 5, True, 5, 7), (33, 3, 5, False, 3, 20), (33, 1, 1, True, 16, 4),
+              (100, 2, 3, True, 12, 24), (33, 2, 2, False, 40, 24)]  # dh = 40: BDH = 64, head dim split
+
+
+def _attn_inputs(S, H, K, dh, dv):
+    B = 2 if S < 33 else 1  # the interpreter pays per program: batch only the small sizes
+    return (_rand(B, H, S, dh, seed=1), _rand(B, H, S, dh, seed=2), _rand(B, H, S, dv, seed=3),
+            _rand(K, B, H, S, dh, seed=4), _rand(K, B, H, S, dh, seed=5), _rand(K, B, H, S, dv, seed=6))
+
+
+def _attn_ref(ins, beta, causal):
+    q, k, v, qd, kd, vd = ins
     f = lambda a, b, c: _attention(a, b, c, beta, causal)  # noqa: E731
-    ref_o = f(q, k, v)
-    ref_od = torch.stack([torch.func.jvp(f, (q, k, v), (qd[t], kd[t], vd[t]))[1] for t in range(K)])
+    return f(q, k, v), torch.stack([torch.func.jvp(f, (q, k, v), (qd[t], kd[t], vd[t]))[1] for t in range(len(qd))])
+
+
+@pytest.mark.parametrize("dtype", [F64, F32], ids=["f64", "f32"])
+@pytest.mark.parametrize("S,H,K,causal,dh,dv", ATTN_CASES)
+def test_attention_jvp_kernel(S, H, K, causal, dh, dv, dtype):
+    beta = 0.6
+    ins = _attn_inputs(S, H, K, dh, dv)
+    ref_o, ref_od = _attn_ref(ins, beta, causal)
     cast = lambda x: x.to(dtype=dtype, device=DEV)  # noqa: E731
-    o, od = triton_attn.attention_jvp_triton(cast(q), cast(k), cast(v), cast(qd), cast(kd), cast(vd), beta, causal,
-                                             blocks=SMALL_BLOCKS)
+    blocks = None if DEV == "cuda" else SMALL_BLOCKS
+    o, od = triton_attn.attention_jvp_triton(*map(cast, ins), beta, causal, blocks=blocks)
     assert o.dtype == od.dtype == dtype
     assert rel(o.cpu().double(), ref_o) < TOL[dtype] and rel(od.cpu().double(), ref_od) < TOL[dtype]
-    o2 = triton_attn.attention_forward_triton(cast(q), cast(k), cast(v), beta, causal, blocks=SMALL_BLOCKS)
+    o2 = triton_attn.attention_forward_triton(*map(cast, ins[:3]), beta, causal, blocks=blocks)
     assert rel(o2.cpu().double(), ref_o) < TOL[dtype]
+    # the interpreter's default tiles (32 x 32) too: other raggedness than SMALL_BLOCKS
+    if DEV == "cpu" and S >= 33:
+        o3, od3 = triton_attn.attention_jvp_triton(*map(cast, ins), beta, causal)
+        assert rel(o3.double(), ref_o) < TOL[dtype] and rel(od3.double(), ref_od) < TOL[dtype]
+
+
+# float16 runs in the interpreter (numpy has float16), bfloat16 does not (numpy has none: the interpreter returns
+# garbage, so the kernels refuse it there); bfloat16 is checked by compilation only (tests/test_aot.py) unless CUDA.
+# Reference: the float64 oracle on the inputs rounded to the low precision, so the error is the computation's alone.
+# Tolerance: float16 keeps 11 significant bits (u = 4.9e-4); the kernels accumulate in float32 and round p and
+# p * Ldot to float16 once per product, so the error stays near u: 4e-3 relative to the max entry, and at most 2x the
+# torch path's error in the same dtype (torch rounds every intermediate to float16, so it is usually far worse).
+# bfloat16 (8 bits, u = 3.9e-3): 3e-2.
+HALF_TOL = {torch.float16: 4e-3, torch.bfloat16: 3e-2}
+HALF_DTYPES = [pytest.param(torch.float16, id="f16"),
+               pytest.param(torch.bfloat16, id="bf16", marks=pytest.mark.skipif(
+                   DEV != "cuda", reason="bfloat16 cannot run under the Triton interpreter (numpy has no "
+                                         "bfloat16); compile-only check in tests/test_aot.py"))]
+HALF_REPORT = []  # (what, dtype, triton error, torch error) of every low-precision test, printed at the end
+
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+@pytest.mark.parametrize("S,H,K,causal,dh,dv", ATTN_CASES)
+def test_attention_jvp_kernel_half(S, H, K, causal, dh, dv, dtype):
+    beta = 0.6
+    ins = [x.to(dtype) for x in _attn_inputs(S, H, K, dh, dv)]
+    ref_o, ref_od = _attn_ref([x.double() for x in ins], beta, causal)
+    t_o, t_od = _attn_ref([x.to(DEV) for x in ins], beta, causal)  # torch ops in the same dtype
+    blocks = None if DEV == "cuda" else SMALL_BLOCKS
+    o, od = triton_attn.attention_jvp_triton(*[x.to(DEV) for x in ins], beta, causal, blocks=blocks)
+    assert o.dtype == od.dtype == dtype
+    e = (rel(o.cpu().double(), ref_o), rel(od.cpu().double(), ref_od))
+    et = (rel(t_o.cpu().double(), ref_o), rel(t_od.cpu().double(), ref_od))
+    HALF_REPORT.append((f"attention S={S} H={H} K={K} causal={causal}", str(dtype), e, et))
+    for a, b in zip(e, et):
+        assert a < HALF_TOL[dtype] and a <= max(2 * b, 1e-3), (e, et)
 
 
 def test_attention_kernel_rejects_bad_input():
@@ -73,9 +119,33 @@ def test_attention_kernel_rejects_bad_input():
     with pytest.raises(ValueError, match="q, k, v"):
         triton_attn.attention_forward_triton(q, q[..., :3], q, 0.5, False)
     with pytest.raises(TypeError, match="q:"):
-        triton_attn.attention_forward_triton(q.half(), q.half(), q.half(), 0.5, False)
+        triton_attn.attention_forward_triton(q.int(), q.int(), q.int(), 0.5, False)
+    with pytest.raises(TypeError, match="q:"):
+        triton_attn.attention_forward_triton(q.half(), q, q, 0.5, False)
+    if DEV == "cpu":
+        with pytest.raises(TypeError, match="bfloat16 does not run under the Triton interpreter"):
+            triton_attn.attention_forward_triton(q.bfloat16(), q.bfloat16(), q.bfloat16(), 0.5, False)
     with pytest.raises(ValueError, match="precision"):
         triton_attn.precision_for(F32, "bf16")
+
+
+def test_msa_jvp_reuses_the_forward(monkeypatch):
+    # msa_forward_triton leaves its lse on q; msa_jvp_triton then launches the tangent kernel only, and after an
+    # in-place change of q it runs the forward again (never stale statistics)
+    H, D, dh = 3, 12, 4
+    w = [_rand(H, D, dh, seed=s).to(DEV) for s in (3, 4, 5)]
+    pa = AttnParams(*w, None, None, None, None, None, 0.5, False)
+    X, T = _rand(2, 7, D, seed=1).to(DEV), _rand(3, 2, 7, D, seed=2).to(DEV)
+    _, q, k, v, _ = triton_attn.msa_forward_triton(X, pa)
+    calls = []
+    real = triton_attn.attn_fwd_launch
+    monkeypatch.setattr(triton_attn, "attn_fwd_launch", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    a = triton_attn.msa_jvp_triton(pa, q, k, v, T)
+    assert calls == []
+    q.mul_(1.0)  # bumps q's version counter
+    b = triton_attn.msa_jvp_triton(pa, q, k, v, T)
+    assert calls == [1]
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 # ----------------------------------------------------------------------------------- fused residual + norm kernel
@@ -98,6 +168,67 @@ def test_norm_residual_jvp_kernel(kind, group, gamma, dtype):
     out = torch.full((K, B, S, D), float("nan"), dtype=dtype, device=DEV)
     y = norm_residual_jvp_triton(c, cast(T), cast(R), torch.tensor(eta, dtype=dtype, device=DEV), out=out)
     assert y is out and rel(y.cpu().double(), ref) < TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+@pytest.mark.parametrize("kind,group,gamma", [("l2", 12, True), ("layer", 3, True), ("rms", 4, False),
+                                              ("l2", 5, False)])
+def test_norm_residual_jvp_kernel_half(kind, group, gamma, dtype):
+    D = 15 if group == 5 else 12
+    B, S, K, eta = 2, 7, 3, 0.7
+    g = _rand(D, seed=1).to(dtype) if gamma else None
+    Z, T, R = _rand(B, S, D, seed=2).to(dtype), _rand(K, B, S, D, seed=3).to(dtype), _rand(K, B, S, D, seed=4).to(dtype)
+    up = lambda x: None if x is None else x.double()  # noqa: E731
+    p64 = NormParams(kind, up(g), None, 1e-3, group)
+    ref = torch.stack([torch.func.jvp(lambda z: norm_forward(z, p64), (Z.double(),), (T[t].double() + eta *
+                                                                                       R[t].double(),))[1]
+                       for t in range(K)])
+    p16 = NormParams(kind, g, None, 1e-3, group)
+    tor = torch.stack([torch.func.jvp(lambda z: norm_forward(z, p16), (Z,), (T[t] + eta * R[t],))[1]
+                       for t in range(K)])
+    dev = lambda x: None if x is None else x.to(DEV)  # noqa: E731
+    c = norm_cache(Z.to(DEV), NormParams(kind, dev(g), None, 1e-3, group))
+    out = torch.full((K, B, S, D), float("nan"), dtype=dtype, device=DEV)
+    y = norm_residual_jvp_triton(c, T.to(DEV), R.to(DEV), eta, out=out)
+    e, et = rel(y.cpu().double(), ref), rel(tor.double(), ref)
+    HALF_REPORT.append((f"norm {kind} N={group}", str(dtype), e, et))
+    # the cache (w, s) is itself float16 (torch's norm_cache): both paths start from the same rounded statistics
+    assert y is out and e < HALF_TOL[dtype] and e <= max(2 * et, 1e-3), (e, et)
+
+
+def _dense_from_factors(A, R1, U, rb, Ed, i0, i1):
+    # out[i, a, m, b] = sum_h A[h, i, m] R1[i, h, a, b] + U[h, i, m, a] rb[i, h, b] + delta_im Ed[i, a, b]
+    H, S, _ = A.shape
+    D = Ed.shape[-1]
+    out = torch.einsum("him,ihab->iamb", A[:, i0:i1], R1) + torch.einsum("hima,ihb->iamb", U, rb[i0:i1])
+    idx = torch.arange(i1 - i0)
+    out[idx, :, idx + i0, :] += Ed
+    return out.reshape((i1 - i0) * D, S * D)
+
+
+@pytest.mark.parametrize("dtype", [pytest.param(F64, id="f64"), pytest.param(F32, id="f32")] + HALF_DTYPES)
+@pytest.mark.parametrize("S,D,H,i0,i1,expand", [(7, 5, 2, 0, 7, False), (33, 12, 3, 10, 29, True),
+                                               (9, 40, 1, 8, 9, False)])
+def test_dense_kernel_from_factors(S, D, H, i0, i1, expand, dtype):
+    I = i1 - i0
+    A = torch.softmax(_rand(H, S, S, seed=1), -1)
+    R1 = _rand(H, D, D, seed=2).unsqueeze(0).expand(I, H, D, D) if expand else _rand(I, H, D, D, seed=2)
+    U, rb, Ed = _rand(H, I, S, D, seed=3), _rand(S, H, D, seed=4), _rand(I, D, D, seed=5)
+    fac = [x.to(dtype) for x in (A, R1, U, rb, Ed)]
+    ref = _dense_from_factors(*[x.double() for x in fac], i0, i1)
+    out = torch.full((S * D, S * D), float("nan"), dtype=dtype, device=DEV)
+    dense_triton.step_dense_launch(*[x.to(DEV) for x in fac], out, i0, i1)
+    got = out[i0 * D:i1 * D]
+    assert not got.isnan().any() and out[:i0 * D].isnan().all() and out[i1 * D:].isnan().all()
+    e = rel(got.cpu().double(), ref)
+    if dtype in (F64, F32):
+        assert e < TOL[dtype], e
+    else:
+        tor = _dense_from_factors(*fac, i0, i1) if DEV == "cpu" else _dense_from_factors(*[x.to(DEV) for x in fac],
+                                                                                        i0, i1)
+        et = rel(tor.cpu().double(), ref)
+        HALF_REPORT.append((f"dense S={S} D={D} H={H}", str(dtype), e, et))
+        assert e < HALF_TOL[dtype] and e <= max(2 * et, 1e-3), (e, et)
 
 
 def test_norm_kernel_rejects_bad_input():
@@ -155,6 +286,42 @@ def test_triton_backend_against_oracle(case, dtype, oracle_cache):
         errs_torch = _errors(m, X, C, J, T1, Tk, "torch")
         for e_fast, e_ref in zip(errs, errs_torch):
             assert e_fast <= max(2 * e_ref, 1e-6), (errs, errs_torch)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _report_half_errors(request):
+    # the low-precision tests' errors against float64, beside the torch path's in the same dtype, printed once
+    yield
+    rep = request.config.pluginmanager.getplugin("terminalreporter")
+    if rep is not None and HALF_REPORT:
+        rep.write_line("\nlow-precision errors vs float64 (relative to max entry): triton | torch same dtype")
+        for what, dt, e, et in HALF_REPORT:
+            fmt = lambda x: " ".join(f"{v:.1e}" for v in (x if isinstance(x, tuple) else (x,)))  # noqa: E731
+            rep.write_line(f"  {dt:14s} {what:40s} {fmt(e):18s} | {fmt(et)}")
+
+
+@pytest.mark.parametrize("case", [CASES[0], CASES[-2]], ids=_ids)
+def test_triton_backend_float16_step(case, oracle_cache):
+    # the whole step in float16 (the interpreter runs float16): JVP and dense Jacobian against the float64 oracle
+    # of the same float16-rounded model and state, beside backend="torch" in float16
+    if torch.float16 not in tb.SUPPORTED_DTYPES:
+        pytest.fail("fastjac/backends/triton.py SUPPORTED_DTYPES does not admit float16")
+    name, c = case
+    m, X, C = make(name, c, 2, True)
+    m16, X16, C16 = copy.deepcopy(m).half(), X.half(), C.half()
+    m64, X64, C64 = copy.deepcopy(m16).double(), X16.double(), C16.double()
+    J = oracle_jacobian(m64, X64, C64)
+    Tk = _rand(3, *X.shape, seed=8).half()
+    errs = {}
+    for be in ("triton", "torch"):
+        dev = DEV if be == "triton" else "cpu"
+        mm = copy.deepcopy(m16).to(dev)
+        _, JT = fj.jvp(mm, X16.to(dev), Tk.to(dev), C=C16.to(dev), backend=be)
+        Jd = fj.jacobian(mm, X16.to(dev), C=C16.to(dev), backend=be)
+        errs[be] = (rel(JT.cpu().double(), apply_dense(J, Tk.double(), X64)), rel(Jd.cpu().double(), J))
+    HALF_REPORT.append((f"step {name} jvp, dense", "torch.float16", errs["triton"], errs["torch"]))
+    for a, b in zip(errs["triton"], errs["torch"]):
+        assert a < 2e-2 and a <= max(2 * b, 1e-3), errs
 
 
 def test_dense_row_chunks_and_unbatched(monkeypatch, oracle_cache):

@@ -17,7 +17,8 @@ from ..models import AKOrN, ItrSA
 from ..ops._utils import interpreter_on
 from .base import KernelBackend, needs_weight_grad
 
-SUPPORTED_DTYPES = (torch.float32, torch.float64)
+# bfloat16 only off the interpreter (numpy, hence the interpreter, has no bfloat16); half inputs accumulate in float32
+SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16) + (() if interpreter_on() else (torch.bfloat16,))
 _kernels = None  # the step module once imported, or the import error's text
 
 
@@ -45,8 +46,9 @@ class TritonBackend(KernelBackend):
             return mod
         interp = interpreter_on()
         if X.dtype not in SUPPORTED_DTYPES:
-            extra = " (and the Triton interpreter has no bfloat16/float16)" if interp else ""
-            return f"dtype {X.dtype} is not supported by the Triton kernels: float32 or float64{extra}"
+            extra = " (the Triton interpreter has no bfloat16: it runs on CUDA only)" if interp else ""
+            return (f"dtype {X.dtype} is not supported by the Triton kernels: float32, float64, float16 or "
+                    f"bfloat16{extra}")
         if X.device.type != "cuda" and not interp:
             return (f"X is on {X.device.type}, not CUDA, and the Triton interpreter is off (set TRITON_INTERPRET=1 "
                     f"before importing fastjac to run the kernels on the CPU, slowly, e.g. for tests)")

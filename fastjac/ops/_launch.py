@@ -10,8 +10,9 @@ spills, or leaves a TF32 / bfloat16 / float16 / float64 product off the tensor c
 Buckets (a problem outside every bucket raises instead of compiling an unverified configuration):
 
 - ``attn_fwd`` / ``attn_jvp``: BDH = the head dim rounded up to a power of two (16 ... 128). The value dim is tiled
-  by the entry's BV on the launch grid, so any dv uses the same entry.
-- ``norm``: W = BG * BN, the padded width of one row (powers of two, 16 ... 16384); the entry's ``elems`` is the
+  by the entry's BV on the launch grid, so any dv uses the same entry. ``DSPLIT`` (tangent kernel; default 1)
+  splits the head-dim products in two halves.
+- ``norm``: W = BG * BN, the padded width of one row (buckets 1024, 4096, 8192); the entry's ``elems`` is the
   tile size BR * W, so BR = max(1, elems // W).
 - ``dense``: BB = the feature tile, min(64, next power of two of D) (16, 32, 64).
 - ``qr_gram`` / ``qr_gram_apply`` / ``qr_apply``: BLOCK_K = k rounded up to a power of two (16 ... 128).
@@ -66,46 +67,60 @@ def _fill():
     T = TABLE
     for a in ARCHS:
         # ---- attention forward: o and the row log-sum-exp, online softmax over key tiles
-        for dc in DCLASSES:
-            for bdh in (16, 32, 64, 128):
-                if dc == "fp32":  # IEEE float32: FFMA, no tensor cores; register bound
-                    cfg = _c(4, 2, BM=64, BN=32, BV=min(bdh, 64)) if bdh <= 64 else _c(8, 2, BM=32, BN=32, BV=64)
-                elif dc == "fp64":
-                    cfg = _c(4, 2, BM=32, BN=32, BV=min(bdh, 64)) if bdh <= 64 else _c(8, 1, BM=32, BN=32, BV=64)
-                else:  # tf32 / bf16 / fp16: mma (sm_80) / wgmma (sm_90)
-                    cfg = _c(4, 3, BM=64, BN=64, BV=min(bdh, 64)) if bdh <= 64 else _c(8, 2, BM=64, BN=64, BV=64)
-                T[("attn_fwd", a, dc, bdh)] = cfg
+        for bdh in (16, 32, 64, 128):
+            bv = min(bdh, 64)
+            # IEEE float32: FFMA products, no tensor cores; register bound
+            T[("attn_fwd", a, "fp32", bdh)] = (_c(4, 2, BM=64, BN=32, BV=bv) if bdh <= 32 else
+                                               _c(8, 2, BM=64, BN=32, BV=bv) if bdh == 64 else
+                                               _c(8, 2, BM=32 if a == 80 else 16, BN=32, BV=64))
+            T[("attn_fwd", a, "fp64", bdh)] = (_c(4, 2, BM=32, BN=32, BV=bv) if bdh <= 64 else
+                                               _c(8, 1, BM=32, BN=32, BV=64))
+            # TF32 / bfloat16 / float16: mma.sync (sm_80) / wgmma (sm_90)
+            T[("attn_fwd", a, "tf32", bdh)] = (_c(8 if (a == 80 and bdh != 32) else 4, 3, BM=64, BN=64, BV=bv)
+                                               if bdh <= 64 else
+                                               _c(8, 2, BM=64, BN=64, BV=64))
+            for dc in ("bf16", "fp16"):
+                T[("attn_fwd", a, dc, bdh)] = (_c(4, 3, BM=64, BN=64, BV=bv) if bdh <= 64 else
+                                               _c(8, 2, BM=64, BN=64, BV=64))
         # ---- attention JVP tangent pass: one tangent per program, p recomputed from the saved lse
-        for dc in DCLASSES:
-            for bdh in (16, 32, 64, 128):
-                if dc == "fp32":
-                    cfg = _c(4, 2, BM=32, BN=32, BV=min(bdh, 64)) if bdh <= 64 else _c(8, 1, BM=32, BN=32, BV=64)
-                elif dc == "fp64":
-                    cfg = _c(4, 1, BM=32, BN=32, BV=min(bdh, 32)) if bdh <= 64 else _c(8, 1, BM=16, BN=32, BV=64)
-                else:
-                    cfg = _c(4, 2, BM=64, BN=32, BV=min(bdh, 64)) if bdh <= 64 else _c(8, 1, BM=64, BN=32, BV=64)
-                T[("attn_jvp", a, dc, bdh)] = cfg
+        for bdh in (16, 32, 64, 128):
+            bv = min(bdh, 64)
+            T[("attn_jvp", a, "fp32", bdh)] = (_c(4, 2, BM=32, BN=32, BV=bv) if bdh == 16 else
+                                               _c(8, 2, BM=32, BN=32, BV=bv) if bdh == 32 else
+                                               _c(8, 2, BM=16, BN=32, BV=bv) if bdh == 64 else
+                                               _c(8, 2, BM=16, BN=32, BV=64, DSPLIT=2))
+            T[("attn_jvp", a, "fp64", bdh)] = (_c(4, 1, BM=32, BN=32, BV=min(bdh, 32)) if bdh <= 64 else
+                                               _c(8, 1, BM=16, BN=32, BV=64, DSPLIT=1 if a == 90 else 2))
+            T[("attn_jvp", a, "tf32", bdh)] = (_c(4, 2, BM=64, BN=32, BV=bv) if bdh <= 64 else
+                                               _c(8, 1, BM=32, BN=32, BV=64))
+            for dc in ("bf16", "fp16"):
+                T[("attn_jvp", a, dc, bdh)] = (_c(8 if (a == 80 and bdh == 64) else 4, 2, BM=64, BN=32, BV=bv)
+                                               if bdh <= 64 else _c(8, 1, BM=64, BN=32, BV=64))
         # ---- fused residual + norm JVP: no loop, no dot; elems = BR * BG * BN per program
         for dc in ("fp32", "bf16", "fp16", "fp64"):
-            for w in (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384):
-                if w <= 1024:
-                    cfg = _c(4, 1, elems=2048 if dc != "fp64" else 1024)
-                elif w <= 4096:
-                    cfg = _c(8 if w == 4096 else 4, 1, elems=w)
-                else:
-                    cfg = _c(16, 1, elems=w)
-                T[("norm", a, dc, w)] = cfg
-        # ---- dense step Jacobian: [BR, BM, BB] output tile, 2H FMAs per element
+            T[("norm", a, dc, 1024)] = _c(4, 1, elems=2048 if dc != "fp64" else 1024)
+            T[("norm", a, dc, 4096)] = _c(8, 1, elems=4096)
+            if dc != "fp64":  # float64 rows of 8192 spill even at 32 warps: no verified entry, so they raise
+                T[("norm", a, dc, 8192)] = _c(16, 1, elems=8192)
+        # ---- dense step Jacobian: [BR, BM, BB] output tile, 2H FMAs per element (no matrix product)
         for dc in ("fp32", "bf16", "fp16", "fp64"):
             for bb in (16, 32, 64):
-                T[("dense", a, dc, bb)] = _c(8, 1, BR=8, BM=16, BB=bb) if dc != "fp64" else _c(8, 1, BR=8, BM=16, BB=bb)
-        # ---- CholeskyQR2: Gram, apply+Gram, apply
+                T[("dense", a, dc, bb)] = _c(8, 1, BR=8, BM=16, BB=bb)
+        # ---- CholeskyQR2: Gram, apply + Gram, apply (IEEE products: FFMA in float32, DMMA in float64)
         for dc in ("fp32", "fp64"):
             for bk in (16, 32, 64, 128):
-                bn = {16: 256, 32: 128, 64: 64, 128: 32}[bk]
-                T[("qr_gram", a, dc, bk)] = _c(8, 2, BLOCK_N=bn)
-                T[("qr_gram_apply", a, dc, bk)] = _c(8, 2, BLOCK_N=bn)
-                T[("qr_apply", a, dc, bk)] = _c(8, 2, BLOCK_N=bn)
+                if dc == "fp32":
+                    g, ga, ap = ({16: 256, 32: 128, 64: 32, 128: 32}[bk], {16: 256, 32: 128, 64: 32, 128: 16}[bk],
+                                 {16: 256, 32: 128, 64: 64, 128: 16}[bk])
+                    T[("qr_gram", a, dc, bk)] = _c(8, 2, BLOCK_N=g)
+                    T[("qr_gram_apply", a, dc, bk)] = _c(16 if bk == 128 else 8, 2, BLOCK_N=ga)  # w16: W [128, 128]
+                    T[("qr_apply", a, dc, bk)] = _c(16 if bk == 128 else 8, 2, BLOCK_N=ap)
+                else:
+                    g = {16: 128, 32: 128, 64: 64, 128: 16}[bk]
+                    T[("qr_gram", a, dc, bk)] = _c(8, 2, BLOCK_N=g)
+                    T[("qr_gram_apply", a, dc, bk)] = _c(8, 2 if bk < 128 else 1, BLOCK_N={16: 256, 32: 128, 64: 64,
+                                                                                         128: 16}[bk])
+                    T[("qr_apply", a, dc, bk)] = _c(8, 2, BLOCK_N={16: 256, 32: 128, 64: 64, 128: 32}[bk])
 
 
 _fill()

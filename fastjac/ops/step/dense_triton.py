@@ -14,7 +14,9 @@ and column (m, b) the attention part is a sum over 2H terms,
 
 The small factors (O(S D^2 H + S^2 D H), built by torch GEMMs for a chunk of rows i) are expanded by the kernel
 into a [BR rows, BM tokens, BB features] tile of the output with 2H fused multiply-adds per element and written
-once: no S^2 D^2 intermediate, and the kernel's time is that of writing the output.
+once: no S^2 D^2 intermediate, and the kernel's time is that of writing the output. bfloat16 / float16 factors are
+accumulated in float32 and rounded once on the store. On a GPU the tiles and num_warps come from the verified launch
+table (``fastjac/ops/_launch.py``).
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .. import _launch
 from .._utils import INTERPRET
 from ..attention.ref import _out_proj_h
 
@@ -32,13 +35,14 @@ from ..attention.ref import _out_proj_h
 DENSE_FACTOR_BYTES = (32 if INTERPRET else 512) * 2**20
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["S", "H", "I", "i0"])
 def _step_dense_fwd_kernel(
     a_ptr, r1_ptr, u_ptr, rb_ptr, e_ptr, out_ptr,
     S, D, H, I, i0, ld_out,
     sa_h, sa_i, sr_i, sr_h, sr_a, su_h, su_i, su_m, srb_i, srb_h, se_i,
-    BR: tl.constexpr, BM: tl.constexpr, BB: tl.constexpr, ACC: tl.constexpr,
+    BR: tl.constexpr, BM: tl.constexpr, BB: tl.constexpr, F64: tl.constexpr,
 ):
+    ACC: tl.constexpr = tl.float64 if F64 else tl.float32  # bfloat16 / float16 factors accumulate in float32
     rr = tl.program_id(0) * BR + tl.arange(0, BR)  # rows of this chunk, r = (i - i0) * D + a  [BR]
     rm = tl.program_id(1) * BM + tl.arange(0, BM)  # column tokens m  [BM]
     rc = tl.program_id(2) * BB + tl.arange(0, BB)  # column features b  [BB]
@@ -49,14 +53,14 @@ def _step_dense_fwd_kernel(
     ok_rc = r_ok[:, None] & c_ok[None, :]  # [BR, BB]
     acc = tl.zeros((BR, BM, BB), ACC)
     for h in range(H):
-        av = tl.load(a_ptr + h * sa_h + i[:, None] * sa_i + rm[None, :], mask=ok_rm, other=0.0)  # [BR, BM]
+        av = tl.load(a_ptr + h * sa_h + i[:, None] * sa_i + rm[None, :], mask=ok_rm, other=0.0).to(ACC)  # [BR, BM]
         r1 = tl.load(r1_ptr + il[:, None] * sr_i + h * sr_h + a[:, None] * sr_a + rc[None, :], mask=ok_rc,
-                     other=0.0)  # [BR, BB]
+                     other=0.0).to(ACC)  # [BR, BB]
         uv = tl.load(u_ptr + h * su_h + il[:, None] * su_i + rm[None, :] * su_m + a[:, None], mask=ok_rm,
-                     other=0.0)  # [BR, BM]
-        rb = tl.load(rb_ptr + i[:, None] * srb_i + h * srb_h + rc[None, :], mask=ok_rc, other=0.0)  # [BR, BB]
+                     other=0.0).to(ACC)  # [BR, BM]
+        rb = tl.load(rb_ptr + i[:, None] * srb_i + h * srb_h + rc[None, :], mask=ok_rc, other=0.0).to(ACC)  # [BR, BB]
         acc += av[:, :, None] * r1[:, None, :] + uv[:, :, None] * rb[:, None, :]
-    ev = tl.load(e_ptr + il[:, None] * se_i + a[:, None] * D + rc[None, :], mask=ok_rc, other=0.0)  # [BR, BB]
+    ev = tl.load(e_ptr + il[:, None] * se_i + a[:, None] * D + rc[None, :], mask=ok_rc, other=0.0).to(ACC)  # [BR, BB]
     acc += tl.where(rm[None, :, None] == i[:, None, None], ev[:, None, :], 0.0)
     # int64: a dense Jacobian passes 2^31 elements at S*D ~ 46k
     off = (i0 * D + rr).to(tl.int64)[:, None, None] * ld_out + rm[None, :, None] * D + rc[None, None, :]
@@ -64,10 +68,15 @@ def _step_dense_fwd_kernel(
              mask=r_ok[:, None, None] & m_ok[None, :, None] & c_ok[None, None, :])
 
 
-def _dense_blocks(D: int):
-    if INTERPRET:
-        return 32, 16, min(32, triton.next_power_of_2(D))
-    return 16, 16, min(64, triton.next_power_of_2(D))
+def _dense_blocks(D: int, dtype: torch.dtype = torch.float32, device="cpu"):
+    """(BR, BM, BB, options): on a GPU the launch table's entry for the feature tile BB = min(64, pow2(D))
+    (fastjac/ops/_launch.py); under the interpreter larger row tiles (fewer Python-level programs)."""
+    BB = min(64, max(16, triton.next_power_of_2(D)))
+    arch = _launch.arch_of(device)
+    if arch is None:
+        return 32, 16, min(32, BB), {}
+    _, cfg = _launch.config("dense", arch, _launch.dtype_class(dtype), BB)
+    return cfg["BR"], cfg["BM"], cfg["BB"], cfg.options()
 
 
 def step_dense_launch(A: Tensor, R1: Tensor, U: Tensor, rb: Tensor, Ed: Tensor, out: Tensor, i0: int, i1: int,
@@ -82,14 +91,15 @@ def step_dense_launch(A: Tensor, R1: Tensor, U: Tensor, rb: Tensor, Ed: Tensor, 
     for name, t in (("A", A), ("R1", R1), ("U", U), ("rb", rb), ("Ed", Ed), ("out", out)):
         if t.stride(-1) != 1:
             raise ValueError(f"{name}: expected a contiguous last dimension")
-    BR, BM, BB = blocks if blocks is not None else _dense_blocks(D)
-    acc = tl.float64 if out.dtype == torch.float64 else tl.float32
+    if blocks is not None and _launch.arch_of(out.device) is not None:
+        raise ValueError("blocks: tile overrides are for the interpreter tests; on a GPU the launch table decides")
+    BR, BM, BB, opts = (*blocks, {}) if blocks is not None else _dense_blocks(D, out.dtype, out.device)
     grid = (triton.cdiv(I * D, BR), triton.cdiv(S, BM), triton.cdiv(D, BB))
     _step_dense_fwd_kernel[grid](
         A, R1, U, rb, Ed, out, S, D, H, I, i0, out.stride(0),
         A.stride(0), A.stride(1), R1.stride(0), R1.stride(1), R1.stride(2), U.stride(0), U.stride(1), U.stride(2),
         rb.stride(0), rb.stride(1), Ed.stride(0),
-        BR=BR, BM=BM, BB=BB, ACC=acc, **({} if INTERPRET else {"num_warps": 8}))
+        BR=BR, BM=BM, BB=BB, F64=out.dtype == torch.float64, **opts)
 
 
 def dense_factors(lin, b: int, i0: int, i1: int):
