@@ -45,7 +45,7 @@ def main():
 
     fig, ax = plt.subplots(1, 2, figsize=(12, 4.2))
     x = range(len(rows))
-    ax[0].bar([i - 0.2 for i in x], [r["id_board"] for r in rows], 0.4, label="ID (31-42-like: 8-10 givens)")
+    ax[0].bar([i - 0.2 for i in x], [r["id_board"] for r in rows], 0.4, label="ID (8-10 givens)")
     ax[0].bar([i + 0.2 for i in x], [r["ood_board"] for r in rows], 0.4, label="OOD (4-6 givens)")
     ax[0].set_ylabel("board accuracy (T = 16)")
     ax[1].bar([i - 0.2 for i in x], [r["lambda_max"] for r in rows], 0.4, label="λ_max")
