@@ -34,28 +34,51 @@ static void attn_jvp_fwd(const at::Tensor& A_, const at::Tensor& q_, const at::T
   const int64_t ks0 = kd.stride(0), ks1 = kd.stride(1), ks2 = kd.stride(2), ks3 = kd.stride(3);
   const int64_t vs0 = vd.stride(0), vs1 = vd.stride(1), vs2 = vd.stride(2), vs3 = vd.stride(3);
 
-  // pack the tangents once per (b, h): kdot as [K*S, dh] (rows (t, j)), vdot as [S, K*dv] (rows j, cols (t, c))
-  std::vector<T> kdp((size_t)(B * H * K * S * dh)), vdp((size_t)(B * H * S * K * dv));
+  // pack once per (b, h): kdot as [K*S, dh] (rows (t, j)), vdot as [S, K*dv] (rows j, cols (t, c)), and
+  // k (x) v as [S, dh*dv] (row j: k_j v_j^T), the right factor of M_i for all rows i in one GEMM
+  const auto opt = q_.options();
+  at::Tensor kdp_ = at::empty({B * H * K * S * dh}, opt), vdp_ = at::empty({B * H * S * K * dv}, opt),
+             kvp_ = at::empty({B * H * S * dh * dv}, opt);
+  T* kdp = kdp_.data_ptr<T>();
+  T* vdp = vdp_.data_ptr<T>();
+  T* kvp = kvp_.data_ptr<T>();
   at::parallel_for(0, B * H * K, 1, [&](int64_t lo, int64_t hi) {
     for (int64_t x = lo; x < hi; ++x) {
       const int64_t bh = x / K, t = x % K, b = bh / H, h = bh % H;
-      T* kp = kdp.data() + (bh * K + t) * S * dh;
-      T* vp = vdp.data() + bh * S * K * dv + t * dv;
+      T* kp = kdp + (bh * K + t) * S * dh;
+      T* vp = vdp + bh * S * K * dv + t * dv;
       for (int64_t j = 0; j < S; ++j) {
         const T* ks = Kd + t * ks0 + b * ks1 + h * ks2 + j * ks3;
         const T* vs = Vd + t * vs0 + b * vs1 + h * vs2 + j * vs3;
         std::copy(ks, ks + dh, kp + j * dh);
         std::copy(vs, vs + dv, vp + j * K * dv);
       }
+      if (t == 0) {
+        for (int64_t j = 0; j < S; ++j) {
+          const T* kj = k + (bh * S + j) * dh;
+          const T* vj = v + (bh * S + j) * dv;
+          T* dst = kvp + (bh * S + j) * dh * dv;
+          for (int64_t e = 0; e < dh; ++e) {
+            const T ke = kj[e];
+#pragma omp simd
+            for (int64_t c = 0; c < dv; ++c) dst[e * dv + c] = ke * vj[c];
+          }
+        }
+      }
     }
   });
 
   // query-row block: the [BM, K, S] scratch of W stays near 256 KB (L2 holds it with the packed tangents)
-  const int64_t BM = std::max<int64_t>(1, std::min<int64_t>(S, (256 * 1024) / std::max<int64_t>(1, K * S * (int64_t)sizeof(T))));
+  const int64_t BM = std::max<int64_t>(
+      1, std::min<int64_t>(S, (256 * 1024) / std::max<int64_t>(1, (K * S + dh * dv) * (int64_t)sizeof(T))));
   const int64_t nblk = (S + BM - 1) / BM;
   at::parallel_for(0, B * H * nblk, 1, [&](int64_t lo, int64_t hi) {
-    std::vector<T> W((size_t)(BM * K * S)), Y((size_t)(BM * K * dv)), r((size_t)(BM * K)), M((size_t)(dh * dv)),
-        ak((size_t)dh);
+    at::Tensor scratch = at::empty({BM * K * S + BM * K * dv + BM * K + BM * dh * dv + BM * dh}, opt);
+    T* W = scratch.data_ptr<T>();  // [BM, K, Sj]
+    T* Y = W + BM * K * S;         // [BM, K, dv]
+    T* r = Y + BM * K * dv;        // [BM, K]
+    T* M = r + BM * K;             // [BM, dh, dv]
+    T* ak = M + BM * dh * dv;      // [BM, dh]
     for (int64_t x = lo; x < hi; ++x) {
       const int64_t bh = x / nblk, blk = x % nblk, b = bh / H, h = bh % H;
       const int64_t i0 = blk * BM, i1 = std::min(S, i0 + BM), ni = i1 - i0;
@@ -65,21 +88,20 @@ static void attn_jvp_fwd(const at::Tensor& A_, const at::Tensor& q_, const at::T
       const T* kb = k + bh * S * dh;
       const T* vb = v + bh * S * dv;
       const T* ob = o + bh * S * dv;
-      const T* kp = kdp.data() + bh * K * S * dh;
-      const T* vp = vdp.data() + bh * S * K * dv;
-      // G[i, (t, j)] = q_i . kdot_tj, all tangents in one GEMM; only j < Sj is needed: per tangent a [ni, Sj]
-      // panel of rows t*S .. t*S + Sj of kp
+      const T* kp = kdp + bh * K * S * dh;
+      const T* vp = vdp + bh * S * K * dv;
+      // G[i, (t, j)] = q_i . kdot_tj, all tangents in one GEMM (causal: a [ni, Sj] panel per tangent)
       if (Sj == S) {
-        gemm<T>(ni, K * S, dh, T(1), qb, dh, kp, dh, /*trans_b=*/true, T(0), W.data(), K * S);
+        gemm<T>(ni, K * S, dh, T(1), qb, dh, kp, dh, /*trans_b=*/true, T(0), W, K * S);
       } else {
         for (int64_t t = 0; t < K; ++t)
-          gemm<T>(ni, Sj, dh, T(1), qb, dh, kp + t * S * dh, dh, true, T(0), W.data() + t * Sj, K * Sj);
+          gemm<T>(ni, Sj, dh, T(1), qb, dh, kp + t * S * dh, dh, true, T(0), W + t * Sj, K * Sj);
       }
-      // W = A (.) G and its row sums, in place; W laid out [ni, K, Sj]
+      // W = A (.) G and its row sums r, in place; W laid out [ni, K, Sj]
       for (int64_t i = 0; i < ni; ++i) {
         const T* a = Ab + i * S;
         for (int64_t t = 0; t < K; ++t) {
-          T* w = W.data() + (i * K + t) * Sj;
+          T* w = W + (i * K + t) * Sj;
           T acc = 0;
 #pragma omp simd reduction(+ : acc)
           for (int64_t j = 0; j < Sj; ++j) {
@@ -87,52 +109,33 @@ static void attn_jvp_fwd(const at::Tensor& A_, const at::Tensor& q_, const at::T
             w[j] = p;
             acc += p;
           }
-          r[i * K + t] = acc;
+          r[i * K + t] = beta * acc;
         }
       }
       // Y[(i, t), :] = beta W_ti @ v  +  A_i @ vdot_t   (both [ni*K, dv] in the layout (i, t, c))
-      gemm<T>(ni * K, dv, Sj, beta, W.data(), Sj, vb, dv, false, T(0), Y.data(), dv);
-      gemm<T>(ni, K * dv, Sj, T(1), Ab, S, vp, K * dv, false, T(1), Y.data(), K * dv);
+      gemm<T>(ni * K, dv, Sj, beta, W, Sj, vb, dv, false, T(0), Y, dv);
+      gemm<T>(ni, K * dv, Sj, T(1), Ab, S, vp, K * dv, false, T(1), Y, K * dv);
+      // M_i = beta (sum_j A_ij k_j v_j^T - (sum_j A_ij k_j) o_i^T): two GEMMs for the block, then a rank-1 fix
+      gemm<T>(ni, dh * dv, Sj, beta, Ab, S, kvp + bh * S * dh * dv, dh * dv, false, T(0), M, dh * dv);
+      gemm<T>(ni, dh, Sj, beta, Ab, S, kb, dh, false, T(0), ak, dh);
       for (int64_t i = 0; i < ni; ++i) {
         const int64_t ig = i0 + i;
-        const T* a = Ab + i * S;
         const T* oi = ob + ig * dv;
-        // M_i = sum_j A_ij k_j (v_j - o_i)^T = sum_j A_ij k_j v_j^T - (sum_j A_ij k_j) o_i^T
-        std::fill(M.begin(), M.end(), T(0));
-        std::fill(ak.begin(), ak.end(), T(0));
-        for (int64_t j = 0; j < Sj; ++j) {
-          const T p = a[j];
-          if (p == T(0)) continue;
-          const T* kj = kb + j * dh;
-          const T* vj = vb + j * dv;
-          for (int64_t e = 0; e < dh; ++e) {
-            const T w = p * kj[e];
-            ak[e] += w;
-            T* Me = M.data() + e * dv;
-#pragma omp simd
-            for (int64_t c = 0; c < dv; ++c) Me[c] += w * vj[c];
-          }
-        }
+        T* Mi = M + i * dh * dv;
         for (int64_t e = 0; e < dh; ++e) {
-          T* Me = M.data() + e * dv;
-          const T s = ak[e];
+          const T s = ak[i * dh + e];
 #pragma omp simd
-          for (int64_t c = 0; c < dv; ++c) Me[c] = beta * (Me[c] - s * oi[c]);
+          for (int64_t c = 0; c < dv; ++c) Mi[e * dv + c] -= s * oi[c];
         }
-        // odot_ti = Y_ti - beta r_ti o_i + qdot_ti^T (beta M_i), written to od[t, b, i, h, :]
+        // Y_i [K, dv] += qdot_i [K, dh] @ M_i [dh, dv]  (qdot rows t are qs0 apart)
+        gemm<T>(K, dv, dh, T(1), Qd + b * qs1 + h * qs2 + ig * qs3, qs0, Mi, dv, false, T(1), Y + i * K * dv, dv);
+        // odot_ti = Y_ti - beta r_ti o_i, written to od[t, b, i, h, :]
         for (int64_t t = 0; t < K; ++t) {
           T* dst = Od + (((t * B + b) * S + ig) * H + h) * dv;
-          const T* y = Y.data() + (i * K + t) * dv;
-          const T* qdi = Qd + t * qs0 + b * qs1 + h * qs2 + ig * qs3;
-          const T rr = beta * r[i * K + t];
+          const T* y = Y + (i * K + t) * dv;
+          const T rr = r[i * K + t];
 #pragma omp simd
           for (int64_t c = 0; c < dv; ++c) dst[c] = y[c] - rr * oi[c];
-          for (int64_t e = 0; e < dh; ++e) {
-            const T s = qdi[e];
-            const T* Me = M.data() + e * dv;
-#pragma omp simd
-            for (int64_t c = 0; c < dv; ++c) dst[c] += s * Me[c];
-          }
         }
       }
     }

@@ -39,7 +39,7 @@ from .base import KernelBackend
 SUPPORTED_DTYPES = (torch.float32, torch.float64)
 SOURCES = ("register.cpp", "attn_jvp.cpp", "norm_jvp.cpp", "step_dense.cpp")
 HEADERS = ("common.h",)
-CFLAGS = ("-O3", "-march=native", "-fopenmp", "-ffp-contract=fast", "-fno-math-errno")
+CFLAGS = ("-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp", "-ffp-contract=fast", "-fno-math-errno")
 LDFLAGS = ("-fopenmp",)
 LIB_NAME = "fastjac_cpp"
 
