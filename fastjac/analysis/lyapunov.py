@@ -609,7 +609,7 @@ def lyapunov_spectrum(step, X0: Tensor, *, C: Optional[Tensor] = None, k: Option
                 st["since"] += 1
                 done = t + 1 - burn_in
                 if st["since"] == st["m"] or done == steps:
-                    fin = _finite(V)
+                    fin = _finite(V) or not check_states  # check_finite=False: NaN runs through, unchecked
                     if fin:
                         Qn, logd = _orthonormalize(V, qr_backend)
                     worst = _independence(V, logd, n_track) if fin and st["since"] > 1 else 0.0
