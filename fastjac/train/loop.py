@@ -226,7 +226,7 @@ def lyapunov_of(net: SudokuNet, puzzles: Tensor, horizon: int = 16) -> Dict[str,
     per board the max and the mean of the non-trivial exponents (dense product when S*D <= 1024)."""
     import inspect
 
-    from .. import finite_time_lyapunov, load_model
+    from ..analysis.lyapunov import finite_time_lyapunov
 
     core = R.plain_copy(net.core).double().cpu()
     X0, C = net.inputs(puzzles.to(net.pos.device))
@@ -399,7 +399,7 @@ def train(cfg: TrainConfig, data=None) -> Dict[str, Any]:
     ev = evaluate(net, data, steps=cfg.eval_steps)
     lyap = lyapunov_of(net, data["test_id"][0][:cfg.lyap_samples], horizon=cfg.steps) if cfg.lyap_samples else None
     t_eval = time.perf_counter() - t_eval
-    from .. import save_model
+    from ..models import save_model
 
     save_model(R.plain_copy(net.core), os.path.join(cfg.out, "model.safetensors"))
     save_net(net, os.path.join(cfg.out, "sudoku_net.safetensors"))
