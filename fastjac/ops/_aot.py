@@ -469,8 +469,9 @@ def describe(c: dict) -> str:
     ws = f"w{c['num_warps']} s{c['num_stages']}"
     if short.startswith("attn"):
         dc = "fp64" if cx.get("F64") else (dt if dt != "fp32" else ("tf32" if cx.get("PREC") == "tf32" else "fp32"))
+        split = f" DSPLIT={cx['DSPLIT']}" if cx.get("DSPLIT", 1) != 1 else ""
         return (f"{short} {dc}{' causal' if cx.get('CAUSAL') else ''} BM={cx['BM']} BN={cx['BN']} BDH={cx['BDH']} "
-                f"BV={cx['BV']} {ws}")
+                f"BV={cx['BV']}{split} {ws}")
     if short == "norm":
         kind = {0: "none", 1: "l2", 2: "rms", 3: "layer"}[cx["KIND"]]
         return (f"norm {kind}{' gamma' if cx.get('HAS_GAMMA') else ''} {dt} BR={cx['BR']} BG={cx['BG']} "
@@ -486,7 +487,10 @@ def spec(c: dict) -> str:
     """The shape-dependent part of the compile key: int args not divisible by 16, and args specialised to 1."""
     names = list(c["signature"])
     div = {names[p[0]] for p, _ in c["attrs"]}
-    nod = [n for n, t in c["signature"].items() if t in ("i32", "i64") and n not in div]
+    m, f = c["kernel"].rsplit(".", 1)
+    fn = getattr(importlib.import_module(m), f)
+    unspec = {i if isinstance(i, str) else names[i] for i in getattr(fn, "do_not_specialize", ())}  # never specialised
+    nod = [n for n, t in c["signature"].items() if t in ("i32", "i64") and n not in div and n not in unspec]
     ones = [n for n, t in c["signature"].items() if t == "constexpr" and n in c["constexprs"]
             and n[0].islower() and not n.isupper()]
     s = []
@@ -515,7 +519,8 @@ def table_md(result: dict, archs=(80, 90)) -> str:
          "Columns per architecture: shared bytes, registers per thread, spill bytes (stores + loads), tensor-core "
          "SASS (HMMA = mma.sync, HGMMA = wgmma, DMMA = FP64 mma; `-` where no tensor core applies: IEEE float32 "
          "products, kernels without a matrix product), verdict. `spec` = the shape-dependent part of the compile "
-         "key (int args not divisible by 16). Speed is not measured here.\n"]
+         "key (int args not divisible by 16; the shape ints S, H, row counts, n are never specialised). Speed is not "
+         "measured here.\n"]
     hdr = "| configuration | spec | " + " | ".join(f"sm_{a} shared | regs | spill | TC | fits" for a in archs) + " |"
     L += [hdr, "|" + "---|" * (hdr.count("|") - 1)]
     for (d, s), per in by.items():
@@ -568,6 +573,7 @@ def main(argv=None) -> int:
     ap.add_argument("--arch", type=int, nargs="+", default=[80, 90], choices=[80, 90])
     ap.add_argument("--quiet", action="store_true", help="print only the summary line")
     args = ap.parse_args(argv)
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9's default, stated (silences its warning)
     from . import _utils
     if _utils.INTERPRET:  # kernels already decorated for the interpreter: redo this in a clean process
         env = dict(os.environ)
