@@ -293,11 +293,13 @@ def _report_half_errors(request):
     # the low-precision tests' errors against float64, beside the torch path's in the same dtype, printed once
     yield
     rep = request.config.pluginmanager.getplugin("terminalreporter")
-    if rep is not None and HALF_REPORT:
-        rep.write_line("\nlow-precision errors vs float64 (relative to max entry): triton | torch same dtype")
-        for what, dt, e, et in HALF_REPORT:
-            fmt = lambda x: " ".join(f"{v:.1e}" for v in (x if isinstance(x, tuple) else (x,)))  # noqa: E731
-            rep.write_line(f"  {dt:14s} {what:40s} {fmt(e):18s} | {fmt(et)}")
+    cap = request.config.pluginmanager.getplugin("capturemanager")
+    if rep is not None and cap is not None and HALF_REPORT:
+        with cap.global_and_fixture_disabled():
+            rep.write_line("\nlow-precision errors vs float64 (relative to max entry): triton | torch same dtype")
+            for what, dt, e, et in HALF_REPORT:
+                fmt = lambda x: " ".join(f"{v:.1e}" for v in (x if isinstance(x, tuple) else (x,)))  # noqa: E731
+                rep.write_line(f"  {dt:14s} {what:40s} {fmt(e):18s} | {fmt(et)}")
 
 
 @pytest.mark.parametrize("case", [CASES[0], CASES[-2]], ids=_ids)
