@@ -31,13 +31,13 @@ class build_py_with_csrc(build_py):
 
 setup(
     name="fastjac",
-    version="0.1.0",
+    version="0.2.0",
     description="Exact, fast Jacobians of recurrent self-attention and a dynamical-systems toolkit on them",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
     packages=find_packages(include=["fastjac", "fastjac.*"]),
-    package_data={"fastjac": ["ops/*/README.md"]},
+    package_data={"fastjac": ["ops/*/README.md", "train/weights/*.safetensors"]},  # the shipped trained model
     install_requires=[
         "torch>=2.4",
         "numpy",

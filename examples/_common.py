@@ -23,4 +23,5 @@ def write_json(path: str, payload: dict) -> None:
     payload = dict(payload, torch=torch.__version__, python=platform.python_version(),
                    date=time.strftime("%Y-%m-%d %H:%M:%S"))
     with open(path, "w") as f:
-        json.dump(payload, f, indent=1)
+        # results are tensors (0-dim or [B]) since 0.2: write their values
+        json.dump(payload, f, indent=1, default=lambda o: o.tolist() if isinstance(o, torch.Tensor) else str(o))

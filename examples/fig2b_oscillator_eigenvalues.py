@@ -39,7 +39,7 @@ def main(argv=None):
     free = OscillatorStep(Om, eta=eta, normalize=False)
     osc = OscillatorStep(Om, eta=eta, normalize=True, group=2)
     Xs = osc(X)  # on the oscillators' circles
-    generic = OscillatorStep(random_antisymmetric(D, generator=g), eta=eta, normalize=True)
+    generic = OscillatorStep(random_antisymmetric(D, seed=g), eta=eta, normalize=True)
     Xg = generic(X)
     lam = {"no normalisation": eigvals(free, Xs),
            "normalised per oscillator (group=2)": eigvals(osc, Xs),
@@ -48,7 +48,7 @@ def main(argv=None):
                        outside_unit_circle=int((v.abs() > 1 + 1e-12).sum()), count=v.numel())
                for k, v in lam.items()}
     summary["no normalisation"]["predicted_max_modulus"] = free.predicted_eigenvalues().abs().max().item()
-    summary["normalised per oscillator (group=2)"]["spectral_norm"] = spectral_norm(osc, Xs, method="dense")
+    summary["normalised per oscillator (group=2)"]["spectral_norm"] = float(spectral_norm(osc, Xs, method="dense"))
     for k, v in summary.items():
         print(f"{k:38s} " + "  ".join(f"{a}={b:.4g}" if isinstance(b, float) else f"{a}={b}" for a, b in v.items()))
     from fastjac.plot.spectra import plot_eigenvalues

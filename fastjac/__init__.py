@@ -21,7 +21,7 @@ from .analysis.pseudo_energy import PseudoEnergyTrace, pseudo_energy_trace
 from .analysis.spectra import Prop51Result, eigvals, linear_operator, prop51_bound, spectral_norm
 from .models import AKOrN, ItrSA, RecurrentStep, load_model, register_model, save_model
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 # Subsystems imported on first use (``fj.regularizers``, ``fj.train``, ``fj.data``, ``fj.distributed``), so that
 # ``import fastjac`` stays light and never touches torch.distributed or the training code unless asked.

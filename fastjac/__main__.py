@@ -5,9 +5,12 @@
     python -m fastjac jacobian               # dense step Jacobian: size, spectral radius, time vs torch.func (~1 min)
     python -m fastjac aot | train | build    # GPU compile check, training, compiled extension (--help each)
 
-The default model is the paper's setting at CPU scale: ItrSA, l2 (RMS) normalisation, D = 64, H = 4, S = 81 tokens
-(the Sudoku sequence length), a random injected input C, float64. A run saves a checkpoint in its output folder;
-Ctrl-C and the same command again resumes it (``--fresh`` starts over).
+The default model is the trained 4x4 Sudoku ItrSA that ships with fastjac (fastjac/train/weights; D = 32, H = 4,
+l2 normalisation, float64) on one held-out puzzle: its state X0 and injected input C are what the Sudoku model feeds
+its recurrent core (S = 16 tokens). ``--model random`` (or any of --dim/--heads/--norm/--eta/--tokens) uses a freshly
+initialised ItrSA instead, the paper's setting at CPU scale (D = 64, H = 4, l2, S = 81 tokens, a random C).
+A run saves a checkpoint in its output folder; Ctrl-C and the same command again resumes it (``--fresh`` starts
+over).
 """
 from __future__ import annotations
 
@@ -61,9 +64,23 @@ def _state(model, args):
     return X0, C
 
 
-def make_model_and_state(args):
-    """The job's model and its (X0 [S, D], C [S, D]) from the parsed arguments (shared with fastjac.distributed)."""
+def make_model_and_state(args, allow_trained: bool = True):
+    """The job's model and its (X0 [S, D], C [S, D]) from the parsed arguments (shared with fastjac.distributed).
+
+    Without --model and without any model or state option, the shipped trained model on its puzzle (when
+    ``allow_trained``); ``--model random`` or any such option, a fresh ItrSA; ``--model FILE``, that file."""
+    tokens_given = getattr(args, "tokens", None) is not None
     _fill_model_defaults(args)
+    if not tokens_given:
+        args.tokens = 81
+    if args.model is None and allow_trained and not args._model_opts_given and not tokens_given:
+        from .train.pretrained import load_default
+
+        model, X0, C = load_default()
+        args.tokens = X0.shape[0]
+        return model, X0, C
+    if args.model == "random":
+        args.model = None
     if args.model:
         if args._model_opts_given:
             given = ", ".join(f"--{k}" for k in args._model_opts_given)
@@ -260,14 +277,16 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="fastjac", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("job", nargs="?", default="lyapunov", choices=("lyapunov", "jacobian"))
-    ap.add_argument("--model", help="a model saved with fastjac.save_model(model, path) (default: a fresh ItrSA); "
-                    "--dim/--heads/--norm/--eta do not apply to it")
+    ap.add_argument("--model", help="a model saved with fastjac.save_model(model, path), or 'random' for a fresh "
+                    "ItrSA (default: the shipped trained 4x4 Sudoku ItrSA on a held-out puzzle, unless a model or "
+                    "state option is given); --dim/--heads/--norm/--eta do not apply to a file")
     ap.add_argument("--allow-pickle", action="store_true",
                     help="let --model load a torch.save(model, path) pickle: unpickling runs code from the file, "
                          "so only for files you made")
     ap.add_argument("--dim", type=_int_at_least(1), default=None, help="default model: features D (64)")
     ap.add_argument("--heads", type=_int_at_least(1), default=None, help="default model: heads H (4)")
-    ap.add_argument("--tokens", type=_int_at_least(1), default=81)
+    ap.add_argument("--tokens", type=_int_at_least(1), default=None,
+                    help="tokens S of the random model's state (default 81; the trained default uses its puzzle's 16)")
     ap.add_argument("--norm", default=None, choices=("l2", "rms", "layer", "none"), help="default model (l2)")
     ap.add_argument("--eta", type=_finite_float, default=None, help="default model: step size eta (1.0)")
     ap.add_argument("--k", type=_int_at_least(1), default=32, help="tangents (leading exponents)")

@@ -205,7 +205,7 @@ def _unit_tokens(S, D, seed):
 
 @pytest.mark.parametrize("seed", range(3))
 def test_energy_decreases_for_prop41_weights(seed):
-    p = symmetric_single_head(8, beta=1.0, generator=torch.Generator().manual_seed(seed))
+    p = symmetric_single_head(8, beta=1.0, seed=torch.Generator().manual_seed(seed))
     r = integrate_flow(p, _unit_tokens(8, 8, seed), flow="sphere", dt=0.05, steps=120)
     scale = r.energy.abs().max().item()
     assert r.max_increase <= 1e-9 * scale  # monotone to rounding (RK4 + retraction)
@@ -216,7 +216,7 @@ def test_energy_decreases_for_prop41_weights(seed):
 @pytest.mark.parametrize("seed", range(3))
 def test_energy_decreases_for_prop42_weights(seed):
     g = torch.Generator().manual_seed(seed)
-    p = orthogonal_multi_head(12, 3, beta=1.0, generator=g)
+    p = orthogonal_multi_head(12, 3, beta=1.0, seed=g)
     U = torch.cat([p.wq, p.wk]).transpose(-1, -2).reshape(-1, 12)  # all U's as rows: orthonormal
     torch.testing.assert_close(U @ U.T, torch.eye(12, dtype=F64), atol=1e-12, rtol=0)
     r = integrate_flow(p, _unit_tokens(6, 12, seed), flow="free", dt=0.02, steps=60)
@@ -225,20 +225,20 @@ def test_energy_decreases_for_prop42_weights(seed):
 
 def test_energy_rises_for_counterexamples():
     # seeded generic weights: the energy goes up somewhere, far above integrator error
-    p = random_counterexample(8, 1, generator=torch.Generator().manual_seed(1))
+    p = random_counterexample(8, 1, seed=torch.Generator().manual_seed(1))
     r = integrate_flow(p, _unit_tokens(8, 8, 1), flow="sphere", dt=0.05, steps=100)
     assert r.max_increase > 0.1  # observed 0.30
     # and only symmetrising Wv without a symmetric A is not enough for our E (see symmetric_single_head)
     g = torch.Generator().manual_seed(0)
     X0 = torch.randn(8, 8, generator=g, dtype=F64)
-    pn = symmetric_single_head(8, symmetric_A=False, generator=g)
+    pn = symmetric_single_head(8, symmetric_A=False, seed=g)
     rn = integrate_flow(pn, X0 / X0.norm(dim=-1, keepdim=True), dt=0.05, steps=160)
     assert rn.max_increase > 0.1  # observed 0.26 near t = 7.25 (dE/dt ~ +5 there); the rise shrinks with dt like
     # dt * dE/dt, so it is the flow, not the integrator
 
 
 def test_energy_formulas_and_gradient_identity():
-    p = symmetric_single_head(6, beta=0.7, generator=torch.Generator().manual_seed(1))
+    p = symmetric_single_head(6, beta=0.7, seed=torch.Generator().manual_seed(1))
     X = torch.randn(5, 6, dtype=F64).requires_grad_(True)
     A = p.A()[0]
     E = E_single(X, p.wq[0], p.wk[0], 0.7)

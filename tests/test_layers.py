@@ -29,6 +29,8 @@ LAZY_UPWARD_OK = {
     ("fastjac.analysis.lyapunov", "fastjac.distributed"),
     # the CLI and docs helpers reach every subsystem
     ("fastjac.__main__", "fastjac"),
+    # the sharded main job (torchrun -m fastjac --parallel ...) reuses the main job's parser and model set-up
+    ("fastjac.distributed.cli", "fastjac.__main__"),
 }
 
 

@@ -366,7 +366,7 @@ def test_auto_never_picks_the_interpreter_and_says_why():
 
 
 def test_triton_why_not_reasons(monkeypatch):
-    be = backends._BACKENDS["triton"]
+    be = backends.get("triton")
     m = fj.ItrSA(8, 2)
     X = torch.randn(1, 3, 8)
     assert "no triton kernels are registered for function" in be.why_not(lambda x: x, X)

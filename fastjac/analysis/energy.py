@@ -101,7 +101,7 @@ def E_multi(X: Tensor, Wq: Tensor, Wk: Tensor, beta: float) -> Tensor:
 
     Example:
         >>> import torch
-        >>> p = orthogonal_multi_head(8, 2, generator=torch.Generator().manual_seed(0))
+        >>> p = orthogonal_multi_head(8, 2, seed=0)
         >>> E_multi(torch.randn(6, 8, dtype=torch.float64), p.wq, p.wk, p.beta).shape
         torch.Size([])
     """
@@ -151,7 +151,7 @@ def symmetric_single_head(dim: int, *, head_dim: Optional[int] = None, beta: flo
 
     Example:
         >>> import torch
-        >>> p = symmetric_single_head(6, generator=torch.Generator().manual_seed(0))
+        >>> p = symmetric_single_head(6, seed=0)
         >>> A = p.A()[0]; torch.allclose(p.wv[0], (A + A.T) / 2), torch.allclose(A, A.T)
         (True, True)
     """
@@ -181,7 +181,7 @@ def orthogonal_multi_head(dim: int, heads: int, *, beta: float = 1.0, scale: flo
 
     Example:
         >>> import torch
-        >>> p = orthogonal_multi_head(8, 2, generator=torch.Generator().manual_seed(0))
+        >>> p = orthogonal_multi_head(8, 2, seed=0)
         >>> p.wq.shape, p.wv.shape
         (torch.Size([2, 8, 2]), torch.Size([2, 8, 8]))
     """
@@ -208,7 +208,7 @@ def random_counterexample(dim: int, heads: int = 1, *, head_dim: Optional[int] =
 
     Example:
         >>> import torch
-        >>> random_counterexample(6, 2, generator=torch.Generator().manual_seed(0)).wv.shape
+        >>> random_counterexample(6, 2, seed=0).wv.shape
         torch.Size([2, 6, 6])
     """
     generator = make_generator(seed)
@@ -254,7 +254,7 @@ def integrate_flow(p: EnergySA, X0: Tensor, *, flow: str = "sphere", dt: float =
 
     Example:
         >>> import torch
-        >>> p = symmetric_single_head(6, beta=2.0, generator=torch.Generator().manual_seed(0))
+        >>> p = symmetric_single_head(6, beta=2.0, seed=0)
         >>> r = integrate_flow(p, torch.randn(5, 6, dtype=torch.float64), steps=50)
         >>> r.max_increase <= 1e-10
         True

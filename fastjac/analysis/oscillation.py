@@ -35,7 +35,7 @@ def random_antisymmetric(dim: int, *, std: float = 1.0, seed: Optional[Union[int
     """A random anti-symmetric Ω = (W − Wᵀ)/2, W Gaussian with std ``std``. [dim, dim].
 
     Example:
-        >>> O = random_antisymmetric(4, generator=torch.Generator().manual_seed(0))
+        >>> O = random_antisymmetric(4, seed=0)
         >>> torch.allclose(O, -O.T)
         True
     """

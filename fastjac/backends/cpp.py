@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 
 from ..models import AKOrN, ItrSA
-from .base import KernelBackend
+from .base import KernelBackend, needs_weight_grad
 
 SUPPORTED_DTYPES = (torch.float32, torch.float64)
 SOURCES = ("register.cpp", "attn_jvp.cpp", "norm_jvp.cpp", "step_dense.cpp")
@@ -222,12 +222,6 @@ def ops():
 
 # ------------------------------------------------------------------------------------------------------ backend
 
-def _wants_grad(step, X: Tensor) -> bool:
-    if not torch.is_grad_enabled():
-        return False
-    return X.requires_grad or any(p.requires_grad for p in step.parameters())
-
-
 class CppBackend(KernelBackend):
     name = "cpp"
 
@@ -249,9 +243,9 @@ class CppBackend(KernelBackend):
         reason = self.why_not(step, X)
         if reason is not None:
             return reason
-        if _wants_grad(step, X):
-            return ("grad mode is on and X or a model parameter requires grad: the C++ kernels are not "
-                    "differentiable in the weights (run under torch.no_grad(), or pass backend='cpp')")
+        reason = needs_weight_grad(step, X)
+        if reason is not None:
+            return reason
         if _loaded is None:
             if not _lib_file().is_file():
                 return ("the C++ extension is not built yet and 'auto' does not start a compile (run "

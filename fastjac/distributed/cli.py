@@ -74,7 +74,7 @@ def run_parallel(args) -> int:
     created, dev = _init()
     r, P = dist.get_rank(), dist.get_world_size()
     try:
-        model, X0, C = main.make_model_and_state(args)
+        model, X0, C = main.make_model_and_state(args, allow_trained=False)
         mode = args.parallel
         n = None
         if mode == "samples":

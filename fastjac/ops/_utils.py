@@ -60,3 +60,16 @@ def current_arch(device=None) -> Optional[int]:
         return None
     major, _ = torch.cuda.get_device_capability(dev)
     return 90 if major == 9 else 80
+
+
+def compiled_ops():
+    """``torch.ops.fastjac``, the C++ extension's custom ops (csrc/), once ``fastjac.backends.cpp.load()`` loaded it.
+
+    The op layer only uses the ops; building and loading the library belongs to the backend above it (backend
+    ``"cpp"`` loads it before it creates a linearisation).
+    """
+    ns = torch.ops.fastjac
+    if not hasattr(ns, "attn_jvp"):
+        raise RuntimeError("the compiled fastjac extension is not loaded: call fastjac.backends.cpp.load() (it builds "
+                           "on first use) or use backend='cpp'")
+    return ns

@@ -40,7 +40,7 @@ def msa_jvp_cpp(c: AttnCache, T: Tensor, *, wqkv: Optional[Tensor] = None) -> Te
         >>> msa_jvp_cpp(msa_cache(X, m.attn_params()), torch.randn(4, 2, 5, 12)).shape  # doctest: +SKIP
         torch.Size([4, 2, 5, 12])
     """
-    from ...backends.cpp import ops
+    from .._utils import compiled_ops as ops
     p = c.params
     if T.dim() != 4 or T.shape[1:] != c.out.shape:
         raise ValueError(f"T: expected [K, {', '.join(map(str, c.out.shape))}], got {tuple(T.shape)}")

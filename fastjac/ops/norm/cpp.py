@@ -24,7 +24,7 @@ def norm_residual_jvp_cpp(c: NormCache, T: Tensor, R: Tensor, eta) -> Tensor:
         >>> norm_residual_jvp_cpp(c, torch.randn(4, 2, 5, 6), torch.randn(4, 2, 5, 6), 0.5).shape  # doctest: +SKIP
         torch.Size([4, 2, 5, 6])
     """
-    from ...backends.cpp import ops
+    from .._utils import compiled_ops as ops
     if T.dim() != 4 or T.shape[1:] != c.out.shape or R.shape != T.shape:
         raise ValueError(f"T, R: expected [K, {', '.join(map(str, c.out.shape))}], got {tuple(T.shape)} and "
                          f"{tuple(R.shape)}")

@@ -164,7 +164,7 @@ def step_dense_cpp(lin, out: Optional[Tensor] = None) -> Tensor:
     ``lin`` provides ``attn`` (an AttnCache with A), ``p.eta``, ``_left`` and ``_diag_E`` (see dense_factors);
     ``out`` (contiguous rows) receives the result, every element written exactly once.
     """
-    from ...backends.cpp import ops
+    from .._utils import compiled_ops as ops
     X = lin.X
     B, S, D = X.shape
     if out is None:
