@@ -16,12 +16,10 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .._utils import blockdiag as _blockdiag, group as _g
-from ..akorn.ref import antisym, omega_apply, proj_jvp
+from ..akorn.ref import omega_apply, proj_jvp
 from ..attention.cpp import msa_jvp_cpp, qkv_weight
-from ..attention.ref import _out_proj_h
 from ..norm.cpp import norm_residual_jvp_cpp
-from ..norm.ref import NormCache, norm_left_apply
+from .factors import AKOrNDenseFactors, ItrSADenseFactors, dense_factors
 from .ref import AKOrNLinearization, AKOrNParams, ItrSALinearization, ItrSAParams
 
 # temporaries of one row chunk of the dense factors (U, R1 and their einsum intermediates) stay near this size
@@ -45,7 +43,7 @@ class _CppStep:
         return step_dense_cpp(self, out)
 
 
-class CppItrSALinearization(_CppStep, ItrSALinearization):
+class CppItrSALinearization(_CppStep, ItrSADenseFactors, ItrSALinearization):
     """ItrSA X' = Norm(X + eta (C + MSA(X))) linearised at X [B, S, D] on the C++ kernels.
 
     The interface of every backend's linearisation: ``out``, ``jvp(T [k, B, S, D])``, ``vjp(G [k, B, S, D])``,
@@ -67,20 +65,9 @@ class CppItrSALinearization(_CppStep, ItrSALinearization):
         with torch.no_grad():
             return norm_residual_jvp_cpp(self.norm, T.contiguous(), self._msa_jvp(T), self.p.eta)
 
-    @property
-    def _left(self):
-        return None if self.p.norm.kind == "none" else self._norm_left
-
-    def _norm_left(self, M: Tensor, b: int, i0: int) -> Tensor:
-        return norm_left_apply(_sample(self.norm, b), M.unsqueeze(0), i0)[0]
-
-    def _diag_E(self, Dg: Tensor, b: int, i0: int) -> Tensor:
-        # E_i = N_i = L_i, so L_i Dg + E_i = L_i (Dg + I)
-        Dg = Dg + torch.eye(Dg.shape[-1], dtype=Dg.dtype, device=Dg.device)
-        return Dg if self._left is None else self._norm_left(Dg, b, i0)
 
 
-class CppAKOrNLinearization(_CppStep, AKOrNLinearization):
+class CppAKOrNLinearization(_CppStep, AKOrNDenseFactors, AKOrNLinearization):
     """AKOrN X' = Pi_osc(X + eta (Omega X + Proj_X(C + MSA(X)))) linearised at X [B, S, D] on the C++ kernels.
 
     Interface as :class:`CppItrSALinearization`. Omega T and the projection's tangent are torch ops; the sphere
@@ -97,65 +84,6 @@ class CppAKOrNLinearization(_CppStep, AKOrNLinearization):
             R = omega_apply(self.p.omega, T) + proj_jvp(self.X, self.Y, T, self._msa_jvp(T), self.p.osc_dim)
             return norm_residual_jvp_cpp(self.norm, T, R.contiguous(), self.p.eta)
 
-    def _left(self, M: Tensor, b: int, i0: int) -> Tensor:
-        # L_i = N_i P_i with P_i = I - X_g X_g^T per oscillator g
-        I, D, K = M.shape
-        N = self.p.osc_dim
-        Xg = _g(self.X[b, i0:i0 + I], N)  # [I, G, N]
-        Mg = M.reshape(I, D // N, N, K)
-        PM = Mg - Xg.unsqueeze(-1) * (Xg.unsqueeze(-2) @ Mg)
-        return norm_left_apply(_sample(self.norm, b), PM.reshape(I, D, K).unsqueeze(0), i0)[0]
-
-    def _diag_E(self, Dg: Tensor, b: int, i0: int) -> Tensor:
-        # E_i = N_i (I + eta blockdiag(Omega_g - X_g Y_g^T - <Y_g, X_g> I))
-        I, D, _ = Dg.shape
-        N = self.p.osc_dim
-        Xg = _g(self.X[b, i0:i0 + I], N)
-        Yg = _g(self.Y.expand_as(self.X)[b, i0:i0 + I], N)
-        eyeN = torch.eye(N, dtype=Dg.dtype, device=Dg.device)
-        blk = antisym(self.p.omega) - Xg.unsqueeze(-1) * Yg.unsqueeze(-2) - (Xg * Yg).sum(-1)[..., None, None] * eyeN
-        inner = torch.eye(D, dtype=Dg.dtype, device=Dg.device) + self.p.eta.detach() * _blockdiag(blk)
-        return self._left(Dg, b, i0) + norm_left_apply(_sample(self.norm, b), inner.unsqueeze(0), i0)[0]
-
-
-def _sample(c: NormCache, b: int) -> NormCache:
-    """The norm cache of sample b alone (norm_left_apply reads rows of every sample it is given)."""
-    one = lambda t: None if t is None else t[b:b + 1]  # noqa: E731
-    return NormCache(c.params, one(c.w), one(c.s), one(c.out))
-
-
-def dense_factors(lin, b: int, i0: int, i1: int):
-    """The small factors (A, R1, U, rb, Ed) of the dense rows [i0, i1) of sample b; the same maths as
-    ``fastjac.ops.step.dense_triton.dense_factors`` (that module imports triton, so it is not reused here).
-
-    R1[i, h] = eta L_i (Wv_h Wo_h)^T [I, H, D, D]; U[h, i, m] = A_h[i, m] L_i Wo_h^T (v_m - o_i) [H, I, S, D];
-    rb[i, h] = eta beta Wk_h q_i [S, H, D]; Ed[i] = L_i (diagonal attention block) + E_i [I, D, D].
-    """
-    c = lin.attn
-    p, eta = c.params, lin.p.eta.detach()
-    A, q, k, v, o = c.A[b], c.q[b], c.k[b], c.v[b], c.o[b]  # [H, S, S], [H, S, dh], .., [H, S, dv], [H, S, dv]
-    H, S, _ = A.shape
-    D, I = c.out.shape[-1], i1 - i0
-    AI = A[:, i0:i1]  # [H, I, S]
-    wvoT = (p.wv if p.wo is None else p.wv @ p.wo).transpose(-1, -2)  # [H, D(c), D(b)]
-    vo, oo = _out_proj_h(v, p.wo), _out_proj_h(o[:, i0:i1], p.wo)  # [H, S, D], [H, I, D]
-    if lin._left is None:  # L = I
-        R1 = (eta * wvoT).contiguous().unsqueeze(0).expand(I, H, D, D)
-        diff = vo.unsqueeze(1) - oo.unsqueeze(2)  # [H, I, S, D]
-    else:
-        M = (eta * wvoT).permute(1, 0, 2).reshape(D, H * D).expand(I, D, H * D)
-        R1 = lin._left(M, b, i0).reshape(I, D, H, D).permute(0, 2, 1, 3).contiguous()  # [I, H, D(a), D(b)]
-        Lvo = lin._left(vo.permute(2, 0, 1).reshape(D, H * S).expand(I, D, H * S), b, i0).reshape(I, D, H, S)
-        Loo = lin._left(oo.permute(1, 2, 0), b, i0)  # [I, D(a), H]
-        diff = (Lvo - Loo.unsqueeze(-1)).permute(2, 0, 3, 1)  # [H, I, S, D(a)]
-    U = (AI.unsqueeze(-1) * diff).contiguous()  # [H, I, S, D]
-    rb = ((eta * p.beta) * torch.einsum("hie,hbe->ihb", q, p.wk)).contiguous()  # [S, H, D]
-    # diagonal blocks: eta beta Wo^T [sum_j A_ij (v_j - o_i) k_j^T] Wq^T, then L_i, plus E_i
-    Mk = torch.einsum("hij,hjv,hje->hive", AI, v, k) - o[:, i0:i1, :, None] * (AI @ k)[:, :, None, :]
-    Mk = Mk if p.wo is None else torch.einsum("hva,hive->hiae", p.wo, Mk)
-    diag = (eta * p.beta) * torch.einsum("hiae,hbe->iab", Mk, p.wq)  # [I, D, D]
-    Ed = lin._diag_E(diag, b, i0)
-    return A.contiguous(), R1, U, rb, Ed.contiguous()
 
 
 def step_dense_cpp(lin, out: Optional[Tensor] = None) -> Tensor:

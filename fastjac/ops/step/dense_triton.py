@@ -29,7 +29,7 @@ from torch import Tensor
 
 from .. import _launch
 from .._utils import INTERPRET
-from ..attention.ref import _out_proj_h
+from .factors import dense_factors  # noqa: F401 - the factors the kernel expands (re-exported for tests)
 
 # temporaries of one row chunk of the dense path (U, R1 and their einsum intermediates) stay near this many bytes
 DENSE_FACTOR_BYTES = (32 if INTERPRET else 512) * 2**20
@@ -100,40 +100,6 @@ def step_dense_launch(A: Tensor, R1: Tensor, U: Tensor, rb: Tensor, Ed: Tensor, 
         A.stride(0), A.stride(1), R1.stride(0), R1.stride(1), R1.stride(2), U.stride(0), U.stride(1), U.stride(2),
         rb.stride(0), rb.stride(1), Ed.stride(0),
         BR=BR, BM=BM, BB=BB, F64=out.dtype == torch.float64, **opts)
-
-
-def dense_factors(lin, b: int, i0: int, i1: int):
-    """The small factors of the dense rows [i0, i1) of sample b (module docstring).
-
-    ``lin._left(M, b, i0)`` applies L_i to M [I, D, K] using L's structure (the norm's diagonal-plus-rank-one
-    groups, AKOrN's per-oscillator projection): O(D K) per token instead of a D x D product, which keeps building
-    R1 = L_i (Wv Wo)^T far below the cost of writing the output; ``lin._diag_E(Dg, b, i0)`` returns L_i Dg + E_i.
-    """
-    c = lin.attn
-    p, eta = c.params, lin.p.eta.detach()
-    A, q, k, v, o = c.A[b], c.q[b], c.k[b], c.v[b], c.o[b]  # [H, S, S], [H, S, dh], .., [H, S, dv], [H, S, dv]
-    H, S, _ = A.shape
-    D, I = c.out.shape[-1], i1 - i0
-    AI = A[:, i0:i1]  # [H, I, S]
-    wvoT = (p.wv if p.wo is None else p.wv @ p.wo).transpose(-1, -2)  # [H, D(c), D(b)]
-    vo, oo = _out_proj_h(v, p.wo), _out_proj_h(o[:, i0:i1], p.wo)  # [H, S, D], [H, I, D]
-    if lin._left is None:  # L = I
-        R1 = (eta * wvoT).contiguous().unsqueeze(0).expand(I, H, D, D)
-        diff = vo.unsqueeze(1) - oo.unsqueeze(2)  # [H, I, S, D]
-    else:
-        M = (eta * wvoT).permute(1, 0, 2).reshape(D, H * D).expand(I, D, H * D)
-        R1 = lin._left(M, b, i0).reshape(I, D, H, D).permute(0, 2, 1, 3).contiguous()  # [I, H, D(a), D(b)]
-        Lvo = lin._left(vo.permute(2, 0, 1).reshape(D, H * S).expand(I, D, H * S), b, i0).reshape(I, D, H, S)
-        Loo = lin._left(oo.permute(1, 2, 0), b, i0)  # [I, D(a), H]
-        diff = (Lvo - Loo.unsqueeze(-1)).permute(2, 0, 3, 1)  # [H, I, S, D(a)]
-    U = (AI.unsqueeze(-1) * diff).contiguous()  # [H, I, S, D]
-    rb = ((eta * p.beta) * torch.einsum("hie,hbe->ihb", q, p.wk)).contiguous()  # [S, H, D]
-    # diagonal blocks: eta beta Wo^T [sum_j A_ij (v_j - o_i) k_j^T] Wq^T, then L_i, plus E_i
-    Mk = torch.einsum("hij,hjv,hje->hive", AI, v, k) - o[:, i0:i1, :, None] * (AI @ k)[:, :, None, :]
-    Mk = Mk if p.wo is None else torch.einsum("hva,hive->hiae", p.wo, Mk)
-    diag = (eta * p.beta) * torch.einsum("hiae,hbe->iab", Mk, p.wq)  # [I, D, D]
-    Ed = lin._diag_E(diag, b, i0)
-    return A.contiguous(), R1, U, rb, Ed.contiguous()
 
 
 def step_dense_triton(lin, out: Optional[Tensor] = None) -> Tensor:

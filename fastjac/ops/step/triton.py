@@ -11,13 +11,13 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .._utils import INTERPRET, blockdiag as _blockdiag, group as _g
-from ..akorn.ref import antisym, omega_apply, proj_jvp
+from .._utils import INTERPRET
+from ..akorn.ref import omega_apply, proj_jvp
 from ..attention.ref import AttnCache, attention_probs
 from ..attention.triton import msa_forward_triton, msa_jvp_triton
-from ..norm.ref import NormCache, norm_left_apply
 from ..norm.triton import norm_residual_jvp_triton
 from .dense_triton import step_dense_triton
+from .factors import AKOrNDenseFactors, ItrSADenseFactors
 from .ref import AKOrNLinearization, AKOrNParams, ItrSALinearization, ItrSAParams
 
 # the VJP forms [k, B, H, S, S] products: cotangents go through in chunks that keep those near this many bytes
@@ -63,7 +63,7 @@ class _TritonAttention:
         return step_dense_triton(self, out)
 
 
-class TritonItrSALinearization(_TritonAttention, ItrSALinearization):
+class TritonItrSALinearization(_TritonAttention, ItrSADenseFactors, ItrSALinearization):
     """ItrSA X' = Norm(X + eta (C + MSA(X))) linearised at X [B, S, D] on the Triton kernels.
 
     The same interface as the torch backend's: ``out``, ``jvp(T [k, B, S, D])``, ``vjp(G [k, B, S, D])``,
@@ -82,20 +82,9 @@ class TritonItrSALinearization(_TritonAttention, ItrSALinearization):
     def vjp(self, G: Tensor) -> Tensor:
         return self._vjp_chunked(G, super().vjp)
 
-    @property
-    def _left(self):
-        return None if self.p.norm.kind == "none" else self._norm_left
-
-    def _norm_left(self, M: Tensor, b: int, i0: int) -> Tensor:
-        return norm_left_apply(_sample(self.norm, b), M.unsqueeze(0), i0)[0]
-
-    def _diag_E(self, Dg: Tensor, b: int, i0: int) -> Tensor:
-        # E_i = N_i = L_i, so L_i Dg + E_i = L_i (Dg + I)
-        Dg = Dg + torch.eye(Dg.shape[-1], dtype=Dg.dtype, device=Dg.device)
-        return Dg if self._left is None else self._norm_left(Dg, b, i0)
 
 
-class TritonAKOrNLinearization(_TritonAttention, AKOrNLinearization):
+class TritonAKOrNLinearization(_TritonAttention, AKOrNDenseFactors, AKOrNLinearization):
     """AKOrN X' = Pi_osc(X + eta (Omega X + Proj_X(C + MSA(X)))) linearised at X [B, S, D] on the Triton kernels.
 
     Interface as :class:`TritonItrSALinearization`. Omega T and the projection's tangent are torch ops; the sphere
@@ -113,29 +102,3 @@ class TritonAKOrNLinearization(_TritonAttention, AKOrNLinearization):
 
     def vjp(self, G: Tensor) -> Tensor:
         return self._vjp_chunked(G, super().vjp)
-
-    def _left(self, M: Tensor, b: int, i0: int) -> Tensor:
-        # L_i = N_i P_i with P_i = I - X_g X_g^T per oscillator g
-        I, D, K = M.shape
-        N = self.p.osc_dim
-        Xg = _g(self.X[b, i0:i0 + I], N)  # [I, G, N]
-        Mg = M.reshape(I, D // N, N, K)
-        PM = Mg - Xg.unsqueeze(-1) * (Xg.unsqueeze(-2) @ Mg)
-        return norm_left_apply(_sample(self.norm, b), PM.reshape(I, D, K).unsqueeze(0), i0)[0]
-
-    def _diag_E(self, Dg: Tensor, b: int, i0: int) -> Tensor:
-        # E_i = N_i (I + eta blockdiag(Omega_g - X_g Y_g^T - <Y_g, X_g> I))
-        I, D, _ = Dg.shape
-        N = self.p.osc_dim
-        Xg = _g(self.X[b, i0:i0 + I], N)
-        Yg = _g(self.Y.expand_as(self.X)[b, i0:i0 + I], N)
-        eyeN = torch.eye(N, dtype=Dg.dtype, device=Dg.device)
-        blk = antisym(self.p.omega) - Xg.unsqueeze(-1) * Yg.unsqueeze(-2) - (Xg * Yg).sum(-1)[..., None, None] * eyeN
-        inner = torch.eye(D, dtype=Dg.dtype, device=Dg.device) + self.p.eta.detach() * _blockdiag(blk)
-        return self._left(Dg, b, i0) + norm_left_apply(_sample(self.norm, b), inner.unsqueeze(0), i0)[0]
-
-
-def _sample(c: NormCache, b: int) -> NormCache:
-    """The norm cache of sample b alone (norm_left_apply reads rows of every sample it is given)."""
-    one = lambda t: None if t is None else t[b:b + 1]  # noqa: E731
-    return NormCache(c.params, one(c.w), one(c.s), one(c.out))
