@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import inspect
 import json
 import math
 import os
 import types
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional, Union
+from typing import Any, Dict, Optional
 
 import torch
 from torch import Tensor
@@ -438,6 +437,55 @@ def _warn_divergence(X0: Tensor, Xt: Tensor, step) -> None:
 
 # ---------------------------------------------------------------------------------------------------- Benettin
 
+def validate_run(step, X0: Tensor, C: Optional[Tensor], *, k, steps, burn_in, renorm_every, history_every,
+                 checkpoint_every, project_radial, seed, trivial_below, qr_backend, checkpoint) -> Dict[str, Any]:
+    """Every argument check of a Benettin run, once, before any compute (shared with fastjac.distributed).
+
+    Returns the validated values: X [B, S, D], C3, batched, k, steps, burn_in, renorm_every, history_every,
+    checkpoint_every, seed, trivial_below, checkpoint and n_triv (the structural -inf count).
+    """
+    X, C3, batched = _prepare(step, X0, C)
+    B, S, D = X.shape
+    n = S * D
+    steps = _check_int("steps", steps, 1)
+    burn_in = _check_int("burn_in", burn_in, 0)
+    renorm_every = _check_int("renorm_every", renorm_every, 1)
+    history_every = _check_int("history_every", history_every, 1)
+    checkpoint_every = _check_int("checkpoint_every", checkpoint_every, 1)
+    seed = _base_seed(seed)
+    trivial_below = _check_opt_float("trivial_below", trivial_below)
+    if qr_backend not in QR_BACKENDS:
+        raise ValueError(f"qr_backend: expected one of {QR_BACKENDS}, got {qr_backend!r}")
+    if checkpoint is not None:
+        if not isinstance(checkpoint, (str, os.PathLike)):
+            raise TypeError(f"checkpoint: expected a file path or None, got {type(checkpoint).__name__}")
+        checkpoint = os.fspath(checkpoint)
+    n_triv = trivial_count(step, S, D)
+    if project_radial:
+        if radial_basis(step, X) is None:
+            raise ValueError("project_radial: needs a fastjac model with a normalisation (ItrSA with norm != 'none', "
+                             "or AKOrN)")
+        if burn_in < 1:
+            raise ValueError("burn_in: project_radial needs burn_in >= 1 so that the states lie on the normalised "
+                             "manifold whose tangent space the tangents are kept in")
+    n_eff = n - n_triv if project_radial else n
+    if k is None:
+        if n > FULL_K_LIMIT:
+            raise ValueError(f"k: S*D = {n} is over {FULL_K_LIMIT}, where all tangents at once are too costly; pass "
+                             f"k (the number of leading exponents wanted, e.g. k=32)")
+        k = n_eff
+    k = _check_int("k", k, 1)
+    if k > n_eff:
+        raise ValueError(f"k: expected at most {n_eff} tangents ({'S*D minus the trivial directions' if project_radial else 'S*D'}), got {k}")
+    try:  # an unusable QR backend is refused now, not after the burn-in
+        _qr_backend_for(torch.empty(0, n, k, dtype=X.dtype, device=X.device), qr_backend)
+    except (ValueError, TypeError) as e:
+        raise type(e)(f"qr_backend: {str(e).split(': ', 1)[-1]}") from None
+    return dict(X=X, C3=C3, batched=batched, k=k, steps=steps, burn_in=burn_in, renorm_every=renorm_every,
+                history_every=history_every, checkpoint_every=checkpoint_every, seed=seed,
+                trivial_below=trivial_below, checkpoint=checkpoint, n_triv=n_triv)
+
+
 def lyapunov_spectrum(step, X0: Tensor, *, C: Optional[Tensor] = None, k: Optional[int] = None, steps: int,
                       burn_in: int = 0, renorm_every: int = 1, project_radial: bool = False, backend: str = "auto",
                       qr_backend: str = "auto", seed: int = 0, history_every: int = 1,
@@ -501,43 +549,15 @@ def lyapunov_spectrum(step, X0: Tensor, *, C: Optional[Tensor] = None, k: Option
             project_radial=project_radial, backend=backend, qr_backend=qr_backend, seed=seed,
             history_every=history_every, checkpoint=checkpoint, checkpoint_every=checkpoint_every,
             progress=progress, trivial_below=trivial_below, parallel=parallel, group=group)
-    X, C3, batched = _prepare(step, X0, C)
+    v = validate_run(step, X0, C, k=k, steps=steps, burn_in=burn_in, renorm_every=renorm_every,
+                     history_every=history_every, checkpoint_every=checkpoint_every, project_radial=project_radial,
+                     seed=seed, trivial_below=trivial_below, qr_backend=qr_backend, checkpoint=checkpoint)
+    X, C3, batched, n_triv = v["X"], v["C3"], v["batched"], v["n_triv"]
+    k, steps, burn_in, renorm_every = v["k"], v["steps"], v["burn_in"], v["renorm_every"]
+    history_every, checkpoint_every, seed = v["history_every"], v["checkpoint_every"], v["seed"]
+    trivial_below, checkpoint = v["trivial_below"], v["checkpoint"]
     B, S, D = X.shape
     n = S * D
-    steps = _check_int("steps", steps, 1)
-    burn_in = _check_int("burn_in", burn_in, 0)
-    renorm_every = _check_int("renorm_every", renorm_every, 1)
-    history_every = _check_int("history_every", history_every, 1)
-    checkpoint_every = _check_int("checkpoint_every", checkpoint_every, 1)
-    seed = _base_seed(seed)
-    trivial_below = _check_opt_float("trivial_below", trivial_below)
-    if qr_backend not in QR_BACKENDS:
-        raise ValueError(f"qr_backend: expected one of {QR_BACKENDS}, got {qr_backend!r}")
-    if checkpoint is not None:
-        if not isinstance(checkpoint, (str, os.PathLike)):
-            raise TypeError(f"checkpoint: expected a file path or None, got {type(checkpoint).__name__}")
-        checkpoint = os.fspath(checkpoint)
-    n_triv = trivial_count(step, S, D)
-    if project_radial:
-        if radial_basis(step, X) is None:
-            raise ValueError("project_radial: needs a fastjac model with a normalisation (ItrSA with norm != 'none', "
-                             "or AKOrN)")
-        if burn_in < 1:
-            raise ValueError("burn_in: project_radial needs burn_in >= 1 so that the states lie on the normalised "
-                             "manifold whose tangent space the tangents are kept in")
-    n_eff = n - n_triv if project_radial else n
-    if k is None:
-        if n > FULL_K_LIMIT:
-            raise ValueError(f"k: S*D = {n} is over {FULL_K_LIMIT}, where all tangents at once are too costly; pass "
-                             f"k (the number of leading exponents wanted, e.g. k=32)")
-        k = n_eff
-    k = _check_int("k", k, 1)
-    if k > n_eff:
-        raise ValueError(f"k: expected at most {n_eff} tangents ({'S*D minus the trivial directions' if project_radial else 'S*D'}), got {k}")
-    try:  # an unusable QR backend is refused now, not after the burn-in
-        _qr_backend_for(torch.empty(0, n, k, dtype=X.dtype, device=X.device), qr_backend)
-    except (ValueError, TypeError) as e:
-        raise type(e)(f"qr_backend: {str(e).split(': ', 1)[-1]}") from None
     settings = dict(method="benettin", k=k, steps=steps, burn_in=burn_in, renorm_every=renorm_every,
                     project_radial=project_radial, backend=backend, qr_backend=qr_backend, seed=seed,
                     history_every=history_every, dtype=str(X.dtype), shape=list(X0.shape),

@@ -51,37 +51,16 @@ def _orthonormalize(V: Tensor, qr_backend: str):
     return Q, logd
 
 
-def _validate(step, X0, C, k, steps, burn_in, renorm_every, history_every, checkpoint_every, project_radial):
-    from .._checks import check_int
-    from ..analysis.lyapunov import FULL_K_LIMIT, radial_basis, trivial_count
-    from ..linearization import prepare
+def _validate(step, X0, C, k, steps, burn_in, renorm_every, history_every, checkpoint_every, project_radial,
+              seed=0, trivial_below=None, qr_backend="auto"):
+    # the single-process run's checks, so both refuse the same inputs with the same messages
+    from ..analysis.lyapunov import validate_run
 
-    X, C3, batched = prepare(step, X0, C, name="X0")
-    B, S, D = X.shape
-    n = S * D
-    steps = check_int("steps", steps, 1)
-    burn_in = check_int("burn_in", burn_in, 0)
-    renorm_every = check_int("renorm_every", renorm_every, 1)
-    history_every = check_int("history_every", history_every, 1)
-    checkpoint_every = check_int("checkpoint_every", checkpoint_every, 1)
-    n_triv = trivial_count(step, S, D)
-    if project_radial:
-        if radial_basis(step, X[:1, :1]) is None:
-            raise ValueError("project_radial: needs a fastjac model with a normalisation (ItrSA with norm != 'none', "
-                             "or AKOrN)")
-        if burn_in < 1:
-            raise ValueError("burn_in: project_radial needs burn_in >= 1 so that the states lie on the normalised "
-                             "manifold whose tangent space the tangents are kept in")
-    n_eff = n - n_triv if project_radial else n
-    if k is None:
-        if n > FULL_K_LIMIT:
-            raise ValueError(f"k: S*D = {n} is over {FULL_K_LIMIT}, where all tangents at once are too costly; pass "
-                             f"k (the number of leading exponents wanted, e.g. k=32)")
-        k = n_eff
-    k = check_int("k", k, 1)
-    if k > n_eff:
-        raise ValueError(f"k: expected at most {n_eff} tangents, got {k}")
-    return X, C3, batched, k, steps, burn_in, renorm_every, history_every, checkpoint_every, n_triv
+    v = validate_run(step, X0, C, k=k, steps=steps, burn_in=burn_in, renorm_every=renorm_every,
+                     history_every=history_every, checkpoint_every=checkpoint_every, project_radial=project_radial,
+                     seed=seed, trivial_below=trivial_below, qr_backend=qr_backend, checkpoint=None)
+    return (v["X"], v["C3"], v["batched"], v["k"], v["steps"], v["burn_in"], v["renorm_every"], v["history_every"],
+            v["checkpoint_every"], v["n_triv"])
 
 
 def _result(sums: Tensor, hist: list, hist_steps: list, n: int, n_triv: int, project_radial: bool, dtype,
@@ -132,7 +111,8 @@ def lyapunov_spectrum_parallel(step, X0: Tensor, *, C: Optional[Tensor] = None, 
     group = _comm.resolve_group(group, what="parallel")
     r, P = _comm.rank_and_size(group)
     X, C3, batched, k, steps, burn_in, renorm_every, history_every, checkpoint_every, n_triv = _validate(
-        step, X0, C, k, steps, burn_in, renorm_every, history_every, checkpoint_every, project_radial)
+        step, X0, C, k, steps, burn_in, renorm_every, history_every, checkpoint_every, project_radial,
+        seed=seed, trivial_below=trivial_below, qr_backend=qr_backend)
     B, S, D = X.shape
     settings = dict(method="benettin", k=k, steps=steps, burn_in=burn_in, renorm_every=renorm_every,
                     project_radial=project_radial, backend=backend, qr_backend=qr_backend, seed=seed,

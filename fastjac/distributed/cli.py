@@ -18,7 +18,6 @@ every ``--checkpoint-every`` steps; the same command resumes (with the same worl
 from __future__ import annotations
 
 import copy
-import json
 import os
 import socket
 import sys
@@ -102,11 +101,7 @@ def run_parallel(args) -> int:
             out = res.to_dict()
             out.update(wall_s_this_run=dt, model=repr(model), parallel=mode, world_size=P,
                        backend_dist=dist.get_backend(), samples=n, comm_bytes_rank0=dict(STATS))
-            js = os.path.join(args.out, "lyapunov.json")
-            tmp = js + ".tmp"
-            with open(tmp, "w") as f:
-                json.dump(out, f, indent=1)
-            os.replace(tmp, js)
+            js = main._write_json(os.path.join(args.out, "lyapunov.json"), out, "lyapunov")  # strict, with a fallback
             png = os.path.join(args.out, "lyapunov.png")
             try:
                 from ..plot.lyapunov import plot_lyapunov

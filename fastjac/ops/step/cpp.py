@@ -19,7 +19,7 @@ from torch import Tensor
 from ..akorn.ref import omega_apply, proj_jvp
 from ..attention.cpp import msa_jvp_cpp, qkv_weight
 from ..norm.cpp import norm_residual_jvp_cpp
-from .factors import AKOrNDenseFactors, ItrSADenseFactors, dense_factors
+from .factors import AKOrNDenseFactors, ItrSADenseFactors, dense_factors, dense_out
 from .ref import AKOrNLinearization, AKOrNParams, ItrSALinearization, ItrSAParams
 
 # temporaries of one row chunk of the dense factors (U, R1 and their einsum intermediates) stay near this size
@@ -95,11 +95,7 @@ def step_dense_cpp(lin, out: Optional[Tensor] = None) -> Tensor:
     from .._utils import compiled_ops as ops
     X = lin.X
     B, S, D = X.shape
-    if out is None:
-        out = torch.empty(B, S * D, S * D, dtype=X.dtype, device=X.device)
-    elif out.shape != (B, S * D, S * D) or out.dtype != X.dtype or out.stride(-1) != 1:
-        raise ValueError(f"out: expected a [{B}, {S * D}, {S * D}] {X.dtype} tensor with contiguous rows, got "
-                         f"{tuple(out.shape)} {out.dtype}")
+    out = dense_out(X, out)
     write = ops().step_dense_
     with torch.no_grad():
         H = lin.attn.A.shape[1]

@@ -29,7 +29,7 @@ from torch import Tensor
 
 from .. import _launch
 from .._utils import INTERPRET
-from .factors import dense_factors  # noqa: F401 - the factors the kernel expands (re-exported for tests)
+from .factors import dense_factors, dense_out  # noqa: F401 - the factors the kernel expands (re-exported for tests)
 
 # temporaries of one row chunk of the dense path (U, R1 and their einsum intermediates) stay near this many bytes
 DENSE_FACTOR_BYTES = (32 if INTERPRET else 512) * 2**20
@@ -116,11 +116,7 @@ def step_dense_triton(lin, out: Optional[Tensor] = None) -> Tensor:
     """
     X = lin.X
     B, S, D = X.shape
-    if out is None:
-        out = torch.empty(B, S * D, S * D, dtype=X.dtype, device=X.device)
-    elif out.shape != (B, S * D, S * D) or out.dtype != X.dtype or out.stride(-1) != 1:
-        raise ValueError(f"out: expected a [{B}, {S * D}, {S * D}] {X.dtype} tensor with contiguous rows, got "
-                         f"{tuple(out.shape)} {out.dtype}")
+    out = dense_out(X, out)
     with torch.no_grad():
         H = lin.attn.A.shape[1]
         per_row = (4 * H * S * D + 3 * H * D * D + 3 * D * D) * X.element_size()

@@ -25,6 +25,18 @@ def _sample(c: NormCache, b: int) -> NormCache:
     return NormCache(c.params, one(c.w), one(c.s), one(c.out))
 
 
+def dense_out(X: Tensor, out=None) -> Tensor:
+    """The output of a dense writer for X [B, S, D]: ``out`` checked ([B, S*D, S*D], X's dtype, contiguous rows),
+    or a new tensor."""
+    B, S, D = X.shape
+    if out is None:
+        return torch.empty(B, S * D, S * D, dtype=X.dtype, device=X.device)
+    if out.shape != (B, S * D, S * D) or out.dtype != X.dtype or out.stride(-1) != 1:
+        raise ValueError(f"out: expected a [{B}, {S * D}, {S * D}] {X.dtype} tensor with contiguous rows, got "
+                         f"{tuple(out.shape)} {out.dtype}")
+    return out
+
+
 class ItrSADenseFactors:
     """For ItrSA linearisations: L_i = E_i = N_i, the normalisation's Jacobian at token i (None for "none")."""
 
