@@ -406,14 +406,42 @@ def save_model(model: nn.Module, path: str, *, metadata: Optional[Dict[str, str]
         >>> fj.load_model(path).norm
         'rms'
     """
-    from safetensors.torch import save_file
-
     if not isinstance(model, RecurrentStep) or MODEL_CLASSES.get(type(model).__name__) is not type(model):
         raise TypeError(f"model: expected a fastjac model (one of {sorted(MODEL_CLASSES)}), got {type(model).__name__}")
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path: expected a file path, got {type(path).__name__}")
+    if metadata is not None and (not isinstance(metadata, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in metadata.items())):
+        raise TypeError(f"metadata: expected a dict of str -> str, got {metadata!r:.80}")
     meta = dict(metadata or {})
     meta.update(fastjac_class=type(model).__name__, fastjac_config=json.dumps(model.config()))
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(tensors, path, metadata=meta)
+    write_safetensors(tensors, os.fspath(path), meta)
+
+
+def write_safetensors(tensors: Dict[str, Tensor], path: str, metadata: Dict[str, str]) -> None:
+    """Write a safetensors file atomically (``path + ".tmp"``, renamed over ``path``; nothing is left behind on
+    failure). A failed write (full disk, read-only or missing folder) is an OSError naming ``path``."""
+    import errno as _errno
+    import re
+
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
+
+    from ._io import atomic_write
+
+    if os.path.isdir(path):
+        raise IsADirectoryError(_errno.EISDIR, f"path: {path!r} is a folder; pass a file path", path)
+
+    def write(tmp):
+        try:
+            save_file(tensors, tmp, metadata=metadata)
+        except SafetensorError as e:  # the Rust writer's I/O errors: give them the OSError they are
+            m = re.search(r"os error (\d+)", str(e))
+            code = int(m.group(1)) if m else _errno.EIO
+            raise OSError(code, os.strerror(code), path) from None
+
+    atomic_write(path, write)
 
 
 def load_model(path: str, *, map_location="cpu", allow_pickle: bool = False) -> nn.Module:

@@ -15,10 +15,11 @@ import argparse
 import dataclasses
 import json
 import os
+import signal
 import sys
 from typing import List, Optional
 
-from .loop import PRESETS, TrainConfig, train
+from .loop import PRESETS, TrainConfig, TrainingInterrupted, train
 
 _HELP = {
     "kind": "itrsa | akorn", "size": "board side: 4 or 9", "dim": "D", "heads": "H", "steps": "T, recurrent steps",
@@ -36,7 +37,7 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m fastjac train", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--preset", choices=sorted(PRESETS), default="cpu", help="defaults to start from (default: cpu)")
-    p.add_argument("--fresh", action="store_true", help="delete OUT/checkpoint.pt first")
+    p.add_argument("--fresh", action="store_true", help="start over: delete OUT's checkpoint, log and results first")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
@@ -61,21 +62,24 @@ def main(argv: Optional[List[str]] = None) -> int:
     except (TypeError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    ck = os.path.join(cfg.out, "checkpoint.pt")
-    if args.fresh and os.path.exists(ck):
-        os.remove(ck)
-    if cfg.device.startswith("cuda"):
-        import torch
-
-        if not torch.cuda.is_available():
-            print("error: --device cuda but no CUDA device is present (the paper preset is meant for a GPU; "
-                  "pass --device cpu to run it here anyway)", file=sys.stderr)
-            return 2
     print(f"training {cfg.kind} on {cfg.size}x{cfg.size} Sudoku: D={cfg.dim}, H={cfg.heads}, T={cfg.steps}, "
           f"{cfg.epochs} epochs of {cfg.n_train} boards, batch {cfg.batch_size}; out: {cfg.out}")
     try:
-        res = train(cfg)
-    except ValueError as e:
+        res = train(cfg, fresh=args.fresh)
+    except TrainingInterrupted as e:
+        name = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}.get(e.signum, f"signal {e.signum}")
+        if e.saved:
+            print(f"\ninterrupted ({name}) after step {e.step}: checkpointed; run the same command again to resume",
+                  file=sys.stderr)
+        else:
+            print(f"\ninterrupted ({name}) after step {e.step}: the checkpoint could not be written (see the "
+                  f"warning); a resume starts from the last one written", file=sys.stderr)
+        return 128 + int(e.signum)
+    except KeyboardInterrupt:
+        print("\ninterrupted: the last checkpoint written is kept; run the same command again to resume",
+              file=sys.stderr)
+        return 130
+    except (ValueError, TypeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if "stopped_at" in res:
@@ -89,7 +93,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         ly = res["lyapunov"]
         print(f"finite-horizon Lyapunov (T={ly['horizon']}, {ly['boards']} boards): max {ly['max']:.4f}, "
               f"mean {ly['mean']:.4f}")
-    print(f"train time {res['train_time_s']:.1f} s; results: {os.path.join(cfg.out, 'results.json')}")
+    print(f"train time {res['train_time_s']:.1f} s; results: {res['files']['results']}")
     return 0
 
 

@@ -18,19 +18,25 @@ positions, core, readout; :func:`load_net`).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import math
 import os
+import signal
+import threading
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
+from .._checks import NonFiniteError
+from .._io import atomic_write, check_out_dir, json_text, write_json, write_with_fallback
 from . import regularizers as R
 from .sudoku_models import SudokuNet, accuracy, sudoku_loss
 
@@ -127,15 +133,59 @@ class TrainConfig:
                 raise ValueError(f"{name}: expected a number >= 0, got {v!r}")
         if self.ema >= 1:
             raise ValueError(f"ema: expected a decay in [0, 1), got {self.ema}")
-        if not (isinstance(self.lr, (int, float)) and self.lr > 0):
-            raise ValueError(f"lr: expected a number > 0, got {self.lr!r}")
-        self.eval_steps = tuple(int(t) for t in self.eval_steps)
+        if isinstance(self.lr, bool) or not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr)
+                                             and self.lr > 0):
+            raise ValueError(f"lr: expected a finite number > 0, got {self.lr!r}")
+        for name in ("clip", "lyap_target"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or (
+                    name == "clip" and v < 0):
+                raise ValueError(f"{name}: expected a finite number{' >= 0 (0: off)' if name == 'clip' else ''}, "
+                                 f"got {v!r}")
+        for name, lo in (("checkpoint_every", 1), ("log_every", 1), ("jac_iters", 1), ("osc_dim", 1),
+                         ("warmup", 0), ("stop_at", 0), ("eval_every", 0), ("lyap_samples", 0), ("threads", 0),
+                         ("seed", 0)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+                raise ValueError(f"{name}: expected an int >= {lo}, got {v!r}")
+        from ..data import sudoku
+
+        if isinstance(self.size, bool) or self.size not in sudoku.SIZES:
+            raise ValueError(f"size: expected a board side in {sudoku.SIZES}, got {self.size!r}")
+        try:
+            steps = tuple(self.eval_steps) if not isinstance(self.eval_steps, (int, str)) else None
+        except TypeError:
+            steps = None
+        if not steps or any(isinstance(t, bool) or not isinstance(t, int) or t < 1 for t in steps):
+            raise ValueError(f"eval_steps: expected one or more ints >= 1 (recurrent steps T of the final "
+                             f"evaluation), got {self.eval_steps!r}")
+        self.eval_steps = steps
+        self.device = _check_device(self.device)
+        if not isinstance(self.cache_dir, str) or (self.cache_dir and os.path.exists(self.cache_dir)
+                                                   and not os.path.isdir(self.cache_dir)):
+            raise ValueError(f"cache_dir: {self.cache_dir!r} is not a folder; pass a folder (or '' for the default)")
+        if not isinstance(self.out, str) or not self.out:
+            raise ValueError(f"out: expected a folder path, got {self.out!r}")
         return self
 
     def to_dict(self) -> Dict[str, Any]:
         d = dataclasses.asdict(self)
         d["eval_steps"] = list(self.eval_steps)
         return d
+
+
+def _check_device(device) -> str:
+    """A device string torch understands and that holds data here (no 'meta'; cuda/mps only when present)."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError) as e:
+        raise ValueError(f"device: not a torch device: {device!r} ({str(e).splitlines()[0][:120]})") from None
+    if dev.type == "meta":
+        raise ValueError("device: 'meta' tensors hold no data; train on 'cpu' or 'cuda'")
+    mod = getattr(torch, dev.type, None) if dev.type != "cpu" else None
+    if dev.type != "cpu" and not (mod is not None and hasattr(mod, "is_available") and mod.is_available()):
+        raise ValueError(f"device: {device!r} but no {dev.type} device is present here (pass --device cpu)")
+    return str(device)
 
 
 def _fingerprint(cfg: TrainConfig) -> str:
@@ -245,25 +295,120 @@ def lyapunov_of(net: SudokuNet, puzzles: Tensor, horizon: int = 16) -> Dict[str,
 
 
 def _save_ckpt(path: str, state: Dict[str, Any]) -> None:
-    tmp = path + ".tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    def write(tmp):
+        with open(tmp, "wb") as f:  # a Python file: a full disk is an OSError (torch's own writer: RuntimeError)
+            torch.save(state, f)
+
+    atomic_write(path, write)  # a failed or cut-off write leaves the previous checkpoint and no .tmp behind
 
 
-def _log(path: str, rec: Dict[str, Any]) -> None:
+def _log(path: str, rec: Dict[str, Any]) -> int:
+    """Append one strict-JSON line (one write call); returns the log's size after it."""
     with open(path, "a") as f:
-        f.write(json.dumps(rec) + "\n")
+        f.write(json_text(rec, indent=None) + "\n")
+        return f.tell()
+
+
+def _ema_update(ema: Dict[str, Tensor], net: nn.Module, decay: float) -> None:
+    with torch.no_grad():
+        for k, v in net.state_dict().items():
+            if v.is_floating_point():
+                ema[k].mul_(decay).add_(v, alpha=1 - decay)
+            else:
+                ema[k].copy_(v)
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """SIGINT (Ctrl-C) or SIGTERM stopped :func:`train` at the end of a step, after checkpointing that step: the
+    same call again resumes bit for bit. ``signum``: the signal; ``step``: the steps done; ``saved``: whether the
+    checkpoint of ``step`` was written (False only when the disk refused it)."""
+
+    def __init__(self, signum: int, step: int, saved: bool):
+        super().__init__(f"training stopped by signal {signum} after step {step}")
+        self.signum, self.step, self.saved = signum, step, saved
+
+
+class TrainingDiverged(NonFiniteError):
+    """The loss (or the weights) of a training run became NaN/inf; the last good checkpoint is kept."""
+
+
+@contextlib.contextmanager
+def _deferred_signals():
+    """While training, SIGINT and SIGTERM only note their arrival; the loop finishes the step it is in (a step is
+    never cut between the optimiser step, the EMA update and the step counter) and then stops with a checkpoint.
+    A second SIGINT raises KeyboardInterrupt at once (the checkpoint on disk is then the last one written).
+    Outside the main thread signals cannot be caught; nothing is installed there."""
+    got: List[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield got
+        return
+
+    def handler(signum, frame):
+        if got and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        got.append(signum)
+
+    old = {}
+    try:
+        for s in (signal.SIGINT, signal.SIGTERM):
+            old[s] = signal.signal(s, handler)
+        yield got
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h if h is not None else signal.SIG_DFL)
+
+
+def _start_over(out: str) -> str:
+    return (f"run with --fresh to start over (API: train(cfg, fresh=True)), delete {out!r}, or pass another "
+            f"--out")
+
+
+def _load_checkpoint(path: str, cfg: TrainConfig, fp: str) -> Dict[str, Any]:
+    """The checkpoint of this run, read without unpickling, or a ValueError saying what is wrong with it (and,
+    for one written by other settings, which settings changed)."""
+    if os.path.isdir(path):
+        raise ValueError(f"out: {path!r} is a folder, not a checkpoint file; {_start_over(cfg.out)}")
+    if os.path.getsize(path) == 0:
+        raise ValueError(f"out: the checkpoint {path!r} is empty (a write was cut off?); {_start_over(cfg.out)}")
+    try:
+        saved = torch.load(path, map_location=cfg.device, weights_only=True)
+    except Exception as e:  # truncated / random bytes / a pickle with objects weights_only refuses
+        why = str(e).strip().splitlines()[0][:160] if str(e).strip() else ""
+        raise ValueError(f"out: {path!r} is not a readable training checkpoint (corrupt or truncated: "
+                         f"{type(e).__name__}: {why}); nothing in it was run. {_start_over(cfg.out)}") from None
+    keys = ("fingerprint", "model", "optimizer", "step", "train_time", "history")
+    if not isinstance(saved, dict) or any(k not in saved for k in keys) or not isinstance(saved["model"], dict) \
+            or isinstance(saved["step"], bool) or not isinstance(saved["step"], int):
+        raise ValueError(f"out: {path!r} is not a training checkpoint of this fastjac version (a "
+                         f"{type(saved).__name__}); {_start_over(cfg.out)}")
+    if saved["fingerprint"] != fp:
+        old = saved.get("config") if isinstance(saved.get("config"), dict) else {}
+        new = cfg.to_dict()
+        changed = [f"{k} {old.get(k, '(unset)')!r} -> {v!r}" for k, v in new.items()
+                   if k not in _NON_TRAJECTORY and old.get(k, "(unset)") != v]
+        what = ("; changed: " + ", ".join(changed)) if changed else ""
+        raise ValueError(f"out: {path!r} was written by a run with other settings{what}. Resume with the old "
+                         f"settings, or {_start_over(cfg.out)}")
+    return saved
+
+
+def _truncate(path: str, size: Optional[int]) -> None:
+    """Cut the log back to what it held when the checkpoint was written (steps after it are redone)."""
+    if size is None or not os.path.isfile(path) or os.path.getsize(path) <= size:
+        return
+    with open(path, "r+b") as f:
+        f.truncate(size)
 
 
 def save_net(net: SudokuNet, path: str, info: Optional[Dict[str, Any]] = None) -> None:
     """The whole Sudoku model as one safetensors file (weights + JSON config in the metadata)."""
-    from safetensors.torch import save_file
+    from ..models import write_safetensors
 
     n = plain_net(net)
     meta = {"fastjac_sudoku_config": json.dumps(n.config()), "fastjac_core_config": json.dumps(n.core.config())}
     if info:
         meta["info"] = json.dumps(info)
-    save_file({k: v.detach().contiguous().cpu() for k, v in n.state_dict().items()}, path, metadata=meta)
+    write_safetensors({k: v.detach().contiguous().cpu() for k, v in n.state_dict().items()}, path, meta)
 
 
 def plain_net(net: SudokuNet) -> SudokuNet:
@@ -296,20 +441,33 @@ def load_net(path: str, dtype: torch.dtype = torch.float32) -> SudokuNet:
     return net
 
 
-def train(cfg: TrainConfig, data=None) -> Dict[str, Any]:
+def train(cfg: TrainConfig, data=None, *, fresh: bool = False) -> Dict[str, Any]:
     """Train (or resume) the run described by ``cfg``; returns the results dict also written to results.json.
 
-    A checkpoint in ``cfg.out`` written by the same settings is resumed; one written by other settings is refused
-    (ValueError; delete it or choose another ``out``). ``stop_at > 0`` stops after that many optimizer steps with a
-    checkpoint (for time-limited jobs and the resume test); the next call continues.
+    A checkpoint in ``cfg.out`` written by the same settings is resumed (``log.jsonl`` is cut back to what it held
+    then, so no step is logged twice); one written by other settings is refused (ValueError naming the changed
+    settings); ``fresh=True`` deletes the checkpoint, the log and the results first. ``stop_at > 0`` stops after
+    that many optimizer steps with a checkpoint (for time-limited jobs and the resume test); the next call continues.
+
+    Safety: ``cfg.out`` is proved writable before anything is computed. SIGINT (Ctrl-C) and SIGTERM end the step
+    in progress, checkpoint it and raise :class:`TrainingInterrupted` (a KeyboardInterrupt): the same call again
+    ends with the weights of an uninterrupted run, bit for bit. A write that fails later (full disk) warns and
+    the run goes on; the result files then go to the temp folder (``res["files"]`` says where). A NaN/inf loss or
+    gradient stops the run with :class:`TrainingDiverged` (a ValueError) before it touches the weights, keeping
+    the last good checkpoint.
     """
     cfg = cfg.validate()
+    check_out_dir(cfg.out, "out")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    os.makedirs(cfg.out, exist_ok=True)
     ckpt_path = os.path.join(cfg.out, "checkpoint.pt")
     log_path = os.path.join(cfg.out, "log.jsonl")
+    if fresh:
+        for name in ("checkpoint.pt", "checkpoint.pt.tmp", "log.jsonl", "results.json"):
+            if os.path.isfile(os.path.join(cfg.out, name)):
+                os.remove(os.path.join(cfg.out, name))
     fp = _fingerprint(cfg)
+    saved = _load_checkpoint(ckpt_path, cfg, fp) if os.path.lexists(ckpt_path) else None  # before the data
     t_start = time.perf_counter()
     data = data if data is not None else load_data(cfg)
     t_data = time.perf_counter() - t_start
@@ -319,24 +477,59 @@ def train(cfg: TrainConfig, data=None) -> Dict[str, Any]:
     ema = {k: v.detach().clone() for k, v in net.state_dict().items()} if cfg.ema > 0 else None
     per_epoch = math.ceil(len(Ptr) / cfg.batch_size)
     total = per_epoch * cfg.epochs
-    st = dict(step=0, train_time=0.0, history=[])
-    if os.path.exists(ckpt_path):
-        saved = torch.load(ckpt_path, map_location=cfg.device, weights_only=True)
-        if saved.get("fingerprint") != fp:
-            raise ValueError(f"out: {ckpt_path!r} was written by a run with other settings; delete it or pass "
-                             f"another out")
-        net.load_state_dict(saved["model"])
-        opt.load_state_dict(saved["optimizer"])
-        if saved.get("spec_state"):
-            R.load_spec_state(net.core, saved["spec_state"])
-        if ema is not None:
-            ema = saved["ema"]
-        st = dict(step=saved["step"], train_time=saved["train_time"], history=saved["history"])
+    st = dict(step=0, train_time=0.0, history=[], log_bytes=0)
+    if saved is not None:
+        try:
+            net.load_state_dict(saved["model"])
+            opt.load_state_dict(saved["optimizer"])
+            if saved.get("spec_state"):
+                R.load_spec_state(net.core, saved["spec_state"])
+            if ema is not None:
+                ema = saved["ema"]
+        except (RuntimeError, KeyError, ValueError, TypeError) as e:
+            raise ValueError(f"out: {ckpt_path!r} does not fit this run's model ({str(e).splitlines()[0][:160]}); "
+                             f"{_start_over(cfg.out)}") from None
+        st = dict(step=saved["step"], train_time=saved["train_time"], history=saved["history"],
+                  log_bytes=saved.get("log_bytes"))
+        _truncate(log_path, st["log_bytes"])  # lines of steps after the checkpoint: they are redone now
+    elif os.path.isfile(log_path):
+        _truncate(log_path, 0)  # a run from step 0: the log of an earlier run in this folder goes
+    last = dict(saved_step=st["step"] if saved is not None else None, ckpt_failed=False, log_failed=False)
 
-    def checkpoint():
-        _save_ckpt(ckpt_path, dict(fingerprint=fp, model=net.state_dict(), optimizer=opt.state_dict(),
-                                   spec_state=R.spec_state(net.core), ema=ema, step=st["step"],
-                                   train_time=st["train_time"], history=st["history"], config=cfg.to_dict()))
+    def checkpoint() -> bool:
+        """Write the checkpoint of the current (consistent) state; False when the disk refused it."""
+        for k, v in net.state_dict().items():
+            if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+                raise TrainingDiverged(f"training diverged: the weight {k} holds NaN/inf after step {st['step']}; "
+                                       f"{_kept()}")
+        try:
+            _save_ckpt(ckpt_path, dict(fingerprint=fp, model=net.state_dict(), optimizer=opt.state_dict(),
+                                       spec_state=R.spec_state(net.core), ema=ema, step=st["step"],
+                                       train_time=st["train_time"], history=st["history"], config=cfg.to_dict(),
+                                       log_bytes=st["log_bytes"]))
+        except OSError as e:  # a full disk must not cost the run: warn, go on, and try again at the next one
+            if not last["ckpt_failed"]:
+                warnings.warn(f"train: could not write the checkpoint {ckpt_path!r} ({e.strerror or e}); the run "
+                              f"goes on (it cannot be resumed from this step)", RuntimeWarning, stacklevel=3)
+            last["ckpt_failed"] = True
+            return False
+        last["saved_step"] = st["step"]
+        return True
+
+    def _kept() -> str:
+        where = (f"the last good checkpoint (step {last['saved_step']}) is kept in {ckpt_path!r}"
+                 if last["saved_step"] is not None else "no checkpoint was written")
+        return (f"{where}. Lower --lr, raise --warmup or set --clip, then run with --fresh (the same settings "
+                f"would diverge again)")
+
+    def log(rec: Dict[str, Any]) -> None:
+        try:
+            st["log_bytes"] = _log(log_path, rec)
+        except OSError as e:  # the records stay in the checkpoint's history and in results.json
+            if not last["log_failed"]:
+                warnings.warn(f"train: could not write {log_path!r} ({e.strerror or e}); the run goes on (the "
+                              f"log records are kept in results.json)", RuntimeWarning, stacklevel=3)
+            last["log_failed"] = True
 
     from tqdm.auto import tqdm
 
@@ -344,55 +537,71 @@ def train(cfg: TrainConfig, data=None) -> Dict[str, Any]:
     bar = tqdm(total=total, initial=st["step"], disable=not cfg.progress, desc="train", unit="step")
     net.train()
     last_terms: Dict[str, float] = {}
+    mutating = False  # True between opt.step() and the step counter: a state that no checkpoint may hold
     try:
-        while st["step"] < min(total, stop):
-            step = st["step"]
-            epoch, j = divmod(step, per_epoch)
-            perm = torch.randperm(len(Ptr), generator=torch.Generator().manual_seed(cfg.seed * 7919 + epoch))
-            idx = perm[j * cfg.batch_size:(j + 1) * cfg.batch_size]
-            p, s = Ptr[idx].to(cfg.device), Str[idx].to(cfg.device)
-            t0 = time.perf_counter()
-            for gr in opt.param_groups:
-                gr["lr"] = _lr_at(cfg, step, total)
-            logits, xs, C = net(p, return_states=True)
-            ce = sudoku_loss(logits, s)
-            terms = regularizer_terms(cfg, net, xs, C, step)
-            last_terms.update({k: v.item() for k, v in terms.items()})
-            loss = ce + sum(getattr(cfg, k) * v for k, v in terms.items())
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            gnorm = torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.clip) if cfg.clip > 0 else None
-            opt.step()
-            if ema is not None:
-                with torch.no_grad():
-                    for k, v in net.state_dict().items():
-                        if v.is_floating_point():
-                            ema[k].mul_(cfg.ema).add_(v, alpha=1 - cfg.ema)
-                        else:
-                            ema[k].copy_(v)
-            st["train_time"] += time.perf_counter() - t0
-            st["step"] = step + 1
-            bar.update(1)
-            if st["step"] % cfg.log_every == 0 or st["step"] == total:
-                rec = dict(step=st["step"], epoch=epoch, loss=loss.item(), ce=ce.item(), lr=opt.param_groups[0]["lr"],
-                           grad_norm=None if gnorm is None else float(gnorm),
-                           **last_terms)  # the latest value of each term (with reg_every > 1: of a past step)
-                st["history"].append(rec)
-                _log(log_path, rec)
-                bar.set_postfix(ce=f"{ce.item():.3f}")
-            if cfg.eval_every and st["step"] % (cfg.eval_every * per_epoch) == 0 and st["step"] < total:
-                ev = evaluate(net, data, steps=(cfg.steps,))
-                _log(log_path, dict(step=st["step"], eval=ev))
-            if st["step"] % cfg.checkpoint_every == 0 or st["step"] == stop:
-                checkpoint()
-    except KeyboardInterrupt:
-        checkpoint()
+        with _deferred_signals() as got:
+            while st["step"] < min(total, stop) and not got:
+                step = st["step"]
+                epoch, j = divmod(step, per_epoch)
+                perm = torch.randperm(len(Ptr), generator=torch.Generator().manual_seed(cfg.seed * 7919 + epoch))
+                idx = perm[j * cfg.batch_size:(j + 1) * cfg.batch_size]
+                p, s = Ptr[idx].to(cfg.device), Str[idx].to(cfg.device)
+                t0 = time.perf_counter()
+                for gr in opt.param_groups:
+                    gr["lr"] = _lr_at(cfg, step, total)
+                logits, xs, C = net(p, return_states=True)
+                ce = sudoku_loss(logits, s)
+                terms = regularizer_terms(cfg, net, xs, C, step)
+                last_terms.update({k: v.item() for k, v in terms.items()})
+                loss = ce + sum(getattr(cfg, k) * v for k, v in terms.items())
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                gnorm = torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.clip) if cfg.clip > 0 else None
+                bad = [n for n, v in (("loss", loss), ("gradient norm", gnorm))
+                       if v is not None and not bool(torch.isfinite(v))]
+                if bad:  # before opt.step: the weights and the checkpoint stay those of the last good step
+                    val = float((loss if bad[0] == "loss" else gnorm).detach())
+                    raise TrainingDiverged(f"training diverged at step {step + 1}: the {bad[0]} is {val} (lr "
+                                           f"{opt.param_groups[0]['lr']:g}, ce {ce.item()}, terms {last_terms}); "
+                                           f"{_kept()}")
+                # from here to the step counter the state is that of no step: an exception in between (a second
+                # Ctrl-C, a kill) writes no checkpoint, the resume redoes the step from the last one on disk
+                mutating = True
+                opt.step()
+                if ema is not None:
+                    _ema_update(ema, net, cfg.ema)
+                st["train_time"] += time.perf_counter() - t0
+                done = step + 1
+                if done % cfg.log_every == 0 or done == total:
+                    rec = dict(step=done, epoch=epoch, loss=loss.item(), ce=ce.item(),
+                               lr=opt.param_groups[0]["lr"], grad_norm=None if gnorm is None else float(gnorm),
+                               **last_terms)  # the latest value of each term (with reg_every > 1: of a past step)
+                    log(rec)
+                    st["history"].append(rec)
+                    bar.set_postfix(ce=f"{ce.item():.3f}")
+                if cfg.eval_every and done % (cfg.eval_every * per_epoch) == 0 and done < total:
+                    ev = evaluate(net, data, steps=(cfg.steps,))
+                    log(dict(step=done, eval=ev))
+                st["step"] = done
+                mutating = False
+                bar.update(1)
+                if st["step"] % cfg.checkpoint_every == 0 or st["step"] == stop:
+                    checkpoint()
+            if got:
+                ok = last["saved_step"] == st["step"] or checkpoint()
+                raise TrainingInterrupted(got[0], st["step"], ok)
+    except TrainingInterrupted:
+        raise
+    except KeyboardInterrupt:  # a second Ctrl-C, or one from where signals are not caught
+        if not mutating and last["saved_step"] != st["step"]:
+            checkpoint()  # the state is that of the end of step st["step"]: consistent
         raise
     finally:
         bar.close()
     if st["step"] < total:
         return dict(stopped_at=st["step"], total_steps=total, out=cfg.out)
-    checkpoint()
+    if last["saved_step"] != total:
+        checkpoint()
     if ema is not None:
         net.load_state_dict(ema)
     t_eval = time.perf_counter()
@@ -401,16 +610,24 @@ def train(cfg: TrainConfig, data=None) -> Dict[str, Any]:
     t_eval = time.perf_counter() - t_eval
     from ..models import save_model
 
-    save_model(R.plain_copy(net.core), os.path.join(cfg.out, "model.safetensors"))
-    save_net(net, os.path.join(cfg.out, "sudoku_net.safetensors"))
+    core = R.plain_copy(net.core)
+    files = dict(
+        model=write_with_fallback(os.path.join(cfg.out, "model.safetensors"), lambda tmp: save_model(core, tmp),
+                                  "model"),
+        sudoku_net=write_with_fallback(os.path.join(cfg.out, "sudoku_net.safetensors"),
+                                       lambda tmp: save_net(net, tmp), "sudoku_net"))
     res = dict(config=cfg.to_dict(), steps=total, train_time_s=st["train_time"], data_time_s=t_data,
                eval_time_s=t_eval, final_ce=st["history"][-1]["ce"] if st["history"] else None,
                eval=ev, lyapunov=lyap, torch=torch.__version__, date=time.strftime("%Y-%m-%d %H:%M:%S"))
-    with open(os.path.join(cfg.out, "results.json"), "w") as f:
-        json.dump(res, f, indent=1)
-    _log(log_path, dict(step=total, eval=ev, lyapunov=lyap))
+    if last["log_failed"]:
+        res["history"] = st["history"]  # the log could not be written: its records are kept here
+    files["results"] = write_json(os.path.join(cfg.out, "results.json"), res, "train_results")
+    log(dict(step=total, eval=ev, lyapunov=lyap))
+    files["log"] = None if last["log_failed"] else log_path
+    files["checkpoint"] = ckpt_path if last["saved_step"] == total else None
+    res["files"] = files
     return res
 
 
-__all__ = ["TrainConfig", "PRESETS", "train", "evaluate", "build_net", "load_data", "lyapunov_of", "save_net",
+__all__ = ["TrainConfig", "PRESETS", "train", "TrainingInterrupted", "TrainingDiverged", "evaluate", "build_net", "load_data", "lyapunov_of", "save_net",
            "load_net", "plain_net", "regularizer_terms"]
