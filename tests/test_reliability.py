@@ -386,3 +386,102 @@ def test_divergence_stops_and_keeps_the_last_good_checkpoint(tmp_path, data, mon
     assert ck["step"] == 3 and all(torch.isfinite(v).all() for v in ck["model"].values())
     for line in open(os.path.join(cfg.out, "log.jsonl")):
         json.loads(line, parse_constant=lambda c: pytest.fail(f"non-strict JSON {c}"))
+
+
+# ------------------------------------------------------------------------------------------- corrupt checkpoints
+
+def _plant(tmp_path, data, what):
+    cfg = _cfg(tmp_path, "run", stop_at=2)
+    path = os.path.join(cfg.out, "checkpoint.pt")
+    if what == "truncated":
+        loop.train(cfg, data)
+        blob = open(path, "rb").read()
+        open(path, "wb").write(blob[:len(blob) // 2])
+    else:
+        os.makedirs(cfg.out)
+        if what == "random":
+            open(path, "wb").write(os.urandom(3000))
+        elif what == "empty":
+            open(path, "wb").close()
+        elif what == "tensor":
+            torch.save(torch.randn(3), path)
+        elif what == "folder":
+            os.makedirs(path)
+    return cfg
+
+
+@pytest.mark.parametrize("what,pat", [("truncated", "not a readable training checkpoint"),
+                                      ("random", "not a readable training checkpoint"), ("empty", "is empty"),
+                                      ("tensor", "not a training checkpoint .*Tensor"), ("folder", "is a folder")])
+def test_corrupt_training_checkpoint_is_explained(tmp_path, data, monkeypatch, what, pat):
+    cfg = _plant(tmp_path, data, what)
+    monkeypatch.setattr(loop, "load_data", lambda cfg: pytest.fail("loaded data before reading the checkpoint"))
+    with pytest.raises(ValueError, match=f"out: .*{pat}.*--fresh"):
+        loop.train(_cfg(tmp_path, "run"))
+    monkeypatch.undo()
+    if what != "folder":
+        assert loop.train(_cfg(tmp_path, "run"), data, fresh=True)["steps"] == 8
+
+
+def test_refused_checkpoint_names_the_changed_settings(tmp_path, data):
+    loop.train(_cfg(tmp_path, "run", stop_at=2), data)
+    with pytest.raises(ValueError, match=r"changed: .*heads 2 -> 4.*lr 0\.003 -> 0\.01.*--fresh"):
+        loop.train(_cfg(tmp_path, "run", lr=1e-2, heads=4), data)
+
+
+# ------------------------------------------------------------------------------------------- training flags
+
+BAD_FLAGS = [
+    (["--checkpoint-every", "0"], "--checkpoint-every: expected an int >= 1"),
+    (["--checkpoint-every", "-3"], "--checkpoint-every: expected an int >= 1"),
+    (["--log-every", "0"], "--log-every: expected an int >= 1"),
+    (["--log-every", "-1"], "--log-every: expected an int >= 1"),
+    (["--warmup", "-1"], "--warmup: expected an int >= 0"),
+    (["--size", "5"], "--size: expected a board side in"),
+    (["--threads", "-1"], "--threads: expected an int >= 0"),
+    (["--device", "bogus"], "--device: not a torch device: 'bogus'"),
+    (["--device", "meta"], "--device: 'meta' tensors hold no data"),
+    (["--eval-steps", "0"], "--eval-steps: expected one or more ints >= 1"),
+    (["--lr", "inf"], "--lr: expected a finite number > 0"),
+    (["--lr", "nan"], "--lr: expected a finite number > 0"),
+    (["--clip", "nan"], "--clip: expected a finite number >= 0"),
+    (["--clip", "-1"], "--clip: expected a finite number >= 0"),
+    (["--lyap-samples", "-1"], "--lyap-samples: expected an int >= 0"),
+    (["--stop-at", "-1"], "--stop-at: expected an int >= 0"),
+    (["--lyap-target", "inf"], "--lyap-target: expected a finite number"),
+    (["--cache-dir", "FILE"], "--cache-dir: .* is not a folder"),
+]
+
+
+@pytest.mark.parametrize("argv,pat", BAD_FLAGS, ids=lambda a: " ".join(a) if isinstance(a, list) else None)
+def test_bad_training_flags_refused_before_anything_runs(tmp_path, monkeypatch, capsys, argv, pat):
+    from fastjac.train import cli
+
+    (tmp_path / "f").write_text("x")
+    argv = [str(tmp_path / "f") if a == "FILE" else a for a in argv]
+    monkeypatch.setattr(loop, "load_data", lambda cfg: pytest.fail("the run started"))
+    assert cli.main(argv + ["--out", str(tmp_path / "o"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    import re
+
+    assert re.search(pat, err), err
+    assert not os.path.exists(tmp_path / "o")  # nothing made
+
+
+def test_cuda_device_without_cuda_is_refused(tmp_path, capsys):
+    from fastjac.train import cli
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    assert cli.main(["--device", "cuda", "--out", str(tmp_path / "o"), "--quiet"]) == 2
+    assert "--device: 'cuda' but no cuda device is present" in capsys.readouterr().err
+
+
+def test_training_files_are_strict_json(tmp_path, data):
+    cfg = _cfg(tmp_path, "run", lyap_samples=1)
+    loop.train(cfg, data)
+    strict = lambda c: pytest.fail(f"non-strict JSON {c}")  # noqa: E731
+    for line in open(os.path.join(cfg.out, "log.jsonl")):
+        json.loads(line, parse_constant=strict)
+    json.load(open(os.path.join(cfg.out, "results.json")), parse_constant=strict)

@@ -52,6 +52,14 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _as_flag(msg: str) -> str:
+    """A config error ``"log_every: ..."`` as the flag the user typed: ``"--log-every: ..."``."""
+    name, sep, rest = msg.partition(": ")
+    if sep and name in {f.name for f in dataclasses.fields(TrainConfig)}:
+        return f"--{name.replace('_', '-')}: {rest}"
+    return msg
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = _parser().parse_args(argv)
     over = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if getattr(args, f.name) is not None}
@@ -60,7 +68,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         cfg = TrainConfig.preset(args.preset, **over).validate()
     except (TypeError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {_as_flag(str(e))}", file=sys.stderr)
         return 2
     print(f"training {cfg.kind} on {cfg.size}x{cfg.size} Sudoku: D={cfg.dim}, H={cfg.heads}, T={cfg.steps}, "
           f"{cfg.epochs} epochs of {cfg.n_train} boards, batch {cfg.batch_size}; out: {cfg.out}")
@@ -80,7 +88,7 @@ def main(argv: Optional[List[str]] = None) -> int:
               file=sys.stderr)
         return 130
     except (ValueError, TypeError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {_as_flag(str(e))}", file=sys.stderr)
         return 2
     if "stopped_at" in res:
         print(f"stopped at step {res['stopped_at']} of {res['total_steps']} (checkpointed; run again to resume)")
