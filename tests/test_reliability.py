@@ -485,3 +485,84 @@ def test_training_files_are_strict_json(tmp_path, data):
     for line in open(os.path.join(cfg.out, "log.jsonl")):
         json.loads(line, parse_constant=strict)
     json.load(open(os.path.join(cfg.out, "results.json")), parse_constant=strict)
+
+
+# ------------------------------------------------------------------------------------------- the Sudoku cache
+
+def _cache_file(d, size=4, givens=(8, 10), seed=0):
+    from fastjac.data import sudoku
+
+    return os.path.join(d, f"sudoku{size}_g{givens[0]}-{givens[1]}_s{seed}_v{sudoku.GENERATOR_VERSION}.npz")
+
+
+def test_unwritable_cache_keeps_the_puzzles(tmp_path, monkeypatch):
+    import numpy as np
+
+    from fastjac.data import sudoku
+
+    ref = sudoku.generate(6, size=4, seed=0, cache=False)
+    (tmp_path / "file").write_text("x")
+    with pytest.warns(RuntimeWarning, match="could not write the Sudoku cache"):
+        P, S = sudoku.generate(6, size=4, seed=0, cache_dir=str(tmp_path / "file" / "sub"))
+    assert np.array_equal(P, ref[0]) and np.array_equal(S, ref[1])
+
+    def full(*a, **k):
+        open(a[0], "wb").write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(np, "savez_compressed", full)
+    with pytest.warns(RuntimeWarning, match="No space left on device"):
+        P, S = sudoku.generate(6, size=4, seed=0, cache_dir=str(tmp_path / "c"))
+    assert np.array_equal(P, ref[0]) and os.listdir(tmp_path / "c") == []  # no .tmp left
+
+
+def _bad_caches(P, S):
+    import numpy as np
+
+    nines = np.full_like(S, 4)
+    return {
+        "all the same digit": (np.where(P > 0, 4, 0), nines),
+        "mismatched shapes": (P[:, :8], S),
+        "fewer solutions": (P, S[:3]),
+        "givens unlike the solution": (np.where(P > 0, (P % 4) + 1, 0), S),
+        "out of range": (P + 7, S),
+        "not unique": (np.zeros_like(P), S),
+        "wrong version": "version",
+    }
+
+
+@pytest.mark.parametrize("what", list(_bad_caches(*[__import__("numpy").zeros((1, 16), int)] * 2)))
+def test_wrong_cache_is_not_trusted(tmp_path, what):
+    import numpy as np
+
+    from fastjac.data import sudoku
+
+    P, S = sudoku.generate(6, size=4, seed=0, cache=False)
+    bad = _bad_caches(P, S)[what]
+    path = _cache_file(str(tmp_path))
+    if bad == "version":
+        np.savez_compressed(path, puzzles=P, solutions=S, version=np.int64(sudoku.GENERATOR_VERSION + 7))
+    else:
+        np.savez_compressed(path, puzzles=bad[0], solutions=bad[1], version=np.int64(sudoku.GENERATOR_VERSION))
+    with pytest.warns(RuntimeWarning, match="ignoring the Sudoku cache"):
+        P2, S2 = sudoku.generate(6, size=4, seed=0, cache_dir=str(tmp_path))
+    assert np.array_equal(P2, P) and np.array_equal(S2, S)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the rewritten cache is trusted again
+        P3, _ = sudoku.generate(6, size=4, seed=0, cache_dir=str(tmp_path))
+    assert np.array_equal(P3, P)
+
+
+def test_cache_key_has_the_generator_version(tmp_path):
+    from fastjac.data import sudoku
+
+    sudoku.generate(2, size=4, seed=0, cache_dir=str(tmp_path))
+    assert os.listdir(tmp_path) == [os.path.basename(_cache_file(str(tmp_path)))]
+
+
+@pytest.mark.parametrize("givens", ["59", (6.9, 7.9), (6, 7, 1), (6,), 7, (True, 8), None.__class__])
+def test_generate_givens_must_be_a_pair_of_ints(givens):
+    from fastjac.data import sudoku
+
+    with pytest.raises(ValueError, match="givens: expected a pair of ints"):
+        sudoku.generate(2, size=4, givens=givens, cache=False)

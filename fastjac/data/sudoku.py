@@ -185,15 +185,50 @@ def _check_args(n, size, givens, seed):
         raise ValueError(f"size: expected one of {SIZES}, got {size!r}")
     if givens is None:
         givens = ID_GIVENS[size]
-    try:
-        lo, hi = (int(givens[0]), int(givens[1]))
-    except (TypeError, ValueError, IndexError):
-        raise ValueError(f"givens: expected a pair (lo, hi), got {givens!r}") from None
+    import numbers
+
+    if isinstance(givens, (str, bytes)) or not hasattr(givens, "__len__") or len(givens) != 2 or not all(
+            isinstance(g, numbers.Integral) and not isinstance(g, bool) for g in givens):
+        raise ValueError(f"givens: expected a pair of ints (lo, hi), got {givens!r}")
+    lo, hi = int(givens[0]), int(givens[1])
     if not (1 <= lo <= hi <= size * size):
         raise ValueError(f"givens: expected 1 <= lo <= hi <= {size * size}, got {givens!r}")
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise TypeError(f"seed: expected an int, got {type(seed).__name__}")
     return lo, hi
+
+
+#: part of every cache file's name and content: bump it when the generator's output for a given key changes
+GENERATOR_VERSION = 1
+
+
+def _cache_problem(P: np.ndarray, S: np.ndarray, size: int) -> Optional[str]:
+    """Why cached arrays cannot be puzzles of this size with their solutions (None: they can). Checked: shapes,
+    value ranges, givens equal to the solution, every solution a valid grid (each row, column and box a
+    permutation of 1..size) and, on the first 8 puzzles, exactly one solution."""
+    cells = size * size
+    if P.ndim != 2 or S.ndim != 2 or P.shape != S.shape or P.shape[1] != cells:
+        return f"shapes {P.shape} and {S.shape}, expected two [n, {cells}]"
+    if len(P) == 0:
+        return None
+    if P.min() < 0 or P.max() > size or S.min() < 1 or S.max() > size:
+        return f"values outside 0..{size} (puzzles) or 1..{size} (solutions)"
+    if not ((P == 0) | (P == S)).all():
+        return "givens that differ from their solution"
+    grid = S.reshape(-1, size, size)
+    want = np.arange(1, size + 1)
+    groups = [grid, grid.transpose(0, 2, 1)]
+    b = math.isqrt(size)
+    if b * b == size:
+        groups.append(grid.reshape(-1, b, b, b, b).transpose(0, 1, 3, 2, 4).reshape(-1, size, size))
+    for g in groups:
+        if not (np.sort(g, axis=-1) == want).all():
+            return "a solution that is not a valid grid (a row, column or box repeats a digit)"
+    if b * b == size:
+        for i in range(min(8, len(P))):
+            if count_solutions(P[i]) != 1:
+                return f"puzzle {i} without a unique solution"
+    return None
 
 
 def default_cache_dir() -> str:
@@ -211,8 +246,10 @@ def generate(n: int, *, size: int = 9, givens: Optional[Tuple[int, int]] = None,
         n: number of puzzles. size: 4 or 9. givens: (lo, hi), the number of givens of each puzzle is drawn
             uniformly in this range (default :data:`ID_GIVENS` of the size: 31-42 for 9x9, SATNet's range).
         seed: puzzle i depends only on (seed, i, size, givens).
-        cache: read/write ``cache_dir`` (default :func:`default_cache_dir`): an ``.npz`` per (size, givens, seed)
-            holding the longest prefix generated so far; written atomically.
+        cache: read/write ``cache_dir`` (default :func:`default_cache_dir`): an ``.npz`` per (size, givens, seed,
+            :data:`GENERATOR_VERSION`) holding the longest prefix generated so far; written atomically. A cache
+            that is not valid puzzles and solutions (:func:`_cache_problem`) is regenerated with a warning; one
+            that cannot be written warns and the puzzles are returned anyway.
         progress: a tqdm bar.
 
     Returns:
@@ -229,14 +266,23 @@ def generate(n: int, *, size: int = 9, givens: Optional[Tuple[int, int]] = None,
     S = np.zeros((0, size * size), np.int64)
     if cache:
         d = cache_dir or default_cache_dir()
-        path = os.path.join(d, f"sudoku{size}_g{lo}-{hi}_s{seed}.npz")
+        path = os.path.join(d, f"sudoku{size}_g{lo}-{hi}_s{seed}_v{GENERATOR_VERSION}.npz")
         if os.path.exists(path):
             try:
-                with np.load(path) as z:
+                with np.load(path, allow_pickle=False) as z:
                     P, S = z["puzzles"].astype(np.int64), z["solutions"].astype(np.int64)
-            except Exception:  # a corrupt cache is regenerated, never trusted
-                P = P[:0]
-                S = S[:0]
+                    version = int(z["version"]) if "version" in z else None
+                why = _cache_problem(P, S, size) or (
+                    None if version == GENERATOR_VERSION else f"generator version {version}")
+            except Exception as e:  # unreadable
+                why = f"unreadable: {type(e).__name__}"
+            if why is not None:  # a wrong cache is regenerated, never trusted
+                import warnings
+
+                warnings.warn(f"generate: ignoring the Sudoku cache {path!r} ({why}); regenerating", RuntimeWarning,
+                              stacklevel=2)
+                P = np.zeros((0, size * size), np.int64)
+                S = np.zeros((0, size * size), np.int64)
     if len(P) < n:
         from tqdm.auto import tqdm
 
@@ -248,10 +294,21 @@ def generate(n: int, *, size: int = 9, givens: Optional[Tuple[int, int]] = None,
         P = np.concatenate([P, np.asarray(new_p, np.int64).reshape(-1, size * size)])
         S = np.concatenate([S, np.asarray(new_s, np.int64).reshape(-1, size * size)])
         if path is not None:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
             tmp = path + f".tmp{os.getpid()}.npz"
-            np.savez_compressed(tmp, puzzles=P, solutions=S)
-            os.replace(tmp, path)
+            try:
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                np.savez_compressed(tmp, puzzles=P, solutions=S, version=np.int64(GENERATOR_VERSION))
+                os.replace(tmp, path)
+            except OSError as e:  # an unwritable cache costs the cache, never the puzzles just generated
+                import warnings
+
+                try:
+                    os.remove(tmp)
+                except OSError:
+                    pass
+                warnings.warn(f"generate: could not write the Sudoku cache {path!r} ({e.strerror or e}); the "
+                              f"puzzles are returned uncached (set cache_dir= or FASTJAC_CACHE to a writable "
+                              f"folder)", RuntimeWarning, stacklevel=2)
     return P[:n].copy(), S[:n].copy()
 
 
@@ -347,4 +404,4 @@ def load_numpy(path: str) -> Tuple[np.ndarray, np.ndarray]:
 
 
 __all__ = ["generate", "splits", "solve", "count_solutions", "load_csv", "load_satnet", "load_numpy",
-           "ID_GIVENS", "OOD_GIVENS", "default_cache_dir"]
+           "ID_GIVENS", "OOD_GIVENS", "default_cache_dir", "GENERATOR_VERSION"]
