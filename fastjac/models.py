@@ -421,7 +421,8 @@ def save_model(model: nn.Module, path: str, *, metadata: Optional[Dict[str, str]
 
 def write_safetensors(tensors: Dict[str, Tensor], path: str, metadata: Dict[str, str]) -> None:
     """Write a safetensors file atomically (``path + ".tmp"``, renamed over ``path``; nothing is left behind on
-    failure). A failed write (full disk, read-only or missing folder) is an OSError naming ``path``."""
+    failure). A folder or a missing folder as ``path`` is a ValueError; a failed write (full disk, read-only
+    folder) an OSError naming ``path``."""
     import errno as _errno
     import re
 
@@ -431,7 +432,10 @@ def write_safetensors(tensors: Dict[str, Tensor], path: str, metadata: Dict[str,
     from ._io import atomic_write
 
     if os.path.isdir(path):
-        raise IsADirectoryError(_errno.EISDIR, f"path: {path!r} is a folder; pass a file path", path)
+        raise ValueError(f"path: {path!r} is a folder; pass a file path")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise ValueError(f"path: the folder {folder!r} does not exist; create it or pass another path")
 
     def write(tmp):
         try:
@@ -444,26 +448,150 @@ def write_safetensors(tensors: Dict[str, Tensor], path: str, metadata: Dict[str,
     atomic_write(path, write)
 
 
-def load_model(path: str, *, map_location="cpu", allow_pickle: bool = False) -> nn.Module:
+#: the largest model (its parameters, GB = 1e9 bytes) that load_model builds and check_model_size allows, unless
+#: the environment variable FASTJAC_MODEL_LIMIT_GB or a per-call ``limit_gb=`` / ``max_gb=`` says otherwise
+DEFAULT_MODEL_LIMIT_GB = 4.0
+
+
+def model_limit_gb() -> float:
+    """The model-size limit in GB: ``FASTJAC_MODEL_LIMIT_GB`` if set to a positive number, else 4."""
+    raw = os.environ.get("FASTJAC_MODEL_LIMIT_GB")
+    if raw is None or not raw.strip():
+        return DEFAULT_MODEL_LIMIT_GB
+    try:
+        v = float(raw)
+    except ValueError:
+        v = float("nan")
+    if not (math.isfinite(v) and v > 0):
+        raise ValueError(f"FASTJAC_MODEL_LIMIT_GB: expected a positive number of GB, got {raw!r}")
+    return v
+
+
+def check_model_size(dim, heads, *, head_dim=None, value_dim=None, out_proj=True, bias=False, norm="l2",
+                     osc_dim=None, dtype=torch.float64, limit_gb: Optional[float] = None, what: str = "model",
+                     **ignored) -> int:
+    """The bytes of the parameters ``ItrSA(dim, heads, ...)`` (or, with ``osc_dim``, ``AKOrN``) would allocate,
+    computed from the arguments alone (nothing is allocated); ValueError naming ``dim`` when they exceed
+    ``limit_gb`` (default :func:`model_limit_gb`: 4 GB or ``FASTJAC_MODEL_LIMIT_GB``). Used by :func:`load_model`
+    before it builds anything, and by the CLI before it builds a model from ``--dim``/``--heads``. Other keyword
+    arguments (a model config's ``beta``, ``eps``, ...) do not change the size and are ignored.
+
+    Example:
+        >>> import torch
+        >>> check_model_size(64, 4, dtype=torch.float64)  # wq, wk, wv, wo [4, 64, 16], eta, gamma [64]
+        131592
+    """
+    D, H = _check_int("dim", dim), _check_int("heads", heads)
+    dh = _check_int("head_dim", head_dim) if head_dim is not None else max(1, D // H)
+    dv = (_check_int("value_dim", value_dim) if value_dim is not None else dh) if out_proj else D
+    n = H * D * (2 * dh + dv) + (H * dv * D if out_proj else 0) + 1  # wq, wk, wv, wo, eta
+    if bias:
+        n += H * (2 * dh + dv) + D
+    if osc_dim is not None:
+        n += D * _check_int("osc_dim", osc_dim)  # omega [D / N, N, N]
+    else:
+        n += D * ((norm != "none") + (norm == "layer"))  # gamma, the LayerNorm bias
+    nbytes = n * torch.empty((), dtype=_check_dtype(dtype)).element_size()
+    limit = check_number("limit_gb", limit_gb if limit_gb is not None else model_limit_gb(), positive=True)
+    if nbytes > limit * 1e9:
+        raise ValueError(f"dim: a {what} with dim={D}, heads={H} (head_dim={dh}, value_dim={dv}) would hold {n:,} "
+                         f"parameters = {nbytes / 1e9:.2f} GB in {dtype}, over the limit of {limit:g} GB "
+                         f"(FASTJAC_MODEL_LIMIT_GB, or limit_gb=/max_gb=); pass a smaller dim or raise the limit")
+    return nbytes
+
+
+def _flat_config(path: str, text: str, key: str) -> Dict[str, Any]:
+    """A model config from a file's metadata: a JSON object of numbers, strings, booleans and nulls (no nesting)."""
+    try:
+        cfg = json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as e:
+        why = "nested too deeply" if isinstance(e, RecursionError) else str(e)
+        raise ValueError(f"path: {path!r} has a corrupt {key} ({why})") from None
+    if not isinstance(cfg, dict):
+        raise ValueError(f"path: {path!r} has a {key} that is not a JSON object ({type(cfg).__name__})")
+    bad = [k for k, v in cfg.items() if v is not None and not isinstance(v, (bool, int, float, str))]
+    if bad:
+        raise ValueError(f"path: {path!r} has a {key} with nested values for {bad}; a model config holds numbers, "
+                         f"strings, booleans and nulls only")
+    return cfg
+
+
+def _constructor_config(path: str, cls: type, cfg: Dict[str, Any]) -> Dict[str, Any]:
+    """Refuse keys the constructor does not take (and dtype/device, which the loader decides), naming them."""
+    import inspect
+
+    params = inspect.signature(cls.__init__).parameters
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    bad = sorted(k for k in cfg if k in ("dtype", "device", "self") or (not takes_any and k not in params))
+    if bad:
+        raise ValueError(f"path: {path!r}: fastjac_config has keys {cls.__name__} does not take from a file: {bad}")
+    return cfg
+
+
+def _tensor_infos(path: str, f) -> Dict[str, Any]:
+    """name -> (torch dtype, shape) of every tensor in an open safetensors file, without reading the data."""
+    names = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+    out = {}
+    for k in f.keys():
+        sl = f.get_slice(k)
+        dt = names.get(sl.get_dtype())
+        if dt is None:
+            raise ValueError(f"path: {path!r}: tensor {k!r} has dtype {sl.get_dtype()}; a fastjac model holds "
+                             f"floating-point tensors only")
+        out[k] = (dt, tuple(sl.get_shape()))
+    return out
+
+
+def check_tensors(path: str, model: nn.Module, infos: Dict[str, Any]) -> None:
+    """The file's tensors (name -> (dtype, shape)) are exactly the model's state_dict with the same shapes."""
+    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    missing, unexpected = sorted(set(want) - set(infos)), sorted(set(infos) - set(want))
+    if missing or unexpected:
+        raise ValueError(f"path: {path!r} does not match its config: missing {missing}, unexpected {unexpected}")
+    wrong = [f"{k} {list(infos[k][1])} (config: {list(want[k])})" for k in want if infos[k][1] != want[k]]
+    if wrong:
+        raise ValueError(f"path: {path!r}: tensor shapes do not match its config: {', '.join(wrong)}")
+
+
+def file_dtype(path: str, infos: Dict[str, Any]) -> Optional[torch.dtype]:
+    """The one floating dtype of a file's tensors (None for no tensors); mixed dtypes are refused."""
+    dtypes = sorted({str(dt) for dt, _ in infos.values()})
+    if len(dtypes) > 1:
+        raise ValueError(f"path: {path!r} mixes tensor dtypes {dtypes}; a model has one dtype (save it with "
+                         f"fastjac.save_model after model.to(dtype))")
+    return getattr(torch, dtypes[0].split(".")[-1]) if dtypes else None
+
+
+def load_model(path: str, *, map_location="cpu", allow_pickle: bool = False,
+               max_gb: Optional[float] = None) -> nn.Module:
     """Load a model written by :func:`save_model` (safetensors + JSON config: no code in the file runs).
 
     A file written by ``torch.save(model, path)`` is a pickle, and unpickling runs whatever code the file holds:
     it is loaded only with ``allow_pickle=True`` (and a warning), for files you made yourself.
 
-    Raises ValueError for a missing, unreadable or foreign file, naming the path and what was expected.
+    Before anything is allocated, the config (a flat JSON object of the constructor's arguments), the size of the
+    model it describes (:func:`check_model_size`, ``max_gb`` or ``FASTJAC_MODEL_LIMIT_GB``, default 4 GB), the
+    tensors' names, shapes and (single) dtype are checked against each other.
+
+    Raises ValueError for a missing, unreadable, foreign or inconsistent file, naming the path and what was wrong.
     """
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"path: expected a file path, got {type(path).__name__}")
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise ValueError(f"path: no such file {path!r}")
+    device = _check_device(map_location)
+    if device is not None and device.type == "meta":
+        raise ValueError("map_location: 'meta' tensors hold no data; load to 'cpu' or 'cuda'")
+    if device is not None and device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"map_location: {map_location!r} but no CUDA device is present; load to 'cpu'")
     from safetensors import SafetensorError, safe_open
 
     try:
         with safe_open(path, framework="pt", device="cpu") as f:
             meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError, ValueError) as e:
+            infos = _tensor_infos(path, f)
+    except (SafetensorError, OSError) as e:
         if not allow_pickle:
             raise ValueError(f"path: {path!r} is not a safetensors model file ({e}). Save models with "
                              f"fastjac.save_model(model, path); a torch.save pickle is loaded only with "
@@ -480,16 +608,21 @@ def load_model(path: str, *, map_location="cpu", allow_pickle: bool = False) -> 
     if cls is None or "fastjac_config" not in meta:
         raise ValueError(f"path: {path!r} is a safetensors file but not a fastjac model (metadata fastjac_class="
                          f"{meta.get('fastjac_class')!r}; expected one of {sorted(MODEL_CLASSES)})")
+    cfg = _constructor_config(path, cls, _flat_config(path, meta["fastjac_config"], "fastjac_config"))
+    dtype = file_dtype(path, infos)
     try:
-        cfg = json.loads(meta["fastjac_config"])
-    except json.JSONDecodeError as e:
-        raise ValueError(f"path: {path!r} has a corrupt fastjac_config ({e})") from None
-    if not isinstance(cfg, dict):
-        raise ValueError(f"path: {path!r} has a fastjac_config that is not a JSON object")
-    dtypes = {t.dtype for t in tensors.values() if t.is_floating_point()}
-    dtype = dtypes.pop() if len(dtypes) == 1 else None
-    model = cls(**cfg, dtype=dtype)
-    missing, unexpected = model.load_state_dict(tensors, strict=False)
-    if missing or unexpected:
-        raise ValueError(f"path: {path!r} does not match its config: missing {missing}, unexpected {unexpected}")
-    return model.to(map_location)
+        if issubclass(cls, _RecurrentAttention) and "dim" in cfg and "heads" in cfg:
+            kw = dict(cfg)
+            if issubclass(cls, AKOrN):
+                kw.setdefault("osc_dim", 4)
+            else:
+                kw.pop("osc_dim", None)
+            check_model_size(**kw, dtype=dtype or torch.float32, limit_gb=max_gb, what=cls.__name__)
+        model = cls(**cfg, dtype=dtype)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"path: {path!r} has a config {cls.__name__} refuses: {e}") from None
+    check_tensors(path, model, infos)
+    with safe_open(path, framework="pt", device="cpu") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    model.load_state_dict(tensors, strict=True)
+    return model.to(device) if device is not None else model

@@ -566,3 +566,153 @@ def test_generate_givens_must_be_a_pair_of_ints(givens):
 
     with pytest.raises(ValueError, match="givens: expected a pair of ints"):
         sudoku.generate(2, size=4, givens=givens, cache=False)
+
+
+# ------------------------------------------------------------------------------------------- crafted model files
+
+def _craft(path, cfg=None, tensors=None, cls="ItrSA", raw_config=None, extra_meta=None):
+    from safetensors.torch import save_file
+
+    import fastjac as fj
+
+    m = fj.ItrSA(8, 2)
+    t = {k: v.detach().clone() for k, v in m.state_dict().items()} if tensors is None else tensors
+    meta = dict(fastjac_class=cls, fastjac_config=raw_config if raw_config is not None else json.dumps(
+        dict(m.config(), **(cfg or {}))))
+    meta.update(extra_meta or {})
+    save_file(t, str(path), metadata=meta)
+    return str(path)
+
+
+def _crafted_cases(tmp_path):
+    import fastjac as fj
+
+    good = {k: v.detach().clone() for k, v in fj.ItrSA(8, 2).state_dict().items()}
+    wrong = dict(good, wq=torch.randn(2, 8, 3))
+    mixed = dict(good, wk=good["wk"].double())
+    ints = dict(good, wq=torch.ones(2, 8, 4, dtype=torch.int64))
+    return {
+        "huge dim": (dict(cfg=dict(dim=40000, head_dim=None)), "over the limit of 4 GB"),
+        "huge head_dim": (dict(cfg=dict(head_dim=10 ** 9)), "over the limit"),
+        "wrong shapes": (dict(tensors=wrong), r"tensor shapes do not match its config: wq \[2, 8, 3\]"),
+        "device in config": (dict(cfg=dict(device="cuda")), r"does not take from a file: \['device'\]"),
+        "unknown key": (dict(cfg=dict(foo=1)), r"does not take from a file: \['foo'\]"),
+        "nested deeply": (dict(raw_config="[" * 200000 + "]" * 200000), "nested too deeply|corrupt"),
+        "nested value": (dict(cfg=dict(dim={"a": [1]})), r"nested values for \['dim'\]"),
+        "not an object": (dict(raw_config="[1, 2]"), "not a JSON object"),
+        "bad value": (dict(cfg=dict(heads=-2)), "config ItrSA refuses: heads: expected an int >= 1"),
+        "mixed dtypes": (dict(tensors=mixed), r"mixes tensor dtypes \['torch.float32', 'torch.float64'\]"),
+        "int tensor": (dict(tensors=ints), "floating-point tensors only"),
+        "missing tensor": (dict(tensors={k: v for k, v in good.items() if k != "wo"}), r"missing \['wo'\]"),
+    }
+
+
+@pytest.mark.parametrize("case", list(_crafted_cases(None)))
+def test_crafted_model_file_is_refused_naming_it(tmp_path, case):
+    from fastjac.models import load_model
+
+    kw, pat = _crafted_cases(tmp_path)[case]
+    path = _craft(tmp_path / "m.safetensors", **kw)
+    with pytest.raises(ValueError, match=pat) as ei:
+        load_model(path)
+    assert "m.safetensors" in str(ei.value)
+
+
+def test_crafted_huge_model_fails_fast_without_allocating(tmp_path):
+    """dim=40000 in a 1.7 kB file: refused in well under a second, the peak RSS barely moves (a fresh process)."""
+    path = _craft(tmp_path / "huge.safetensors", cfg=dict(dim=40000, head_dim=None))
+    net = str(tmp_path / "huge_net.safetensors")
+    from safetensors.torch import save_file
+
+    save_file({"pos": torch.zeros(16, 8)}, net, metadata=dict(fastjac_sudoku_config=json.dumps(dict(
+        kind="itrsa", size=4, dim=40000, heads=4, steps=4, osc_dim=4, seed=0))))
+    code = f"""
+import resource, time, json
+import fastjac, torch
+from fastjac.models import load_model
+from fastjac.train.loop import load_net
+out = {{}}
+for name, fn, p in (("model", load_model, {path!r}), ("net", load_net, {net!r})):
+    r0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    t0 = time.perf_counter()
+    try:
+        fn(p)
+        msg = None
+    except ValueError as e:
+        msg = str(e)
+    out[name] = dict(s=time.perf_counter() - t0, rss_mb=(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - r0) / 1024,
+                     msg=msg)
+print(json.dumps(out))
+"""
+    r = subprocess.run([os.sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ))
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    for name, d in out.items():
+        assert d["msg"] and "over the limit" in d["msg"], (name, d)
+        assert d["s"] < 1.0 and d["rss_mb"] < 50, (name, d)
+    assert os.path.getsize(path) < 4000
+
+
+def test_model_size_limit_is_stated_and_adjustable(monkeypatch):
+    from fastjac.models import DEFAULT_MODEL_LIMIT_GB, check_model_size
+
+    import fastjac as fj
+
+    assert DEFAULT_MODEL_LIMIT_GB == 4.0
+    for kw in (dict(dim=24, heads=3, bias=True, norm="layer"), dict(dim=16, heads=2, out_proj=False, norm="none"),
+               dict(dim=20, heads=3, head_dim=5, value_dim=7)):
+        m = fj.ItrSA(**kw, dtype=torch.float64)
+        assert check_model_size(**kw) == sum(v.numel() * 8 for v in m.state_dict().values())
+    m = fj.AKOrN(16, 2, osc_dim=4, bias=True, dtype=torch.float32)
+    assert check_model_size(16, 2, osc_dim=4, bias=True, dtype=torch.float32) == sum(
+        v.numel() * 4 for v in m.state_dict().values())
+    with pytest.raises(ValueError, match=r"dim: .*dim=30000.*over the limit of 4 GB"):
+        check_model_size(30000, 4)  # the main job's --dim 30000: 28.8 GB in float64
+    monkeypatch.setenv("FASTJAC_MODEL_LIMIT_GB", "100")
+    assert check_model_size(30000, 4) == 28_800_240_008
+    monkeypatch.setenv("FASTJAC_MODEL_LIMIT_GB", "abc")
+    with pytest.raises(ValueError, match="FASTJAC_MODEL_LIMIT_GB: expected a positive number"):
+        check_model_size(8, 2)
+
+
+def test_load_model_bad_map_location(tmp_path):
+    from fastjac.models import load_model
+
+    path = _craft(tmp_path / "m.safetensors")
+    with pytest.raises(ValueError, match="map_location: 'meta'"):
+        load_model(path, map_location="meta")
+    with pytest.raises(ValueError, match="device: not a torch device"):
+        load_model(path, map_location="bogus")
+
+
+def test_save_model_errors_name_the_path(tmp_path, monkeypatch):
+    import fastjac as fj
+
+    m = fj.ItrSA(8, 2)
+    with pytest.raises(ValueError, match="is a folder"):
+        fj.save_model(m, str(tmp_path))
+    with pytest.raises(ValueError, match="does not exist"):
+        fj.save_model(m, str(tmp_path / "no" / "m.safetensors"))
+    with pytest.raises(TypeError, match="metadata: expected a dict of str -> str"):
+        fj.save_model(m, str(tmp_path / "m.safetensors"), metadata={"a": 1})
+    import safetensors.torch as st
+    from safetensors import SafetensorError
+
+    def full(tensors, filename, *a, **k):
+        open(filename, "wb").write(b"x")
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(st, "save_file", full)
+    with pytest.raises(OSError, match="No space left on device") as ei:
+        fj.save_model(m, str(tmp_path / "m.safetensors"))
+    assert ei.value.filename.endswith("m.safetensors") and os.listdir(tmp_path) == []
+
+
+def test_load_net_refuses_bad_files(tmp_path):
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"not a safetensors file at all")
+    with pytest.raises(ValueError, match="bad.safetensors.*not a safetensors file"):
+        loop.load_net(str(bad))
+    with pytest.raises(ValueError, match="not a fastjac Sudoku model"):
+        loop.load_net(_craft(tmp_path / "core.safetensors"))

@@ -423,21 +423,38 @@ def plain_net(net: SudokuNet) -> SudokuNet:
     return new.to(net.pos.device)
 
 
-def load_net(path: str, dtype: torch.dtype = torch.float32) -> SudokuNet:
-    """Load a model written by :func:`save_net` (no code in the file runs)."""
-    from safetensors import safe_open
+def load_net(path: str, dtype: torch.dtype = torch.float32, *, max_gb: Optional[float] = None) -> SudokuNet:
+    """Load a model written by :func:`save_net` (no code in the file runs). Its config, size (the core's, against
+    ``max_gb`` / ``FASTJAC_MODEL_LIMIT_GB``), tensor names, shapes and dtype are checked before anything is built;
+    a bad file is a ValueError naming it."""
+    from safetensors import SafetensorError, safe_open
 
-    if not os.path.isfile(path):
+    from ..models import _flat_config, _tensor_infos, check_model_size, check_tensors, file_dtype
+
+    if not isinstance(path, (str, os.PathLike)) or not os.path.isfile(path):
         raise ValueError(f"path: no such file {path!r}")
-    with safe_open(path, framework="pt", device="cpu") as f:
-        meta = f.metadata() or {}
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    path = os.fspath(path)
+    try:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            meta = f.metadata() or {}
+            infos = _tensor_infos(path, f)
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"path: {path!r} is not a safetensors file ({e})") from None
     if "fastjac_sudoku_config" not in meta:
         raise ValueError(f"path: {path!r} is not a fastjac Sudoku model (no fastjac_sudoku_config metadata)")
-    cfg = json.loads(meta["fastjac_sudoku_config"])
-    net = SudokuNet(cfg["kind"], size=cfg["size"], dim=cfg["dim"], heads=cfg["heads"], steps=cfg["steps"],
-                    osc_dim=cfg.get("osc_dim", 4), dtype=dtype, seed=cfg.get("seed", 0))
-    net.load_state_dict({k: v.to(dtype) for k, v in tensors.items()})
+    cfg = _flat_config(path, meta["fastjac_sudoku_config"], "fastjac_sudoku_config")
+    file_dtype(path, infos)
+    try:
+        kind = cfg["kind"]
+        check_model_size(cfg["dim"], cfg["heads"], osc_dim=cfg.get("osc_dim", 4) if kind == "akorn" else None,
+                         dtype=dtype, limit_gb=max_gb, what=f"Sudoku {kind} core")
+        net = SudokuNet(kind, size=cfg["size"], dim=cfg["dim"], heads=cfg["heads"], steps=cfg["steps"],
+                        osc_dim=cfg.get("osc_dim", 4), dtype=dtype, seed=cfg.get("seed", 0))
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"path: {path!r} has a Sudoku config SudokuNet refuses: {e}") from None
+    check_tensors(path, net, infos)
+    with safe_open(path, framework="pt", device="cpu") as f:
+        net.load_state_dict({k: f.get_tensor(k).to(dtype) for k in f.keys()})
     return net
 
 
