@@ -36,6 +36,28 @@ def check_out_dir(out: str, flag: str = "out") -> str:
     return out
 
 
+def check_out_file(path: str, flag: str = "path") -> str:
+    """Prove that the file ``path`` can be written (its folder exists and takes a probe file; ``path`` is not a
+    folder) before a long run, or raise ValueError naming ``flag``. Nothing is created or changed."""
+    if not isinstance(path, (str, os.PathLike)) or not os.fspath(path):
+        raise ValueError(f"{flag}: expected a file path, got {path!r}")
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        raise ValueError(f"{flag}: {path!r} is a folder; pass a file path")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise ValueError(f"{flag}: the folder {folder!r} does not exist; create it or pass another path")
+    probe = path + f".fastjac_write_test_{os.getpid()}"
+    try:
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        _remove(probe)
+        raise ValueError(f"{flag}: cannot write {path!r} ({e.strerror or e}); pass a writable path") from None
+    return path
+
+
 def _remove(path: str) -> None:
     try:
         os.remove(path)
@@ -103,4 +125,4 @@ def write_json(path: str, obj: Any, what: str, *, log=None) -> str:
     return where
 
 
-__all__ = ["check_out_dir", "atomic_write", "write_with_fallback", "write_json", "json_text", "fallback_path"]
+__all__ = ["check_out_dir", "check_out_file", "atomic_write", "write_with_fallback", "write_json", "json_text", "fallback_path"]

@@ -716,3 +716,69 @@ def test_load_net_refuses_bad_files(tmp_path):
         loop.load_net(str(bad))
     with pytest.raises(ValueError, match="not a fastjac Sudoku model"):
         loop.load_net(_craft(tmp_path / "core.safetensors"))
+
+
+# ------------------------------------------------------------------------------------------- python -m fastjac aot
+
+@pytest.mark.parametrize("case", ["corrupt", "list", "folder", "no keys", "json folder", "json missing folder",
+                                  "md folder", "update read-only"])
+def test_aot_files_checked_before_the_run(tmp_path, monkeypatch, capsys, case):
+    from fastjac.ops import _aot
+
+    monkeypatch.setattr(_aot, "run_check", lambda *a, **k: pytest.fail("the run started"))
+    monkeypatch.setattr(_aot, "capture", lambda *a, **k: pytest.fail("the run started"))
+    cache = tmp_path / "cache.json"
+    argv = ["--cache", str(cache)]
+    pat = {"corrupt": "not readable JSON", "list": "not a fastjac aot cache", "folder": "is a folder",
+           "no keys": "not a fastjac aot cache", "json folder": "--json: .* is a folder",
+           "json missing folder": "--json: the folder .* does not exist", "md folder": "--md: .* is a folder",
+           "update read-only": "--cache: cannot write .*Read-only"}[case]
+    if case == "corrupt":
+        cache.write_text('{"records": [')
+    elif case == "list":
+        cache.write_text("[1, 2]")
+    elif case == "folder":
+        cache.mkdir()
+    elif case == "no keys":
+        cache.write_text('{"records": [{"kernel": "x"}]}')
+    elif case == "json folder":
+        argv += ["--json", str(tmp_path)]
+    elif case == "json missing folder":
+        argv += ["--json", str(tmp_path / "no" / "r.json")]
+    elif case == "md folder":
+        argv += ["--md", str(tmp_path)]
+    else:
+        import builtins
+
+        real_open = builtins.open
+
+        def ro_open(path, mode="r", *a, **k):
+            if str(path).startswith(str(cache)) and "w" in mode:
+                raise OSError(errno.EROFS, "Read-only file system")
+            return real_open(path, mode, *a, **k)
+
+        monkeypatch.setattr(builtins, "open", ro_open)
+        argv += ["--update"]
+    assert _aot.main(argv) == 2
+    err = capsys.readouterr().err
+    import re
+
+    assert re.search(pat, err) and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize("argv,pat", [(["--recheck", "-1"], "--recheck: expected an int >= 0"),
+                                      (["--jobs", "0"], "--jobs: expected an int >= 1")])
+def test_aot_bad_numbers_refused(monkeypatch, capsys, argv, pat):
+    from fastjac.ops import _aot
+
+    monkeypatch.setattr(_aot, "run_check", lambda *a, **k: pytest.fail("the run started"))
+    with pytest.raises(SystemExit) as ei:
+        _aot.main(argv)
+    assert ei.value.code == 2 and pat.split(": ")[1] in capsys.readouterr().err
+
+
+def test_aot_committed_cache_loads():
+    from fastjac.ops import _aot
+
+    if os.path.exists(_aot.DEFAULT_CACHE):
+        assert len(_aot.load_cache(_aot.DEFAULT_CACHE)) > 0

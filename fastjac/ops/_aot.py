@@ -400,10 +400,7 @@ def run_check(cache_path: Optional[str] = DEFAULT_CACHE, jobs: int = 2, archs=(8
     recs = capture(archs)
     cfgs = distinct(recs)
     src = source_hashes()
-    cache = {}
-    if cache_path and os.path.exists(cache_path):
-        with open(cache_path) as fh:
-            cache = {c["key"]: c for c in json.load(fh).get("records", [])}
+    cache = load_cache(cache_path) if cache_path else {}
     todo, out = [], []
     for ck, c in cfgs.items():
         c["key"] = cache_hash(c, src)
@@ -443,6 +440,39 @@ def run_check(cache_path: Optional[str] = DEFAULT_CACHE, jobs: int = 2, archs=(8
     missing = sorted(set(k for k in _launch.TABLE if k[1] in archs) - reached)
     return dict(records=out, missing_entries=missing, compiled=len(todo), rechecked=len(rech),
                 recheck_mismatch=mismatch, seconds=time.time() - t0)
+
+
+def load_cache(path: str, flag: str = "--cache") -> Dict[str, dict]:
+    """The cached compile results of ``path`` by key ({} when the file does not exist yet), or a ValueError naming
+    ``flag`` when it is a folder or not a cache this module wrote (corrupt JSON, a list, records without keys)."""
+    if not os.path.exists(path):
+        return {}
+    fix = "delete it, pass another --cache, or --no-cache"
+    if os.path.isdir(path):
+        raise ValueError(f"{flag}: {path!r} is a folder, not a cache file; {fix}")
+    try:
+        with open(path) as fh:
+            data = json.load(fh)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise ValueError(f"{flag}: {path!r} is not readable JSON ({type(e).__name__}: {str(e)[:120]}); {fix}"
+                         ) from None
+    recs = data.get("records") if isinstance(data, dict) else None
+    if not isinstance(recs, list) or not all(isinstance(c, dict) and isinstance(c.get("key"), str) for c in recs):
+        raise ValueError(f"{flag}: {path!r} is not a fastjac aot cache (expected an object with a list of "
+                         f"records that have keys, got a {type(data).__name__}); {fix}")
+    return {c["key"]: c for c in recs}
+
+
+def _int_at_least(minimum: int):
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an int, got {text!r}") from None
+        if v < minimum:
+            raise argparse.ArgumentTypeError(f"expected an int >= {minimum}, got {v}")
+        return v
+    return parse
 
 
 MEASURED = ("shared", "shared_limit", "registers", "spill_stores", "spill_loads", "stack", "ptxas", "tc_ops",
@@ -568,11 +598,24 @@ def main(argv=None) -> int:
     ap.add_argument("--cache", default=DEFAULT_CACHE, help="cache of compiled results (default: %(default)s)")
     ap.add_argument("--no-cache", action="store_true", help="compile every configuration afresh")
     ap.add_argument("--update", action="store_true", help="rewrite the cache file and bench/results/aot_table.md")
-    ap.add_argument("--recheck", type=int, default=0, help="also recompile N cached records and compare")
-    ap.add_argument("--jobs", type=int, default=max(1, min(4, os.cpu_count() or 1)))
+    ap.add_argument("--recheck", type=_int_at_least(0), default=0, help="also recompile N cached records and compare")
+    ap.add_argument("--jobs", type=_int_at_least(1), default=max(1, min(4, os.cpu_count() or 1)))
     ap.add_argument("--arch", type=int, nargs="+", default=[80, 90], choices=[80, 90])
     ap.add_argument("--quiet", action="store_true", help="print only the summary line")
     args = ap.parse_args(argv)
+    # every file the run reads or writes is checked before the run (it takes minutes; a late failure loses it)
+    from .._io import check_out_file
+
+    try:
+        if not args.no_cache:
+            load_cache(args.cache)
+        for flag, path in (("--json", args.json), ("--md", args.md), ("--cache", args.cache if args.update else None),
+                           ("--update", DEFAULT_MD if args.update else None)):
+            if path:
+                check_out_file(path, flag)
+    except ValueError as e:
+        print(f"fastjac aot: {e}", file=sys.stderr)
+        return 2
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9's default, stated (silences its warning)
     from . import _utils
     if _utils.INTERPRET:  # kernels already decorated for the interpreter: redo this in a clean process
@@ -589,19 +632,28 @@ def main(argv=None) -> int:
     if res["recheck_mismatch"]:
         print(f"RECHECK MISMATCH (cached result differs from a fresh compile): {res['recheck_mismatch']}")
     recs = [public_record(c) for c in res["records"]]
+    from .._io import write_with_fallback
+
+    def text_writer(text):
+        def write(tmp):
+            with open(tmp, "w") as fh:
+                fh.write(text)
+        return write
+
+    outputs = []  # written atomically; a late failure falls back to the temp folder (the run is not lost)
     if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(recs, fh, indent=1)
+        outputs.append((args.json, json.dumps(recs, indent=1), "aot_records"))
     if args.md:
-        with open(args.md, "w") as fh:
-            fh.write(md)
+        outputs.append((args.md, md, "aot_table"))
     if args.update:
         import triton
-        os.makedirs(os.path.dirname(args.cache), exist_ok=True)
-        with open(args.cache, "w") as fh:
-            json.dump(dict(method=METHOD, triton=triton.__version__, records=recs), fh, indent=0)
-        with open(DEFAULT_MD, "w") as fh:
-            fh.write(md)
+        outputs.append((args.cache, json.dumps(dict(method=METHOD, triton=triton.__version__, records=recs),
+                                               indent=0), "aot_cache"))
+        outputs.append((DEFAULT_MD, md, "aot_table"))
+    lost = [path for path, text, what in outputs if write_with_fallback(path, text_writer(text), what) is None]
+    if lost:
+        print(f"fastjac aot: could not write {lost} nor their fallbacks", file=sys.stderr)
+        return 2
     ok = all(c["fits"] for c in res["records"]) and not res["missing_entries"] and not res["recheck_mismatch"]
     return 0 if ok else 1
 
