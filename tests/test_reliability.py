@@ -782,3 +782,32 @@ def test_aot_committed_cache_loads():
 
     if os.path.exists(_aot.DEFAULT_CACHE):
         assert len(_aot.load_cache(_aot.DEFAULT_CACHE)) > 0
+
+
+# ------------------------------------------------------------------------------------------- regularisers
+
+@pytest.mark.parametrize("fn", ["jacobian_frobenius", "jacobian_spectral", "lyapunov_penalty"])
+@pytest.mark.parametrize("batched", [False, True])
+def test_reduction_checked_for_every_x(fn, batched):
+    import fastjac as fj
+    from fastjac.train import regularizers as R
+
+    m = fj.ItrSA(8, 2)
+    X = torch.randn(*((2,) if batched else ()), 5, 8)
+    kw = dict(horizon=2, k=2) if fn == "lyapunov_penalty" else {}
+    with pytest.raises(ValueError, match="reduction: expected 'mean', 'sum' or 'none', got 'bogus'"):
+        getattr(R, fn)(m, X, reduction="bogus", **kw)
+
+
+def test_lyapunov_of_a_diverging_model_is_a_clear_error():
+    import fastjac as fj
+    from fastjac._checks import NonFiniteError
+    from fastjac.train import regularizers as R
+
+    m = fj.ItrSA(8, 2, norm="none", eta=5.0, dtype=torch.float32)
+    X = torch.randn(5, 8, generator=torch.Generator().manual_seed(0))
+    with fj.config.settings(check_finite=False):  # with the checks on, the step's own overflow check speaks first
+        with pytest.raises(NonFiniteError, match="lyapunov: the tangents became NaN/inf within the horizon of 64"):
+            R.lyapunov(m, X, horizon=64, k=3)
+    with pytest.raises(NonFiniteError, match="overflowed"):
+        R.lyapunov(m, X, horizon=64, k=3)

@@ -33,7 +33,7 @@ from typing import Dict, Iterable, List, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from .._checks import check_int
+from .._checks import NonFiniteError, check_int
 
 __all__ = ["spec", "spec_state", "load_spec_state", "e_single", "e_multi", "orthogonal_values", "remove_orthogonal",
            "plain_copy", "jacobian_frobenius", "jacobian_spectral", "lyapunov", "lyapunov_penalty", "value_output_maps",
@@ -106,6 +106,13 @@ class _Lin:
 
 def _sample_dims(X: Tensor) -> Tuple[int, ...]:
     return tuple(range(-2, 0))
+
+
+def _check_reduction(reduction) -> str:
+    """Checked for every X (a 2-D X has nothing to reduce, but a misspelt reduction is still a mistake)."""
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"reduction: expected 'mean', 'sum' or 'none', got {reduction!r}")
+    return reduction
 
 
 def _reduce(v: Tensor, reduction: str) -> Tensor:
@@ -425,6 +432,7 @@ def jacobian_frobenius(step, X: Tensor, *, C: Optional[Tensor] = None, probes: i
     """
     be = _check_backend(step, backend)
     k = check_int("probes", probes, 1)
+    _check_reduction(reduction)
     lin = _Lin(step, X, C, be)
     V = _probes(X, k, seed, dist)
     JV = lin.jvp(V)  # [k, *X.shape]
@@ -447,6 +455,7 @@ def jacobian_spectral(step, X: Tensor, *, C: Optional[Tensor] = None, iters: int
     """
     be = _check_backend(step, backend)
     iters = check_int("iters", iters, 0)
+    _check_reduction(reduction)
     if v0 is None:
         v = torch.randn(X.shape, generator=_gen(seed), dtype=torch.float64).to(dtype=X.dtype, device=X.device)
     else:
@@ -564,18 +573,24 @@ def lyapunov(step, X0: Tensor, *, C: Optional[Tensor] = None, horizon: int = 16,
     V = as_tangent(Q0)
     Rprod = None
     Xt = X
-    for _ in range(horizon):
-        lin = _Lin(step, Xt, Cb, be)
-        W = lin.jvp(V)
-        Xt = lin.out
-        Qm, R = torch.linalg.qr(as_matrix(W).double())
-        # a positive diagonal (QR's signs are arbitrary; sigma of the product does not depend on them)
-        sgn = torch.sign(torch.diagonal(R, dim1=-2, dim2=-1)).detach()
-        sgn = torch.where(sgn == 0, torch.ones_like(sgn), sgn)
-        Qm, R = Qm * sgn.unsqueeze(-2), R * sgn.unsqueeze(-1)
-        Rprod = R if Rprod is None else R @ Rprod
-        V = as_tangent(Qm.to(X.dtype))
-    sv = torch.linalg.svdvals(Rprod)  # [B, k], descending
+    try:
+        for _ in range(horizon):
+            lin = _Lin(step, Xt, Cb, be)
+            W = lin.jvp(V)
+            Xt = lin.out
+            Qm, R = torch.linalg.qr(as_matrix(W).double())
+            # a positive diagonal (QR's signs are arbitrary; sigma of the product does not depend on them)
+            sgn = torch.sign(torch.diagonal(R, dim1=-2, dim2=-1)).detach()
+            sgn = torch.where(sgn == 0, torch.ones_like(sgn), sgn)
+            Qm, R = Qm * sgn.unsqueeze(-2), R * sgn.unsqueeze(-1)
+            Rprod = R if Rprod is None else R @ Rprod
+            V = as_tangent(Qm.to(X.dtype))
+        sv = torch.linalg.svdvals(Rprod)  # [B, k], descending
+    except torch.linalg.LinAlgError:  # NaN/inf reached the QR/SVD: only when the finiteness checks are off
+        raise NonFiniteError(
+            f"lyapunov: the tangents became NaN/inf within the horizon of {horizon} steps (a diverging model: the "
+            f"state or its Jacobian overflowed {X.dtype}); shorten the horizon, use float64, or turn "
+            f"fastjac.config.check_finite on to find the step") from None
     tiny = torch.finfo(torch.float64).tiny
     ex = sv.clamp_min(tiny).log() / horizon
     triv = ex.detach() < _trivial_below(X.dtype)
@@ -594,6 +609,7 @@ def lyapunov_penalty(step, X0: Tensor, *, C: Optional[Tensor] = None, target: fl
     slightly chaotic lambda_max ~ 0.1 of the paper's best models. Returns a 0-dim tensor ([B] with "none")."""
     if which not in ("max", "mean"):
         raise ValueError(f"which: expected 'max' or 'mean', got {which!r}")
+    _check_reduction(reduction)
     if not isinstance(target, (int, float)) or isinstance(target, bool) or not math.isfinite(target):
         raise ValueError(f"target: expected a finite number, got {target!r}")
     ex = lyapunov(step, X0, C=C, horizon=horizon, k=k, iters=iters, seed=seed, backend=backend)
