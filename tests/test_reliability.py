@@ -811,3 +811,12 @@ def test_lyapunov_of_a_diverging_model_is_a_clear_error():
             R.lyapunov(m, X, horizon=64, k=3)
     with pytest.raises(NonFiniteError, match="overflowed"):
         R.lyapunov(m, X, horizon=64, k=3)
+
+
+def test_damaged_shipped_weights_do_not_break_import(tmp_path, monkeypatch):
+    from fastjac.train import pretrained
+
+    bad = tmp_path / "core.safetensors"
+    bad.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{broken}")
+    monkeypatch.setattr(pretrained, "CORE_FILE", str(bad))
+    assert pretrained._info()["what"].startswith("unreadable")

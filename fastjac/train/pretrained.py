@@ -22,11 +22,16 @@ NET_FILE = os.path.join(WEIGHTS, "itrsa_sudoku4_net.safetensors")
 def _info() -> Dict[str, Any]:
     if not os.path.isfile(CORE_FILE):
         return {"what": "missing: run python examples/train_default_model.py"}
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
-    with safe_open(CORE_FILE, framework="pt", device="cpu") as f:
-        meta = f.metadata() or {}
-    return json.loads(meta.get("info", "{}"))
+    try:  # read at import: a damaged file must not break ``import``; load_default then says what is wrong
+        with safe_open(CORE_FILE, framework="pt", device="cpu") as f:
+            meta = f.metadata() or {}
+        info = json.loads(meta.get("info", "{}"))
+    except (SafetensorError, OSError, ValueError, RecursionError) as e:
+        return {"what": f"unreadable: {CORE_FILE} ({type(e).__name__}); reinstall fastjac or run "
+                        f"python examples/train_default_model.py"}
+    return info if isinstance(info, dict) else {"what": f"unreadable: {CORE_FILE} (info is not a JSON object)"}
 
 
 #: what the shipped model is, how it was trained, its accuracy (ID/OOD at T = 16, 32, 64) and its exponents
@@ -58,6 +63,8 @@ def load_default() -> Tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
         raise FileNotFoundError(f"{CORE_FILE} is missing; run python examples/train_default_model.py")
     model = load_model(CORE_FILE).double()
     net = load_net(torch.float64)
+    if "example_puzzle" not in DEFAULT_INFO:
+        raise ValueError(f"{CORE_FILE}: no example_puzzle in its metadata ({DEFAULT_INFO.get('what', 'damaged')})")
     puzzle = torch.tensor(DEFAULT_INFO["example_puzzle"], dtype=torch.int64).unsqueeze(0)
     with torch.no_grad():
         X0, C = net.inputs(puzzle)
