@@ -450,6 +450,7 @@ BAD_FLAGS = [
     (["--stop-at", "-1"], "--stop-at: expected an int >= 0"),
     (["--lyap-target", "inf"], "--lyap-target: expected a finite number"),
     (["--cache-dir", "FILE"], "--cache-dir: .* is not a folder"),
+    (["--dim", "40000"], "--dim: a itrsa core with dim=40000.*over the limit of 4 GB"),
 ]
 
 

@@ -160,6 +160,10 @@ class TrainConfig:
             raise ValueError(f"eval_steps: expected one or more ints >= 1 (recurrent steps T of the final "
                              f"evaluation), got {self.eval_steps!r}")
         self.eval_steps = steps
+        from ..models import check_model_size
+
+        check_model_size(self.dim, self.heads, osc_dim=self.osc_dim if self.kind == "akorn" else None,
+                         dtype=torch.float32, what=f"{self.kind} core")  # before anything is allocated
         self.device = _check_device(self.device)
         if not isinstance(self.cache_dir, str) or (self.cache_dir and os.path.exists(self.cache_dir)
                                                    and not os.path.isdir(self.cache_dir)):
