@@ -416,10 +416,10 @@ def save_model(model: nn.Module, path: str, *, metadata: Optional[Dict[str, str]
     meta = dict(metadata or {})
     meta.update(fastjac_class=type(model).__name__, fastjac_config=json.dumps(model.config()))
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    write_safetensors(tensors, os.fspath(path), meta)
+    _write_safetensors(tensors, os.fspath(path), meta)
 
 
-def write_safetensors(tensors: Dict[str, Tensor], path: str, metadata: Dict[str, str]) -> None:
+def _write_safetensors(tensors: Dict[str, Tensor], path: str, metadata: Dict[str, str]) -> None:
     """Write a safetensors file atomically (``path + ".tmp"``, renamed over ``path``; nothing is left behind on
     failure). A folder or a missing folder as ``path`` is a ValueError; a failed write (full disk, read-only
     folder) an OSError naming ``path``."""
@@ -542,7 +542,7 @@ def _tensor_infos(path: str, f) -> Dict[str, Any]:
     return out
 
 
-def check_tensors(path: str, model: nn.Module, infos: Dict[str, Any]) -> None:
+def _check_tensors(path: str, model: nn.Module, infos: Dict[str, Any]) -> None:
     """The file's tensors (name -> (dtype, shape)) are exactly the model's state_dict with the same shapes."""
     want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     missing, unexpected = sorted(set(want) - set(infos)), sorted(set(infos) - set(want))
@@ -553,7 +553,7 @@ def check_tensors(path: str, model: nn.Module, infos: Dict[str, Any]) -> None:
         raise ValueError(f"path: {path!r}: tensor shapes do not match its config: {', '.join(wrong)}")
 
 
-def file_dtype(path: str, infos: Dict[str, Any]) -> Optional[torch.dtype]:
+def _file_dtype(path: str, infos: Dict[str, Any]) -> Optional[torch.dtype]:
     """The one floating dtype of a file's tensors (None for no tensors); mixed dtypes are refused."""
     dtypes = sorted({str(dt) for dt, _ in infos.values()})
     if len(dtypes) > 1:
@@ -609,7 +609,7 @@ def load_model(path: str, *, map_location="cpu", allow_pickle: bool = False,
         raise ValueError(f"path: {path!r} is a safetensors file but not a fastjac model (metadata fastjac_class="
                          f"{meta.get('fastjac_class')!r}; expected one of {sorted(MODEL_CLASSES)})")
     cfg = _constructor_config(path, cls, _flat_config(path, meta["fastjac_config"], "fastjac_config"))
-    dtype = file_dtype(path, infos)
+    dtype = _file_dtype(path, infos)
     try:
         if issubclass(cls, _RecurrentAttention) and "dim" in cfg and "heads" in cfg:
             kw = dict(cfg)
@@ -621,7 +621,7 @@ def load_model(path: str, *, map_location="cpu", allow_pickle: bool = False,
         model = cls(**cfg, dtype=dtype)
     except (TypeError, ValueError) as e:
         raise ValueError(f"path: {path!r} has a config {cls.__name__} refuses: {e}") from None
-    check_tensors(path, model, infos)
+    _check_tensors(path, model, infos)
     with safe_open(path, framework="pt", device="cpu") as f:
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     model.load_state_dict(tensors, strict=True)

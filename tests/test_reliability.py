@@ -13,7 +13,6 @@ import warnings
 import pytest
 import torch
 
-from fastjac import _io
 from fastjac.train import loop
 from fastjac.train.loop import TrainConfig, TrainingDiverged, TrainingInterrupted
 
@@ -414,7 +413,7 @@ def _plant(tmp_path, data, what):
                                       ("random", "not a readable training checkpoint"), ("empty", "is empty"),
                                       ("tensor", "not a training checkpoint .*Tensor"), ("folder", "is a folder")])
 def test_corrupt_training_checkpoint_is_explained(tmp_path, data, monkeypatch, what, pat):
-    cfg = _plant(tmp_path, data, what)
+    _plant(tmp_path, data, what)
     monkeypatch.setattr(loop, "load_data", lambda cfg: pytest.fail("loaded data before reading the checkpoint"))
     with pytest.raises(ValueError, match=f"out: .*{pat}.*--fresh"):
         loop.train(_cfg(tmp_path, "run"))

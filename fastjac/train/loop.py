@@ -406,13 +406,13 @@ def _truncate(path: str, size: Optional[int]) -> None:
 
 def save_net(net: SudokuNet, path: str, info: Optional[Dict[str, Any]] = None) -> None:
     """The whole Sudoku model as one safetensors file (weights + JSON config in the metadata)."""
-    from ..models import write_safetensors
+    from ..models import _write_safetensors
 
     n = plain_net(net)
     meta = {"fastjac_sudoku_config": json.dumps(n.config()), "fastjac_core_config": json.dumps(n.core.config())}
     if info:
         meta["info"] = json.dumps(info)
-    write_safetensors({k: v.detach().contiguous().cpu() for k, v in n.state_dict().items()}, path, meta)
+    _write_safetensors({k: v.detach().contiguous().cpu() for k, v in n.state_dict().items()}, path, meta)
 
 
 def plain_net(net: SudokuNet) -> SudokuNet:
@@ -433,7 +433,7 @@ def load_net(path: str, dtype: torch.dtype = torch.float32, *, max_gb: Optional[
     a bad file is a ValueError naming it."""
     from safetensors import SafetensorError, safe_open
 
-    from ..models import _flat_config, _tensor_infos, check_model_size, check_tensors, file_dtype
+    from ..models import _check_tensors, _file_dtype, _flat_config, _tensor_infos, check_model_size
 
     if not isinstance(path, (str, os.PathLike)) or not os.path.isfile(path):
         raise ValueError(f"path: no such file {path!r}")
@@ -447,7 +447,7 @@ def load_net(path: str, dtype: torch.dtype = torch.float32, *, max_gb: Optional[
     if "fastjac_sudoku_config" not in meta:
         raise ValueError(f"path: {path!r} is not a fastjac Sudoku model (no fastjac_sudoku_config metadata)")
     cfg = _flat_config(path, meta["fastjac_sudoku_config"], "fastjac_sudoku_config")
-    file_dtype(path, infos)
+    _file_dtype(path, infos)
     try:
         kind = cfg["kind"]
         check_model_size(cfg["dim"], cfg["heads"], osc_dim=cfg.get("osc_dim", 4) if kind == "akorn" else None,
@@ -456,7 +456,7 @@ def load_net(path: str, dtype: torch.dtype = torch.float32, *, max_gb: Optional[
                         osc_dim=cfg.get("osc_dim", 4), dtype=dtype, seed=cfg.get("seed", 0))
     except (KeyError, TypeError, ValueError) as e:
         raise ValueError(f"path: {path!r} has a Sudoku config SudokuNet refuses: {e}") from None
-    check_tensors(path, net, infos)
+    _check_tensors(path, net, infos)
     with safe_open(path, framework="pt", device="cpu") as f:
         net.load_state_dict({k: f.get_tensor(k).to(dtype) for k in f.keys()})
     return net
