@@ -162,6 +162,17 @@ CASES = [
     ("qr backend", ValueError, r"backend: expected one of", lambda: fj.ops.qr(torch.randn(20, 3), backend="bogus")),
     # ---- model files
     ("load_model missing", ValueError, r"path: no such file", lambda: fj.load_model("/nonexistent_fj_model.safetensors")),
+    ("save_model into a missing folder", ValueError, r"path: the folder .* does not exist", lambda: fj.save_model(_m(), "/nonexistent_fj_dir/m.safetensors")),
+    ("save_model metadata not str", TypeError, r"metadata: expected a dict of str -> str", lambda: fj.save_model(_m(), "/tmp/m.safetensors", metadata={"a": 1})),
+    ("check_model_size over the limit", ValueError, r"dim: .*dim=30000, heads=4.*28.80 GB.*over the limit of 4 GB", lambda: fj.models.check_model_size(30000, 4)),
+    # ---- training and data
+    ("generate givens str", ValueError, r"givens: expected a pair of ints \(lo, hi\), got '59'", lambda: importlib.import_module("fastjac.data.sudoku").generate(2, size=4, givens="59", cache=False)),
+    ("generate givens float", ValueError, r"givens: expected a pair of ints", lambda: importlib.import_module("fastjac.data.sudoku").generate(2, size=4, givens=(6.9, 7.9), cache=False)),
+    ("generate givens triple", ValueError, r"givens: expected a pair of ints", lambda: importlib.import_module("fastjac.data.sudoku").generate(2, size=4, givens=(6, 7, 1), cache=False)),
+    ("jacobian_frobenius reduction 2-D", ValueError, r"reduction: expected 'mean', 'sum' or 'none', got 'bogus'", lambda: importlib.import_module("fastjac.train.regularizers").jacobian_frobenius(_m(), _X(), reduction="bogus")),
+    ("lyapunov_penalty reduction 2-D", ValueError, r"reduction: expected 'mean', 'sum' or 'none'", lambda: importlib.import_module("fastjac.train.regularizers").lyapunov_penalty(_m(), _X(), horizon=2, k=2, reduction="bogus")),
+    ("TrainConfig log_every 0", ValueError, r"log_every: expected an int >= 1, got 0", lambda: importlib.import_module("fastjac.train.loop").TrainConfig(log_every=0).validate()),
+    ("TrainConfig lr inf", ValueError, r"lr: expected a finite number > 0, got inf", lambda: importlib.import_module("fastjac.train.loop").TrainConfig(lr=math.inf).validate()),
 ]
 
 
