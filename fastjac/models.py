@@ -500,8 +500,16 @@ def check_model_size(dim, heads, *, head_dim=None, value_dim=None, out_proj=True
     return nbytes
 
 
-def _flat_config(path: str, text: str, key: str) -> Dict[str, Any]:
-    """A model config from a file's metadata: a JSON object of numbers, strings, booleans and nulls (no nesting)."""
+def _depth(v, limit: int = 8) -> int:
+    if isinstance(v, (list, dict)) and limit > 0:
+        items = v.values() if isinstance(v, dict) else v
+        return 1 + max((_depth(x, limit - 1) for x in items), default=0)
+    return 0 if not isinstance(v, (list, dict)) else 1
+
+
+def _flat_config(path: str, text: str, key: str, max_depth: int = 3) -> Dict[str, Any]:
+    """A model config from a file's metadata: a JSON object whose values nest at most ``max_depth`` levels (ItrSA's
+    and AKOrN's are flat; a registered class may keep short lists)."""
     try:
         cfg = json.loads(text)
     except (json.JSONDecodeError, RecursionError) as e:
@@ -509,10 +517,9 @@ def _flat_config(path: str, text: str, key: str) -> Dict[str, Any]:
         raise ValueError(f"path: {path!r} has a corrupt {key} ({why})") from None
     if not isinstance(cfg, dict):
         raise ValueError(f"path: {path!r} has a {key} that is not a JSON object ({type(cfg).__name__})")
-    bad = [k for k, v in cfg.items() if v is not None and not isinstance(v, (bool, int, float, str))]
+    bad = [k for k, v in cfg.items() if _depth(v) > max_depth]
     if bad:
-        raise ValueError(f"path: {path!r} has a {key} with nested values for {bad}; a model config holds numbers, "
-                         f"strings, booleans and nulls only")
+        raise ValueError(f"path: {path!r} has a {key} with values nested deeper than {max_depth} levels for {bad}")
     return cfg
 
 
