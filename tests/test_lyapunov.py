@@ -247,3 +247,34 @@ def test_triton_backend_and_qr_kernels_give_the_torch_exponents(dtype, tol):
     ref = fj.lyapunov_spectrum(m, X0, backend="torch", qr_backend="torch", **common)
     fast = fj.lyapunov_spectrum(m, X0, backend="triton", qr_backend="triton", **common)
     torch.testing.assert_close(fast.exponents, ref.exponents, rtol=0, atol=tol)
+
+
+def _mp_exponents(Js, T, dps=200):
+    """(1/T) ln sigma_i of the product J_{T-1} ... J_0 of the given float64 matrices, in 200-digit arithmetic."""
+    import mpmath
+
+    with mpmath.workdps(dps):
+        P = mpmath.eye(Js[0].shape[0])
+        for J in Js[:T]:
+            P = mpmath.matrix(J.tolist()) * P
+        sv = mpmath.svd_r(P, compute_uv=False)
+        return sorted((float(mpmath.log(s) / T) for s in sv), reverse=True)
+
+
+@pytest.mark.parametrize("horizon", [16, 64, 256])
+def test_finite_time_exact_at_long_horizons_against_mpmath(horizon):
+    # issue 19.3: the SVD of the dense product lost every exponent below eps * sigma_max (at horizon 256 exponents
+    # 4-9 came out near -0.44 instead of -0.58 ... -0.91); the QR-accumulated product resolves them
+    torch.manual_seed(0)
+    m = fj.ItrSA(4, 2, dtype=F64)
+    X, C = torch.randn(3, 4, dtype=F64), torch.randn(3, 4, dtype=F64)
+    Js, Xs = [], X
+    for _ in range(horizon):
+        lin = fj.linearization(m, Xs, C=C, backend="autograd")
+        Js.append(lin.dense().double())
+        Xs = lin.out
+    ref = torch.tensor(_mp_exponents(Js, horizon), dtype=F64)
+    res = fj.finite_time_lyapunov(m, X, C=C, horizon=horizon)
+    nt = int((~res.trivial).sum())
+    assert nt == 9  # 3 radial directions are trivial
+    torch.testing.assert_close(res.exponents[:nt], ref[:nt], rtol=0, atol=1e-9)
