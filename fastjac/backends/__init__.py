@@ -71,8 +71,14 @@ def register_linearizer(backend: str, model_cls: type, factory: Linearizer) -> N
     be.register(model_cls, factory)
 
 
-def select(step, X: Tensor, backend: str = "auto") -> Backend:
-    """The backend object for ``backend`` (a name), or the first that supports the inputs for "auto"."""
+def select(step, X: Tensor, backend="auto") -> Backend:
+    """The backend object for ``backend`` (a name), or the first that supports the inputs for "auto".
+
+    A :class:`Backend` object is returned as it is: a loop resolves its backend once per run (``"auto"``'s checks
+    can cost milliseconds: the C++ backend's build-cache lookup) and passes the object on every step.
+    """
+    if isinstance(backend, Backend):
+        return backend
     if not isinstance(backend, str):
         raise TypeError(f"backend: expected a string, one of {['auto'] + available()}, got "
                         f"{type(backend).__name__}")
