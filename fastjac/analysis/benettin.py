@@ -318,6 +318,18 @@ def validate_run(step, X0: Tensor, C: Optional[Tensor], *, k, steps, burn_in, re
                 trivial_below=trivial_below, checkpoint=checkpoint, n_triv=n_triv, tol=tol)
 
 
+def run_settings(v: Dict[str, Any], X0: Tensor, step, *, project_radial, backend, qr_backend) -> Dict[str, Any]:
+    """The settings a run records (and fingerprints), from validate_run's values."""
+    X = v["X"]
+    out = dict(method="benettin", k=v["k"], steps=v["steps"], burn_in=v["burn_in"], renorm_every=v["renorm_every"],
+               project_radial=project_radial, backend=backend, qr_backend=qr_backend, seed=v["seed"],
+               history_every=v["history_every"], dtype=str(X.dtype), shape=list(X0.shape),
+               step=type(step).__name__, device=str(X.device))
+    if v["tol"] is not None:
+        out["tol"] = v["tol"]
+    return out
+
+
 # ---------------------------------------------------------------------------------------------------- the parts
 
 def _identity_reduce(t: Tensor, op: str) -> Tensor:
@@ -615,5 +627,5 @@ def _assemble(st, sums, hist, incr, *, step, steps, k, n, n_triv, dtype, project
     return LyapunovResult(ex, triv, H.cpu(), hsteps, done, out_settings, se.cpu())
 
 
-__all__ = ["LyapunovResult", "Parts", "run_benettin", "validate_run", "batch_means_stderr", "trivial_count",
+__all__ = ["LyapunovResult", "Parts", "run_benettin", "run_settings", "validate_run", "batch_means_stderr", "trivial_count",
            "radial_basis", "project_off", "trivial_mask", "orthonormalize", "local_colnorms", "FULL_K_LIMIT"]

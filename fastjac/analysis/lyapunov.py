@@ -31,7 +31,7 @@ from .._io import check_writable as _check_writable
 from .._io import fingerprint, load_checkpoint, save_atomic, start_over_hint
 from ..linearization import linearization, prepare
 from .benettin import (FULL_K_LIMIT, LyapunovResult, Parts, orthonormalize, project_off, radial_basis,  # noqa: F401
-                       run_benettin, trivial_count, trivial_mask, validate_run)
+                       run_benettin, run_settings, trivial_count, trivial_mask, validate_run)
 
 # what a checkpoint file says it is; loaded with torch.load(weights_only=True): tensors, numbers, strings, lists
 _CKPT_FORMAT = "fastjac.lyapunov_spectrum.v3"
@@ -95,18 +95,6 @@ class FileStore:
             self.failed.append(e)
             warnings.warn(f"lyapunov_spectrum: could not write the checkpoint {self.path!r} ({e}); the run goes "
                           f"on without it", RuntimeWarning, stacklevel=4)
-
-
-def run_settings(v: Dict[str, Any], X0: Tensor, step, *, project_radial, backend, qr_backend) -> Dict[str, Any]:
-    """The settings a run records (and fingerprints), from validate_run's values."""
-    X = v["X"]
-    out = dict(method="benettin", k=v["k"], steps=v["steps"], burn_in=v["burn_in"], renorm_every=v["renorm_every"],
-               project_radial=project_radial, backend=backend, qr_backend=qr_backend, seed=v["seed"],
-               history_every=v["history_every"], dtype=str(X.dtype), shape=list(X0.shape),
-               step=type(step).__name__, device=str(X.device))
-    if v["tol"] is not None:
-        out["tol"] = v["tol"]
-    return out
 
 
 # ---------------------------------------------------------------------------------------------------- Benettin

@@ -72,8 +72,7 @@ def lyapunov_spectrum_parallel(step, X0: Tensor, *, C: Optional[Tensor] = None, 
         ...                            parallel="tokens")  # doctest: +SKIP
     """
     from .._io import fingerprint
-    from ..analysis.benettin import run_benettin, validate_run
-    from ..analysis.lyapunov import run_settings
+    from ..analysis.benettin import run_benettin, run_settings, validate_run
     from .engine import ShardCheckpoint, ShardStore
 
     _check_mode(parallel)
