@@ -74,20 +74,32 @@ class ShardCheckpoint:
                              f"{saved.get('world_size')} ({saved.get('mode')!r}), not to this rank")
         return saved
 
-    def save(self, t: int, state: Dict[str, Any]) -> None:
-        """Write this rank's state for step t, wait for every rank, then drop this rank's older files."""
+    def save(self, t: int, state: Dict[str, Any]) -> bool:
+        """Write this rank's state for step t, wait for every rank, then drop this rank's older files. Collective.
+        A write that fails (full disk) is reported by the return value (False), never raised: every rank still
+        meets the barrier, and the older files are kept."""
         path = self.path(t)
         # the temporary file's name matches no rank's pattern, so a half-written file is never taken for a step
         tmp = f"{self.base}.partial-rank{self.rank}-of{self.world}.step{t:012d}"
-        torch.save(dict(state, fingerprint=self.fp, rank=self.rank, world_size=self.world, mode=self.mode), tmp)
-        os.replace(tmp, path)
+        ok = True
+        try:
+            torch.save(dict(state, fingerprint=self.fp, rank=self.rank, world_size=self.world, mode=self.mode), tmp)
+            os.replace(tmp, path)
+        except OSError as e:
+            ok, self.error = False, e
+            try:
+                os.remove(tmp)
+            except OSError:
+                pass
         _comm.barrier(self.group)
-        for r, w, s, f in self._files():
-            if r == self.rank and w == self.world and s < t:
-                try:
-                    os.remove(f)
-                except FileNotFoundError:
-                    pass
+        if ok:
+            for r, w, s, f in self._files():
+                if r == self.rank and w == self.world and s < t:
+                    try:
+                        os.remove(f)
+                    except FileNotFoundError:
+                        pass
+        return ok
 
 
 def clear_checkpoints(base: str, group) -> None:
@@ -102,17 +114,34 @@ class ShardStore:
     """The engine's checkpoint store (``fastjac.analysis.benettin.Parts.store``) over per-rank files."""
 
     def __init__(self, ckpt: ShardCheckpoint):
-        self.ckpt = ckpt
+        self.ckpt, self.failed = ckpt, False
 
     def load(self):
         t0 = self.ckpt.find()
-        if t0 is None:
+        if t0 is None:  # a fresh run: every rank proves its files writable before any compute
+            from .._io import check_writable
+
+            err = None
+            try:
+                check_writable(self.ckpt.path(0))
+            except ValueError as e:
+                err = e
+            bad = _comm.all_reduce(torch.tensor([0.0 if err is None else 1.0]), "max", self.ckpt.group)
+            if float(bad[0]) > 0:
+                raise err if err is not None else ValueError(
+                    f"checkpoint: {self.ckpt.base!r} cannot be written on another rank (see its message)")
             return None
         saved = self.ckpt.load(t0)
         return saved["state"], saved["rng"]
 
     def save(self, state, rng, final: bool = False) -> None:
-        self.ckpt.save(state["t"], dict(state=state, rng=rng))
+        import warnings
+
+        if not self.ckpt.save(state["t"], dict(state=state, rng=rng)) and not self.failed:
+            self.failed = True  # warn once; the run (and the result) goes on
+            warnings.warn(f"lyapunov_spectrum: rank {self.ckpt.rank} could not write its checkpoint "
+                          f"{self.ckpt.path(state['t'])!r} ({self.ckpt.error}); the run goes on without it",
+                          RuntimeWarning, stacklevel=4)
 
 
 __all__ = ["ShardCheckpoint", "ShardStore", "clear_checkpoints"]
