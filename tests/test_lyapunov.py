@@ -278,3 +278,32 @@ def test_finite_time_exact_at_long_horizons_against_mpmath(horizon):
     nt = int((~res.trivial).sum())
     assert nt == 9  # 3 radial directions are trivial
     torch.testing.assert_close(res.exponents[:nt], ref[:nt], rtol=0, atol=1e-9)
+
+
+def test_backend_is_resolved_once_per_run(monkeypatch):
+    # issue 19: "auto" used to be re-decided on every step (the C++ backend's build-cache lookup each time)
+    import fastjac.backends as B
+
+    calls = []
+    real = B.select
+
+    def counting(step, X, backend="auto"):
+        if isinstance(backend, str):
+            calls.append(backend)
+        return real(step, X, backend)
+
+    monkeypatch.setattr(B, "select", counting)
+    m = fj.ItrSA(8, 2, dtype=F64)
+    X0 = torch.randn(5, 8, dtype=F64)
+    fj.lyapunov_spectrum(m, X0, k=3, steps=20, burn_in=5, progress=False)
+    assert calls == ["auto"]
+    calls.clear()
+    fj.finite_time_lyapunov(m, X0, horizon=6)
+    assert calls == ["auto"]
+
+
+def test_backends_say_whether_they_are_differentiable():
+    assert fj.backends.get("torch").differentiable and fj.backends.get("autograd").differentiable
+    assert not fj.backends.get("triton").differentiable and not fj.backends.get("cpp").differentiable
+    with pytest.raises(ValueError, match="differentiable regulariser needs 'auto' or one of"):
+        fj.regularizers.jacobian_spectral(fj.ItrSA(8, 2), torch.randn(3, 8), backend="cpp")
