@@ -199,6 +199,8 @@ def lyapunov_spectrum(step, X0: Tensor, *, C: Optional[Tensor] = None, k: Option
 # of ratio r = sigma_j / sigma_i by r^2, and those within CLUSTER_NATS of each other are resolved by a block SVD
 PRODUCT_SWEEPS = 4
 CLUSTER_NATS = 10.0
+# the dense method keeps horizon triangular factors per sample: samples are processed in chunks of at most this
+CHAIN_CHUNK_BYTES = 256 * 2 ** 20
 
 
 def _qr_pass(chain):
@@ -310,14 +312,21 @@ def finite_time_lyapunov(step, X0: Tensor, *, C: Optional[Tensor] = None, horizo
         return lins
 
     if method == "dense":
-        check_dense_size(S, D, B * horizon, torch.float64, None)  # the chain of triangular factors is kept
-        chain, W = [], None
-        for lin in trajectory(X, C3):  # first QR pass on the fly: J_t W_{t-1} = W_t R_t (float64 Householder)
-            with torch.no_grad():
-                J = lin.dense().double()
-            W, R = torch.linalg.qr(J if W is None else J @ W)
-            chain.append(R)
-        logsv = product_log_svdvals(chain)[..., :k]
+        check_dense_size(S, D, horizon, torch.float64, None)  # one sample's chain of triangular factors is kept
+        # samples in chunks whose chains (chunk * horizon * n^2 float64) stay within CHAIN_CHUNK_BYTES
+        chunk = max(1, min(B, CHAIN_CHUNK_BYTES // max(1, horizon * n * n * 8)))
+        rows = []
+        for b0 in range(0, B, chunk):
+            b1 = min(B, b0 + chunk)
+            chain, W = [], None
+            Cb = C3 if C3 is None or C3.dim() == 2 else C3[b0:b1]
+            for lin in trajectory(X[b0:b1], Cb):  # first QR pass on the fly: J_t W_{t-1} = W_t R_t (Householder)
+                with torch.no_grad():
+                    J = lin.dense().double()
+                W, R = torch.linalg.qr(J if W is None else J @ W)
+                chain.append(R)
+            rows.append(product_log_svdvals(chain)[..., :k])
+        logsv = torch.cat(rows)
     else:
         from ..linalg import svds
 
