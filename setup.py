@@ -31,7 +31,7 @@ class build_py_with_csrc(build_py):
 
 setup(
     name="fastjac",
-    version="0.2.0",
+    version="0.3.0",
     description="Exact, fast Jacobians of recurrent self-attention and a dynamical-systems toolkit on them",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",

@@ -21,7 +21,7 @@ from .analysis.pseudo_energy import PseudoEnergyTrace, pseudo_energy_trace
 from .analysis.spectra import Prop51Result, eigvals, linear_operator, prop51_bound, spectral_norm
 from .models import AKOrN, ItrSA, RecurrentStep, load_model, register_model, save_model
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 # Subsystems imported on first use (``fj.regularizers``, ``fj.train``, ``fj.data``, ``fj.distributed``), so that
 # ``import fastjac`` stays light and never touches torch.distributed or the training code unless asked.
@@ -38,12 +38,6 @@ def __getattr__(name):
         return mod
     raise AttributeError(f"module 'fastjac' has no attribute {name!r}")
 
-
-# The analysis modules lived at the top level before 0.2; keep ``import fastjac.lyapunov`` (etc.) working.
-import sys as _sys
-for _name in ("energy", "lyapunov", "oscillation", "pseudo_energy", "spectra"):
-    _sys.modules.setdefault(f"{__name__}.{_name}", getattr(analysis, _name))
-del _sys, _name
 
 __all__ = ["AKOrN", "ItrSA", "Linearization", "LyapunovResult", "RecurrentStep", "backends", "linearization",
            "register_linearizer", "Prop51Result", "PseudoEnergyTrace", "config", "eigvals", "energy",

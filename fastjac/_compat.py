@@ -1,28 +1,9 @@
-"""Old spellings of public arguments, kept working for one release with a DeprecationWarning."""
+"""Argument helpers shared across the package (fastjac 0.3 removed the 0.2 spellings and their shims)."""
 from __future__ import annotations
 
-import functools
-import warnings
 from typing import Optional, Union
 
 import torch
-
-
-def renamed_kwargs(**old_to_new: str):
-    """Decorator: ``@renamed_kwargs(T="horizon")`` accepts ``T=`` as ``horizon=`` with a DeprecationWarning."""
-    def deco(fn):
-        @functools.wraps(fn)
-        def wrapper(*args, **kwargs):
-            for old, new in old_to_new.items():
-                if old in kwargs:
-                    if new in kwargs:
-                        raise TypeError(f"{fn.__name__}: got both {old}= (deprecated) and {new}=; pass only {new}=")
-                    warnings.warn(f"{fn.__name__}: the argument {old}= is deprecated and will be removed in "
-                                  f"fastjac 0.3; use {new}=", DeprecationWarning, stacklevel=2)
-                    kwargs[new] = kwargs.pop(old)
-            return fn(*args, **kwargs)
-        return wrapper
-    return deco
 
 
 def make_generator(seed: Optional[Union[int, torch.Generator]], name: str = "seed") -> Optional[torch.Generator]:

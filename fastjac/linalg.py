@@ -26,13 +26,12 @@ fixed seed 0 is used, so repeated calls agree).
 from __future__ import annotations
 
 import math
-import warnings
 from typing import Callable, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
 
-from ._compat import make_generator, renamed_kwargs
+from ._compat import make_generator
 
 from ._checks import check_int as _check_int
 
@@ -156,7 +155,6 @@ def _sizes(k: int, n: int, block: Optional[int], ncv: Optional[int]) -> Tuple[in
 
 # ------------------------------------------------------------------------------------------------- public ----
 
-@renamed_kwargs(generator="seed")
 def svds(matvec: Op, rmatvec: Op, n: int, k: int, *, dtype: torch.dtype = F64, device=None, tol: float = 1e-8,
          maxiter: int = 200, seed: Optional[Union[int, torch.Generator]] = None, shape: Optional[Sequence[int]] = None,
          block: Optional[int] = None, ncv: Optional[int] = None) -> Tuple[Tensor, bool, int]:
@@ -169,7 +167,7 @@ def svds(matvec: Op, rmatvec: Op, n: int, k: int, *, dtype: torch.dtype = F64, d
         matvec: ``V [b, n] -> A V`` row-wise ([b, *shape] with ``shape=``). rmatvec: the same for Aᵀ.
         n: operator size. k: how many values. dtype/device: what the operator is called with (basis: float64).
         tol: relative residual (floored at 64 ulps of ``dtype`` and at 1e-12). maxiter: restart cycles.
-        seed: an int or a torch.Generator for the random start block (``generator=`` is a deprecated alias). block: block size (default k + 2). ncv: basis size per cycle
+        seed: an int or a torch.Generator for the random start block. block: block size (default k + 2). ncv: basis size per cycle
         (default max(2k + 2·block, 20)).
 
     Returns:
@@ -208,7 +206,6 @@ def svds(matvec: Op, rmatvec: Op, n: int, k: int, *, dtype: torch.dtype = F64, d
     return KrylovResult(_pad(s[:k], k), ok, it)
 
 
-@renamed_kwargs(generator="seed")
 def power_norm(matvec: Op, rmatvec: Op, n: int, *, dtype: torch.dtype = F64, device=None, tol: float = 1e-8,
                maxiter: int = 200, seed: Optional[Union[int, torch.Generator]] = None,
                shape: Optional[Sequence[int]] = None) -> Tuple[float, bool, int]:
@@ -234,7 +231,6 @@ def power_norm(matvec: Op, rmatvec: Op, n: int, *, dtype: torch.dtype = F64, dev
     return KrylovResult(float(s[0]), ok, it)
 
 
-@renamed_kwargs(generator="seed")
 class KrylovResult(tuple):
     """What every solver here returns: the 3-tuple ``(values, converged, cycles)``, whatever the flags.
 
@@ -250,8 +246,7 @@ class KrylovResult(tuple):
 
 def eigsh(matvec: Op, n: int, k: int, *, which: str = "LA", vectors: bool = False, dtype: torch.dtype = F64,
           device=None, tol: float = 1e-8, maxiter: int = 200, seed: Optional[Union[int, torch.Generator]] = None,
-          shape: Optional[Sequence[int]] = None, block: Optional[int] = None, ncv: Optional[int] = None,
-          return_vectors: Optional[bool] = None):
+          shape: Optional[Sequence[int]] = None, block: Optional[int] = None, ncv: Optional[int] = None):
     """k extreme eigenvalues (and optionally eigenvectors) of a symmetric operator (block Lanczos, full reorth).
 
     Args:
@@ -261,8 +256,7 @@ def eigsh(matvec: Op, n: int, k: int, *, which: str = "LA", vectors: bool = Fals
 
     Returns:
         :class:`KrylovResult` ``(values [k] float64, converged, cycles)``; with ``vectors=True`` its ``.vectors``
-        holds [k, n] float64 orthonormal rows. (``return_vectors=True``, deprecated, returns the old 4-tuple
-        ``(values, vectors, converged, cycles)``.)
+        holds [k, n] float64 orthonormal rows.
 
     Example:
         >>> import torch
@@ -297,16 +291,9 @@ def eigsh(matvec: Op, n: int, k: int, *, which: str = "LA", vectors: bool = Fals
 
     vals, ok, it = _krylov(lambda V: [A(V)], n, k, b, blocks, maxiter, ritz, device, generator)
     vals = _pad(vals[:k], k)
-    if return_vectors is not None:
-        warnings.warn("eigsh: return_vectors= is deprecated (it changed the number of returned values) and will be "
-                      "removed in fastjac 0.3; pass vectors=True and read result.vectors", DeprecationWarning,
-                      stacklevel=2)
-        if return_vectors:
-            return vals, out["vec"], ok, it
     return KrylovResult(vals, ok, it, out["vec"] if vectors else None)
 
 
-@renamed_kwargs(generator="seed")
 def eigs(matvec: Op, n: int, k: int, *, dtype: torch.dtype = F64, device=None, tol: float = 1e-8,
          maxiter: int = 200, seed: Optional[Union[int, torch.Generator]] = None, shape: Optional[Sequence[int]] = None,
          block: Optional[int] = None, ncv: Optional[int] = None) -> Tuple[Tensor, bool, int]:

@@ -43,6 +43,10 @@ def _model(name):
         return fj.ItrSA(4, 2, norm="rms", out_proj=False, dtype=F64)
     if name == "slow":
         return SlowItrSA(8, 2, bias=True, dtype=F64)  # the weights of "itrsa"
+    if name == "eta2":  # eta = 2: the non-trivial spectrum spreads over ~1 nat, so 20 steps without QR collapse it
+        return fj.ItrSA(8, 2, bias=True, eta=2.0, dtype=F64)
+    if name == "subclass":  # overrides forward: its Jacobian is not ItrSA's
+        return ShiftedItrSA(8, 2, bias=True, dtype=F64)
     raise KeyError(name)
 
 
@@ -65,12 +69,21 @@ CASES = {
     "tokens_householder": ("itrsa_causal", (6, 8), dict(k=7, steps=8, burn_in=1, qr_backend="householder"),
                            "tokens"),
     "kill_ref": ("itrsa", (9, 8), dict(k=6, steps=24, burn_in=2, seed=2), "tokens"),
+    # issue 19.1: renorm_every=20 collapses the tangents; the single-process run redoes with 10, so must these
+    "samples_collapse": ("eta2", (3, 5, 8), dict(k=35, steps=40, burn_in=2, renorm_every=20), "samples"),
+    "tokens_collapse": ("eta2", (5, 8), dict(k=35, steps=40, burn_in=2, renorm_every=20), "tokens"),
+    # issue 19.2: a subclass overriding forward runs on autograd (sample-parallel) like the single-process run
+    "samples_subclass": ("subclass", (2, 5, 8), dict(k=6, steps=8, burn_in=1), "samples"),
 }
 CASES4 = {
     "samples_uneven": CASES["samples_uneven"],  # B = 3 on 4 ranks: rank 3 holds no sample
     "tokens_k_gt_rows4": ("small", (6, 4), dict(k=10, steps=6, burn_in=1), "tokens"),  # 4 or 8 rows per rank
     "tokens_causal4": ("itrsa_causal", (7, 8), dict(k=5, steps=6, burn_in=1), "tokens"),
+    "samples_collapse4": CASES["samples_collapse"],
+    "tokens_collapse4": CASES["tokens_collapse"],
 }
+# issue 19.2: parallel="tokens" must refuse an ItrSA subclass that overrides forward (never use ItrSA's Jacobian)
+REFUSED = {"tokens_subclass": ("subclass", (5, 8), dict(k=4, steps=3, burn_in=1), "tokens")}
 
 
 def _single(case):
@@ -91,8 +104,18 @@ try:
         def step_params(self):
             time.sleep(0.03)
             return super().step_params()
+    class ShiftedItrSA(_fj.ItrSA):
+        """An ItrSA whose forward adds a tanh of the state: ItrSA's analytic Jacobian is wrong for it."""
+
+        def forward(self, X, C=None):
+            return super().forward(X, C) + 0.3 * torch.tanh(X)
+
+    # SlowItrSA keeps ItrSA's maths (it only waits): under the exact-class rule it says so by registering
+    from fastjac.distributed import register_token_linearizer as _reg
+
+    _reg(SlowItrSA, _fj.distributed.tokens.itrsa_token_linearization)
 except Exception:  # pragma: no cover - fastjac not importable: the tests fail elsewhere
-    SlowItrSA = None
+    SlowItrSA = ShiftedItrSA = None
 
 
 # ------------------------------------------------------------------------------------------------ the worker
@@ -120,7 +143,16 @@ def _worker(job: str, out: str) -> None:
             m = _model(name)
             X0, C = _inputs(m, shape)
             lr = fj.lyapunov_spectrum(m, X0, C=C, progress=False, parallel=mode, **kw)
-            res[key] = dict(exponents=lr.exponents, history=lr.history, trivial=lr.trivial)
+            res[key] = dict(exponents=lr.exponents, history=lr.history, trivial=lr.trivial,
+                            renorm_used=torch.tensor(lr.settings.get("renorm_every_used", -1)))
+        for key, (name, shape, kw, mode) in REFUSED.items():
+            m = _model(name)
+            X0, C = _inputs(m, shape)
+            try:
+                fj.lyapunov_spectrum(m, X0, C=C, progress=False, parallel=mode, **kw)
+                res[key] = "ran"
+            except ValueError as e:
+                res[key] = str(e)
         # distributed QR on its own: rows split unevenly, k above some ranks' local rows; CholeskyQR2 and TSQR
         g = torch.Generator().manual_seed(0)
         M = torch.randn(2, 23, 9, generator=g, dtype=F64)
@@ -225,6 +257,30 @@ def test_parallel_equals_single_process(runs, P):
             assert torch.equal(g["trivial"], ref.trivial), key
             # every rank returns the same bytes
             assert torch.equal(g["exponents"].nan_to_num(neginf=0), runs[P][0][key]["exponents"].nan_to_num(neginf=0))
+
+
+@pytest.mark.parametrize("P", [2, 4])
+def test_parallel_redoes_collapsed_intervals_like_single_process(runs, P):
+    # issue 19.1: the engine's collapse-and-redo rule runs in the parallel modes too (the same interval is used)
+    import warnings
+
+    for key in ("samples_collapse", "tokens_collapse"):
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            ref = _single(CASES[key])
+        assert ref.settings["renorm_every_used"] < 20 and any("renorm_every" in str(x.message) for x in w)
+        for r, got in enumerate(runs[P]):
+            g = got[key if P == 2 else key + "4"]
+            assert int(g["renorm_used"]) == ref.settings["renorm_every_used"], (key, r)
+            assert _close(g["exponents"], ref.exponents) < TOL, (key, r)
+
+
+@pytest.mark.parametrize("P", [2, 4])
+def test_tokens_refuses_a_subclass_that_overrides_forward(runs, P):
+    # issue 19.2: exact-class dispatch; the single-process run uses autograd for it (see samples_subclass)
+    for got in runs[P]:
+        msg = got["tokens_subclass"]
+        assert msg != "ran" and "ShiftedItrSA" in msg and msg.startswith("step:"), msg
 
 
 @pytest.mark.parametrize("P", [2, 4])

@@ -11,7 +11,7 @@ ROOT = os.path.join(os.path.dirname(__file__), "..", "fastjac")
 
 # lowest first; a module may import its own layer and those below it
 LAYERS = [
-    ("fastjac._checks", "fastjac.config", "fastjac._compat"),
+    ("fastjac._checks", "fastjac.config", "fastjac._compat", "fastjac._io"),
     ("fastjac.ops",),
     ("fastjac.models", "fastjac.linalg"),
     ("fastjac.backends",),
@@ -19,7 +19,7 @@ LAYERS = [
     ("fastjac.api",),
     ("fastjac.analysis", "fastjac.plot"),
     ("fastjac.train", "fastjac.data", "fastjac.distributed"),
-    ("fastjac", "fastjac.__main__"),
+    ("fastjac", "fastjac.__main__", "fastjac.cli"),
 ]
 
 # (importer prefix, imported prefix): function-level imports that go up a layer on purpose
@@ -29,8 +29,6 @@ LAZY_UPWARD_OK = {
     ("fastjac.analysis.lyapunov", "fastjac.distributed"),
     # the CLI and docs helpers reach every subsystem
     ("fastjac.__main__", "fastjac"),
-    # the sharded main job (torchrun -m fastjac --parallel ...) reuses the main job's parser and model set-up
-    ("fastjac.distributed.cli", "fastjac.__main__"),
 }
 
 
@@ -121,8 +119,24 @@ def test_every_module_imports_on_its_own():
 
 @pytest.mark.parametrize("name", ["fastjac.lyapunov", "fastjac.spectra", "fastjac.energy", "fastjac.oscillation",
                                   "fastjac.pseudo_energy"])
-def test_old_module_paths_still_import(name):
+def test_old_module_paths_are_gone_in_0_3(name):
+    # 0.3 removed the sys.modules aliases of the pre-0.2 paths: the analysis modules are fastjac.analysis.*
     import importlib
 
-    mod = importlib.import_module(name)
-    assert mod.__name__.startswith("fastjac.analysis.")
+    with pytest.raises(ModuleNotFoundError, match=name):
+        importlib.import_module(name)
+    assert importlib.import_module("fastjac.analysis." + name.split(".")[-1]).__name__.startswith("fastjac.analysis.")
+
+
+def test_no_import_circle_between_the_engine_the_distributed_runs_and_the_cli():
+    # issue 19: the distributed package imports the engine (analysis.benettin) and fastjac._io, never
+    # analysis.lyapunov or the command line; fastjac.cli reaches down only
+    for path in _modules():
+        mod = _module_name(path)
+        targets = [t for t, _ in _imports(path, mod)]
+        if mod.startswith("fastjac.distributed"):
+            assert not any(t.startswith(("fastjac.analysis.lyapunov", "fastjac.cli", "fastjac.__main__"))
+                           for t in targets if not (mod == "fastjac.distributed" and
+                                                    t == "fastjac.analysis.lyapunov")), (mod, targets)
+        if mod.startswith("fastjac.analysis.benettin"):
+            assert not any(t.startswith("fastjac.distributed") for t in targets), (mod, targets)

@@ -38,7 +38,7 @@ def test_svds_random_known_spectrum(n, k):
     g = torch.Generator().manual_seed(n)
     s = torch.rand(n, generator=g, dtype=F64).sort(descending=True).values * 3
     A = _with_singular_values(s, g)
-    got, ok, _ = svds(*_ops(A), n, k, tol=1e-10, generator=torch.Generator().manual_seed(1))
+    got, ok, _ = svds(*_ops(A), n, k, tol=1e-10, seed=torch.Generator().manual_seed(1))
     assert ok and got.dtype == F64 and got.shape == (k,)
     ref = torch.linalg.svdvals(A)[:k]
     torch.testing.assert_close(got, ref, rtol=1e-8, atol=1e-12)
@@ -82,8 +82,8 @@ def test_shaped_operator_and_determinism():
     shaped = lambda V: (V.reshape(V.shape[0], 35) @ A.T).reshape(V.shape)  # noqa: E731 - V [b, 5, 7]
     assert shaped(torch.zeros(2, 5, 7, dtype=F64)).shape == (2, 5, 7)
     shaped_t = lambda V: (V.reshape(V.shape[0], 35) @ A).reshape(V.shape)  # noqa: E731
-    r1 = svds(shaped, shaped_t, 35, 3, shape=(5, 7), generator=torch.Generator().manual_seed(9))
-    r2 = svds(shaped, shaped_t, 35, 3, shape=(5, 7), generator=torch.Generator().manual_seed(9))
+    r1 = svds(shaped, shaped_t, 35, 3, shape=(5, 7), seed=torch.Generator().manual_seed(9))
+    r2 = svds(shaped, shaped_t, 35, 3, shape=(5, 7), seed=torch.Generator().manual_seed(9))
     assert torch.equal(r1[0], r2[0]) and r1[2] == r2[2]
     torch.testing.assert_close(r1[0], torch.linalg.svdvals(A)[:3], rtol=1e-8, atol=0)
 

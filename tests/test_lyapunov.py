@@ -247,3 +247,63 @@ def test_triton_backend_and_qr_kernels_give_the_torch_exponents(dtype, tol):
     ref = fj.lyapunov_spectrum(m, X0, backend="torch", qr_backend="torch", **common)
     fast = fj.lyapunov_spectrum(m, X0, backend="triton", qr_backend="triton", **common)
     torch.testing.assert_close(fast.exponents, ref.exponents, rtol=0, atol=tol)
+
+
+def _mp_exponents(Js, T, dps=200):
+    """(1/T) ln sigma_i of the product J_{T-1} ... J_0 of the given float64 matrices, in 200-digit arithmetic."""
+    import mpmath
+
+    with mpmath.workdps(dps):
+        P = mpmath.eye(Js[0].shape[0])
+        for J in Js[:T]:
+            P = mpmath.matrix(J.tolist()) * P
+        sv = mpmath.svd_r(P, compute_uv=False)
+        return sorted((float(mpmath.log(s) / T) for s in sv), reverse=True)
+
+
+@pytest.mark.parametrize("horizon", [16, 64, 256])
+def test_finite_time_exact_at_long_horizons_against_mpmath(horizon):
+    # issue 19.3: the SVD of the dense product lost every exponent below eps * sigma_max (at horizon 256 exponents
+    # 4-9 came out near -0.44 instead of -0.58 ... -0.91); the QR-accumulated product resolves them
+    torch.manual_seed(0)
+    m = fj.ItrSA(4, 2, dtype=F64)
+    X, C = torch.randn(3, 4, dtype=F64), torch.randn(3, 4, dtype=F64)
+    Js, Xs = [], X
+    for _ in range(horizon):
+        lin = fj.linearization(m, Xs, C=C, backend="autograd")
+        Js.append(lin.dense().double())
+        Xs = lin.out
+    ref = torch.tensor(_mp_exponents(Js, horizon), dtype=F64)
+    res = fj.finite_time_lyapunov(m, X, C=C, horizon=horizon)
+    nt = int((~res.trivial).sum())
+    assert nt == 9  # 3 radial directions are trivial
+    torch.testing.assert_close(res.exponents[:nt], ref[:nt], rtol=0, atol=1e-9)
+
+
+def test_backend_is_resolved_once_per_run(monkeypatch):
+    # issue 19: "auto" used to be re-decided on every step (the C++ backend's build-cache lookup each time)
+    import fastjac.backends as B
+
+    calls = []
+    real = B.select
+
+    def counting(step, X, backend="auto"):
+        if isinstance(backend, str):
+            calls.append(backend)
+        return real(step, X, backend)
+
+    monkeypatch.setattr(B, "select", counting)
+    m = fj.ItrSA(8, 2, dtype=F64)
+    X0 = torch.randn(5, 8, dtype=F64)
+    fj.lyapunov_spectrum(m, X0, k=3, steps=20, burn_in=5, progress=False)
+    assert calls == ["auto"]
+    calls.clear()
+    fj.finite_time_lyapunov(m, X0, horizon=6)
+    assert calls == ["auto"]
+
+
+def test_backends_say_whether_they_are_differentiable():
+    assert fj.backends.get("torch").differentiable and fj.backends.get("autograd").differentiable
+    assert not fj.backends.get("triton").differentiable and not fj.backends.get("cpp").differentiable
+    with pytest.raises(ValueError, match="differentiable regulariser needs 'auto' or one of"):
+        fj.regularizers.jacobian_spectral(fj.ItrSA(8, 2), torch.randn(3, 8), backend="cpp")

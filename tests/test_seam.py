@@ -194,25 +194,22 @@ def test_one_linearisation_per_state_per_call(monkeypatch):
     assert len(calls) == 1
 
 
-def test_deprecated_spellings_still_work_and_warn():
+def test_removed_0_2_spellings_are_a_clear_type_error():
+    # fastjac 0.3 removed the 0.2 spellings (T=, generator=, model=, return_fallback=, return_vectors=): each is now
+    # an unexpected keyword, named in the TypeError
     torch.manual_seed(0)
     m = fj.ItrSA(8, 2, dtype=F64)
     X = torch.randn(5, 8, dtype=F64)
-    with pytest.warns(DeprecationWarning, match="T= is deprecated"):
-        old = fj.finite_time_lyapunov(m, X, T=3)
-    torch.testing.assert_close(old.exponents, fj.finite_time_lyapunov(m, X, horizon=3).exponents)
-    with pytest.warns(DeprecationWarning, match="generator= is deprecated"):
-        a = fj.spectral_norm(m, X, generator=torch.Generator().manual_seed(4))
-    torch.testing.assert_close(a, fj.spectral_norm(m, X, seed=4))
-    with pytest.warns(DeprecationWarning, match="model= is deprecated"):
-        fj.prop51_bound(model=m, X=X)
-    M = torch.randn(30, 4, dtype=F64)
-    with pytest.warns(DeprecationWarning, match="return_fallback"):
-        Q, logd, fb = fj.ops.qr(M, return_fallback=True)
-    res = fj.ops.qr(M)
-    assert len(res) == 2 and res.fallback.shape == () and torch.equal(res.Q, Q)
-    with pytest.raises(TypeError, match="both T= .* and horizon="):
-        fj.finite_time_lyapunov(m, X, T=3, horizon=3)
+    cases = [(lambda: fj.finite_time_lyapunov(m, X, T=3), "T"),
+             (lambda: fj.spectral_norm(m, X, generator=torch.Generator().manual_seed(4)), "generator"),
+             (lambda: fj.prop51_bound(model=m, X=X), "model"),
+             (lambda: fj.ops.qr(torch.randn(30, 4, dtype=F64), return_fallback=True), "return_fallback"),
+             (lambda: fj.linalg.eigsh(lambda V: V, 10, 2, return_vectors=True), "return_vectors")]
+    for call, name in cases:
+        with pytest.raises(TypeError, match=f"unexpected keyword argument '{name}'"):
+            call()
+    res = fj.ops.qr(torch.randn(30, 4, dtype=F64))
+    assert len(res) == 2 and res.fallback.shape == ()
 
 
 def test_return_types_do_not_change_with_batching():

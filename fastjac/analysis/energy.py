@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from .._checks import check_int as _int
-from .._compat import make_generator, renamed_kwargs
+from .._compat import make_generator
 
 F64 = torch.float64
 FLOWS = ("sphere", "free")
@@ -137,7 +137,6 @@ def _gen(generator: Optional[torch.Generator]) -> torch.Generator:
     return torch.Generator().manual_seed(0) if generator is None else generator
 
 
-@renamed_kwargs(generator="seed")
 def symmetric_single_head(dim: int, *, head_dim: Optional[int] = None, beta: float = 1.0, scale: float = 1.0,
                           symmetric_A: bool = True, seed: Optional[Union[int, torch.Generator]] = None,
                           dtype=F64) -> EnergySA:
@@ -170,7 +169,6 @@ def symmetric_single_head(dim: int, *, head_dim: Optional[int] = None, beta: flo
     return EnergySA(wq.to(dtype), wk.to(dtype), wv.to(dtype), _check_beta(beta))
 
 
-@renamed_kwargs(generator="seed")
 def orthogonal_multi_head(dim: int, heads: int, *, beta: float = 1.0, scale: float = 1.0,
                           seed: Optional[Union[int, torch.Generator]] = None, dtype=F64) -> EnergySA:
     """Random multi-head weights satisfying Prop 4.2.
@@ -201,7 +199,6 @@ def orthogonal_multi_head(dim: int, heads: int, *, beta: float = 1.0, scale: flo
     return EnergySA(wq.to(dtype), wk.to(dtype), wv.to(dtype), _check_beta(beta))
 
 
-@renamed_kwargs(generator="seed")
 def random_counterexample(dim: int, heads: int = 1, *, head_dim: Optional[int] = None, beta: float = 1.0,
                           scale: float = 1.0, seed: Optional[Union[int, torch.Generator]] = None, dtype=F64) -> EnergySA:
     """Generic weights (Wq, Wk, Wv i.i.d. Gaussian, std ``scale/√D``), violating Props 4.1/4.2: no energy descent.

@@ -24,12 +24,11 @@ from typing import Optional, Union
 import torch
 from torch import Tensor, nn
 
-from .._compat import make_generator, renamed_kwargs
+from .._compat import make_generator
 
 F64 = torch.float64
 
 
-@renamed_kwargs(generator="seed")
 def random_antisymmetric(dim: int, *, std: float = 1.0, seed: Optional[Union[int, torch.Generator]] = None,
                          dtype=F64) -> Tensor:
     """A random anti-symmetric Ω = (W − Wᵀ)/2, W Gaussian with std ``std``. [dim, dim].

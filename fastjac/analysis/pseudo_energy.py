@@ -31,7 +31,7 @@ from typing import Dict, Optional, Union
 import torch
 from torch import Tensor
 
-from .._compat import make_generator, renamed_kwargs
+from .._compat import make_generator
 
 from .. import linalg
 from ..linearization import linearization, prepare
@@ -148,7 +148,6 @@ def _one_sample(model, traj: Tensor, C: Optional[Tensor], K: int, dense: bool, t
     return {f: torch.tensor([r[f] for r in rows], dtype=F64) for f in FIELDS}
 
 
-@renamed_kwargs(generator="seed", model="step")
 def pseudo_energy_trace(step, X0: Tensor, *, C: Optional[Tensor] = None, steps: int, top_frac: float = 0.02,
                         method: str = "auto", tol: float = 1e-8, maxiter: int = 300,
                         seed: Optional[Union[int, torch.Generator]] = None,

@@ -22,7 +22,7 @@ from typing import Callable, Iterator, Optional, Tuple, Union
 import torch
 from torch import Tensor
 
-from .._compat import make_generator, renamed_kwargs
+from .._compat import make_generator
 
 from .. import linalg
 from ..linearization import Linearization, linearization, prepare
@@ -127,7 +127,6 @@ def _warn_unconverged(what: str, it: int) -> None:
 
 # ---------------------------------------------------------------------------------------------- eigenvalues ----
 
-@renamed_kwargs(generator="seed")
 def eigvals(step, X: Tensor, *, C: Optional[Tensor] = None, k: Optional[int] = None, part: str = "step",
             method: str = "auto", backend: str = "auto", tol: float = 1e-8, maxiter: int = 300,
             seed: Optional[Union[int, torch.Generator]] = None) -> Tensor:
@@ -195,7 +194,6 @@ def eigvals(step, X: Tensor, *, C: Optional[Tensor] = None, k: Optional[int] = N
 
 # -------------------------------------------------------------------------------------------- spectral norm ----
 
-@renamed_kwargs(generator="seed")
 def spectral_norm(step, X: Tensor, *, C: Optional[Tensor] = None, part: str = "step", method: str = "lanczos",
                   backend: str = "auto", tol: float = 1e-8, maxiter: int = 200,
                   seed: Optional[Union[int, torch.Generator]] = None):
@@ -264,7 +262,6 @@ class Prop51Result:
         return {k: conv(v) for k, v in asdict(self).items()}
 
 
-@renamed_kwargs(generator="seed", model="step")
 def prop51_bound(step, X: Tensor, *, C: Optional[Tensor] = None, backend: str = "auto", tol: float = 1e-10,
                  maxiter: int = 200, seed: Optional[Union[int, torch.Generator]] = None) -> Prop51Result:
     """The Prop 5.1 bound ``‖J_step‖₂ ≤ max_j|γ_j| / R · (1 + η ‖J_MSA‖₂)`` evaluated, next to ‖J_step‖₂ measured.

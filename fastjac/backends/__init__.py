@@ -71,8 +71,14 @@ def register_linearizer(backend: str, model_cls: type, factory: Linearizer) -> N
     be.register(model_cls, factory)
 
 
-def select(step, X: Tensor, backend: str = "auto") -> Backend:
-    """The backend object for ``backend`` (a name), or the first that supports the inputs for "auto"."""
+def select(step, X: Tensor, backend="auto") -> Backend:
+    """The backend object for ``backend`` (a name), or the first that supports the inputs for "auto".
+
+    A :class:`Backend` object is returned as it is: a loop resolves its backend once per run (``"auto"``'s checks
+    can cost milliseconds: the C++ backend's build-cache lookup) and passes the object on every step.
+    """
+    if isinstance(backend, Backend):
+        return backend
     if not isinstance(backend, str):
         raise TypeError(f"backend: expected a string, one of {['auto'] + available()}, got "
                         f"{type(backend).__name__}")
@@ -122,10 +128,25 @@ def _register_cpp() -> None:
     register_backend(cpp.make_backend(), auto_priority=0)
 
 
+# torch.func on the plain forward: differentiable by construction (set here; the class lives in autograd.py)
+AutogradBackend.differentiable = True
+
+
+def differentiable_backends() -> List[str]:
+    """The names of the registered backends whose linearisations carry gradients (``Backend.differentiable``).
+
+    Example:
+        >>> import fastjac as fj
+        >>> sorted(fj.backends.differentiable_backends())
+        ['autograd', 'torch']
+    """
+    return [name for name, be in _BACKENDS.items() if be.differentiable]
+
+
 register_backend(TorchBackend(), auto_priority=0)
 register_backend(AutogradBackend(), auto_priority=1)
 _register_triton()
 _register_cpp()
 
 __all__ = ["AutogradLinearization", "Backend", "KernelBackend", "UnavailableBackend", "autograd_linearization",
-           "available", "explain", "get", "register_backend", "register_linearizer", "select", "unregister_backend"]
+           "available", "differentiable_backends", "explain", "get", "register_backend", "register_linearizer", "select", "unregister_backend"]

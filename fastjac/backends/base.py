@@ -15,6 +15,10 @@ class Backend:
     """Subclass and register with :func:`fastjac.backends.register_backend`; ``fj.info`` then lists it."""
 
     name: str = ""
+    #: whether gradients flow through this backend's linearisations to X and the weights (the training
+    #: regularisers accept only such backends; "auto" declines the others when a gradient may be wanted). Off by
+    #: default: a backend says so only when it has been tested for it.
+    differentiable: bool = False
 
     def why_not(self, step, X: Tensor) -> Optional[str]:
         """None if this backend can linearise ``step`` at X [B, S, D], else the reason it cannot."""

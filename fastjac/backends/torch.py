@@ -16,6 +16,7 @@ def _defining_class(cls: type, attr: str) -> Optional[type]:
 
 class TorchBackend(Backend):
     name = "torch"
+    differentiable = True  # torch ops throughout: gradients reach X and the weights
 
     def why_not(self, step, X):
         if not isinstance(step, RecurrentStep):

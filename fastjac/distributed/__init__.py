@@ -19,17 +19,21 @@ The initial tangents are drawn in full ([k, S, D] per sample, then sliced) so th
 ones: the one O(k S D) transient of the mode.
 
 Checkpoints: one file per rank, atomic, resumed only by the same inputs, settings, mode and world size
-(``fastjac.distributed.engine``). See docs/distributed.md for launching, costs and when each mode pays.
+(``fastjac.distributed.engine``). Both modes run the one Benettin engine (``fastjac.analysis.benettin``) that the
+single-process run uses, with the same collapse-and-redo rule, rescaling, checks, standard errors and ``tol=``.
+Token-parallel linearisations are registered per exact model class (:func:`register_token_linearizer`): an ItrSA
+subclass that is not registered is refused, never given ItrSA's Jacobian. See docs/distributed.md for launching, costs and when each mode pays.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Optional
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
 
 from . import _comm
 from ._comm import reset_stats, shard_bounds, STATS
+from .tokens import register_token_linearizer
 
 MODES = ("samples", "tokens")
 
@@ -39,53 +43,13 @@ def _check_mode(parallel: str) -> None:
         raise ValueError(f"parallel: expected None, 'samples' or 'tokens', got {parallel!r}")
 
 
-def _orthonormalize(V: Tensor, qr_backend: str):
-    """QR of tangents V [k, B, S, D] per sample (as lyapunov.py does): (Q [k, B, S, D], logd [B, k])."""
-    from ..ops.qr import qr
-
-    k, B = V.shape[:2]
-    n = V[0, 0].numel()
-    Q = torch.empty_like(V)
-    out = Q.view(k, B, n).permute(1, 2, 0)
-    _, logd = qr(V.reshape(k, B, n).permute(1, 2, 0), backend=qr_backend, out=out)
-    return Q, logd
-
-
-def _validate(step, X0, C, k, steps, burn_in, renorm_every, history_every, checkpoint_every, project_radial,
-              seed=0, trivial_below=None, qr_backend="auto"):
-    # the single-process run's checks, so both refuse the same inputs with the same messages
-    from ..analysis.lyapunov import validate_run
-
-    v = validate_run(step, X0, C, k=k, steps=steps, burn_in=burn_in, renorm_every=renorm_every,
-                     history_every=history_every, checkpoint_every=checkpoint_every, project_radial=project_radial,
-                     seed=seed, trivial_below=trivial_below, qr_backend=qr_backend, checkpoint=None)
-    return (v["X"], v["C3"], v["batched"], v["k"], v["steps"], v["burn_in"], v["renorm_every"], v["history_every"],
-            v["checkpoint_every"], v["n_triv"])
-
-
-def _result(sums: Tensor, hist: list, hist_steps: list, n: int, n_triv: int, project_radial: bool, dtype,
-            trivial_below, batched: bool, steps: int, settings: Dict[str, Any]):
-    from ..analysis.lyapunov import LyapunovResult, _trivial_mask
-
-    ex = sums / steps
-    order = torch.argsort(ex, dim=-1, descending=True)
-    ex = ex.gather(-1, order)
-    H = torch.stack(hist).to(ex.device)
-    H = H.gather(-1, order.unsqueeze(0).expand(len(hist), -1, -1))
-    triv = _trivial_mask(ex, n, 0 if project_radial else n_triv, dtype, trivial_below)
-    ex = ex.masked_fill(triv, float("-inf"))
-    hsteps = torch.tensor(hist_steps)
-    if not batched:
-        ex, triv, H = ex[0], triv[0], H[:, 0]
-    return LyapunovResult(ex, triv, H.cpu(), hsteps, steps, settings)
-
-
 def lyapunov_spectrum_parallel(step, X0: Tensor, *, C: Optional[Tensor] = None, k: Optional[int] = None, steps: int,
                                burn_in: int = 0, renorm_every: int = 1, project_radial: bool = False,
                                backend: str = "auto", qr_backend: str = "auto", seed: int = 0,
                                history_every: int = 1, checkpoint: Optional[str] = None,
                                checkpoint_every: int = 100, progress: bool = True,
-                               trivial_below: Optional[float] = None, parallel: str = "samples", group=None):
+                               trivial_below: Optional[float] = None, tol: Optional[float] = None,
+                               parallel: str = "samples", group=None):
     """:func:`fastjac.lyapunov_spectrum` sharded over the ranks of ``group`` (default: the default process group).
 
     Args: those of :func:`fastjac.lyapunov_spectrum`, plus
@@ -107,38 +71,45 @@ def lyapunov_spectrum_parallel(step, X0: Tensor, *, C: Optional[Tensor] = None, 
         >>> res = fj.lyapunov_spectrum(m, torch.randn(64, 16, dtype=torch.float64), k=8, steps=100,
         ...                            parallel="tokens")  # doctest: +SKIP
     """
+    from .._io import fingerprint
+    from ..analysis.benettin import run_benettin, run_settings, validate_run
+    from .engine import ShardCheckpoint, ShardStore
+
     _check_mode(parallel)
     group = _comm.resolve_group(group, what="parallel")
     r, P = _comm.rank_and_size(group)
-    X, C3, batched, k, steps, burn_in, renorm_every, history_every, checkpoint_every, n_triv = _validate(
-        step, X0, C, k, steps, burn_in, renorm_every, history_every, checkpoint_every, project_radial,
-        seed=seed, trivial_below=trivial_below, qr_backend=qr_backend)
-    B, S, D = X.shape
-    settings = dict(method="benettin", k=k, steps=steps, burn_in=burn_in, renorm_every=renorm_every,
-                    project_radial=project_radial, backend=backend, qr_backend=qr_backend, seed=seed,
-                    history_every=history_every, dtype=str(X.dtype), shape=list(X0.shape),
-                    step=type(step).__name__, parallel=parallel, world_size=P)
-    ckpt = None
-    if checkpoint:
-        from ..analysis.lyapunov import fingerprint
-        from .engine import ShardCheckpoint
+    # the single-process run's checks, so both refuse the same inputs with the same messages
+    v = validate_run(step, X0, C, k=k, steps=steps, burn_in=burn_in, renorm_every=renorm_every,
+                     history_every=history_every, checkpoint_every=checkpoint_every, project_radial=project_radial,
+                     seed=seed, trivial_below=trivial_below, qr_backend=qr_backend, checkpoint=checkpoint, tol=tol)
+    X, C3 = v["X"], v["C3"]
+    settings = dict(run_settings(v, X0, step, project_radial=project_radial, backend=backend,
+                                 qr_backend=qr_backend), parallel=parallel, world_size=P)
+    settings.pop("device")  # ranks may sit on different devices of one kind
+    if parallel == "tokens":  # refused before any checkpoint file is looked at
+        from .tokens import token_why_not
 
-        ckpt = ShardCheckpoint(checkpoint, group, fingerprint(step, X0, C, settings), parallel, X.device)
-    common = dict(k=k, steps=steps, burn_in=burn_in, renorm_every=renorm_every, project_radial=project_radial,
-                  history_every=history_every, ckpt=ckpt, checkpoint_every=checkpoint_every,
-                  progress=progress and r == 0)
+        why = token_why_not(step)
+        if why is not None:
+            raise ValueError(f"step: {why}")
+    store = None
+    if v["checkpoint"]:
+        store = ShardStore(ShardCheckpoint(v["checkpoint"], group, fingerprint(step, X0, C, settings), parallel,
+                                           X.device))
+    common = dict(k=v["k"], backend=backend, qr_backend=qr_backend, seed=v["seed"], store=store)
     if parallel == "samples":
-        from .samples import run_samples
+        from .samples import sample_parts
 
-        sums, hist, hist_steps = run_samples(step, X, C3, group, backend=backend, qr_backend=qr_backend, seed=seed,
-                                             **common)
+        parts, Xl, gens = sample_parts(step, X, C3, group, **common)
     else:
-        from .tokens import run_tokens
+        from .tokens import token_parts
 
-        sums, hist, hist_steps = run_tokens(step, X, C3, group, backend=backend, qr_backend=qr_backend, seed=seed,
-                                            **common)
-    return _result(sums, hist, hist_steps, S * D, n_triv, project_radial, X.dtype, trivial_below, batched, steps,
-                   settings)
+        parts, Xl, gens = token_parts(step, X, C3, group, **common)
+    return run_benettin(parts, step=step, X=Xl, k=v["k"], steps=v["steps"], burn_in=v["burn_in"],
+                        renorm_every=v["renorm_every"], project_radial=project_radial,
+                        history_every=v["history_every"], checkpoint_every=v["checkpoint_every"], gens=gens,
+                        n_triv=v["n_triv"], trivial_below=v["trivial_below"], tol=v["tol"], batched=v["batched"],
+                        settings=settings, progress=progress and r == 0)
 
 
 def finite_time_lyapunov_parallel(step, X0: Tensor, *, C: Optional[Tensor] = None, horizon: int = 16,
@@ -153,7 +124,8 @@ def finite_time_lyapunov_parallel(step, X0: Tensor, *, C: Optional[Tensor] = Non
     results differ from these at the solver's tolerance). ``parallel="tokens"`` is refused: the matrix-free SVD
     needs VJPs, which the token-parallel linearisation does not provide.
     """
-    from ..analysis.lyapunov import LyapunovResult, finite_time_lyapunov
+    from ..analysis.benettin import LyapunovResult
+    from ..analysis.lyapunov import finite_time_lyapunov
     from ..linearization import prepare
 
     _check_mode(parallel)
@@ -237,4 +209,4 @@ def _cat_struct(parts: list, device):
 
 
 __all__ = ["lyapunov_spectrum_parallel", "finite_time_lyapunov_parallel", "map_samples", "MODES", "STATS",
-           "reset_stats", "shard_bounds"]
+           "register_token_linearizer", "reset_stats", "shard_bounds"]

@@ -67,6 +67,17 @@ def all_reduce_sum(t: Tensor, group) -> Tensor:
     return buf.to(t.device)
 
 
+def all_reduce(t: Tensor, op: str, group) -> Tensor:
+    """t reduced over the ranks with op "sum", "min" or "max", returned on t's device."""
+    ops = {"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}
+    dev = comm_device(group, t)
+    buf = t.detach().to(dev).contiguous().clone()
+    STATS["allreduce_bytes"] += buf.numel() * buf.element_size()
+    STATS["calls"] += 1
+    dist.all_reduce(buf, op=ops[op], group=group)
+    return buf.to(t.device)
+
+
 def all_gather_padded(t: Tensor, sizes: Sequence[int], group, dim: int = 0) -> List[Tensor]:
     """Gather tensors that differ only in the size along ``dim`` (rank p's is ``sizes[p]``): padded to the largest,
     gathered, trimmed. Returns the P tensors in rank order, on t's device."""

@@ -1,18 +1,12 @@
-"""The Benettin/QR loop shared by the two parallel modes, and its per-rank checkpoints.
-
-The loop is the one of ``fastjac.analysis.lyapunov.lyapunov_spectrum`` step for step (same order of operations,
-same random draws, same history rule), with three pluggable pieces: how a state is linearised (the model's own
-linearisation on a shard of samples, or the token-parallel one), how tangents are orthonormalised (``fj.ops.qr``
-per sample, or the distributed CholeskyQR2) and how the initial tangents are drawn. So a sample-parallel shard
-reproduces the single-process numbers of its samples, and a token-parallel run the single-process numbers of the
-whole state (up to the rounding of the split sums).
+"""Per-rank checkpoints of the parallel Lyapunov runs (the loop itself is the one engine,
+``fastjac.analysis.benettin.run_benettin``, which the single-process run uses too).
 
 Checkpoints (one file per rank). Every ``checkpoint_every`` steps each rank writes its own state atomically to
 ``<checkpoint>.rank<r>-of<P>.step<t>`` (tmp + os.replace), all ranks meet at a barrier, and only then does each rank
 delete its files of earlier steps. A job killed at any moment therefore leaves, on every rank, the files of the last
 step all ranks completed (plus perhaps one newer one on some ranks); a restarted job picks the latest step present
 on every rank. Files are loaded with ``torch.load(weights_only=True)`` (tensors, numbers, lists, dicts, strings) and
-must carry the run's fingerprint (``fastjac.analysis.lyapunov.fingerprint`` of the full inputs and the settings,
+must carry the run's fingerprint (``fastjac._io.fingerprint`` of the full inputs and the settings,
 which include the mode and the world size). A checkpoint written under another world size is refused with a
 ValueError naming ``checkpoint``: no re-sharding.
 """
@@ -21,12 +15,10 @@ from __future__ import annotations
 import glob
 import os
 import re
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Dict, Optional
 
 import torch
-from torch import Tensor
 
-from ..analysis.lyapunov import project_off
 from . import _comm
 
 _NAME = re.compile(r"\.rank(\d+)-of(\d+)\.step(\d+)$")
@@ -82,19 +74,32 @@ class ShardCheckpoint:
                              f"{saved.get('world_size')} ({saved.get('mode')!r}), not to this rank")
         return saved
 
-    def save(self, t: int, state: Dict[str, Any]) -> None:
-        """Write this rank's state for step t, wait for every rank, then drop this rank's older files."""
+    def save(self, t: int, state: Dict[str, Any]) -> bool:
+        """Write this rank's state for step t, wait for every rank, then drop this rank's older files. Collective.
+        A write that fails (full disk) is reported by the return value (False), never raised: every rank still
+        meets the barrier, and the older files are kept."""
         path = self.path(t)
-        tmp = path + ".tmp"
-        torch.save(dict(state, fingerprint=self.fp, rank=self.rank, world_size=self.world, mode=self.mode), tmp)
-        os.replace(tmp, path)
+        # the temporary file's name matches no rank's pattern, so a half-written file is never taken for a step
+        tmp = f"{self.base}.partial-rank{self.rank}-of{self.world}.step{t:012d}"
+        ok = True
+        try:
+            torch.save(dict(state, fingerprint=self.fp, rank=self.rank, world_size=self.world, mode=self.mode), tmp)
+            os.replace(tmp, path)
+        except OSError as e:
+            ok, self.error = False, e
+            try:
+                os.remove(tmp)
+            except OSError:
+                pass
         _comm.barrier(self.group)
-        for r, w, s, f in self._files():
-            if r == self.rank and w == self.world and s < t:
-                try:
-                    os.remove(f)
-                except FileNotFoundError:
-                    pass
+        if ok:
+            for r, w, s, f in self._files():
+                if r == self.rank and w == self.world and s < t:
+                    try:
+                        os.remove(f)
+                    except FileNotFoundError:
+                        pass
+        return ok
 
 
 def clear_checkpoints(base: str, group) -> None:
@@ -105,77 +110,38 @@ def clear_checkpoints(base: str, group) -> None:
     _comm.barrier(group)
 
 
-def benettin(*, X: Tensor, k: int, steps: int, burn_in: int, renorm_every: int, project_radial: bool,
-             history_every: int, linearize: Callable, orthonormalize: Callable, draw_q0: Callable,
-             radial: Callable, gens: List[torch.Generator], active: bool = True,
-             ckpt: Optional[ShardCheckpoint] = None, checkpoint_every: int = 100, progress: bool = False) -> dict:
-    """Run the iteration on this rank's data X [B, S_p, D]; returns the state dict (sums [B, k] float64, hist,
-    hist_steps). ``active=False`` (a rank with no samples) computes nothing but still meets every checkpoint."""
-    B = X.shape[0]
-    st: Dict[str, Any] = dict(t=0, X=X, Q=None, sums=torch.zeros(B, k, dtype=torch.float64, device=X.device),
-                              hist=[], hist_steps=[], renorms=0)
-    if ckpt is not None:
-        t0 = ckpt.find()
-        if t0 is not None:
-            saved = ckpt.load(t0)
-            st = saved["state"]
-            for g, r in zip(gens, saved["rng"]):
-                g.set_state(r)
+class ShardStore:
+    """The engine's checkpoint store (``fastjac.analysis.benettin.Parts.store``) over per-rank files."""
 
-    def save():
-        if ckpt is not None:
-            ckpt.save(st["t"], dict(state=st, rng=[g.get_state() for g in gens]))
+    def __init__(self, ckpt: ShardCheckpoint):
+        self.ckpt, self.failed = ckpt, False
 
-    from tqdm.auto import tqdm
+    def load(self):
+        t0 = self.ckpt.find()
+        if t0 is None:  # a fresh run: every rank proves its files writable before any compute
+            from .._io import check_writable
 
-    total = burn_in + steps
-    grad_mode = torch.is_grad_enabled()
-    torch.set_grad_enabled(False)
-    bar = tqdm(total=total, initial=st["t"], disable=not progress, desc="lyapunov", unit="step")
-    try:
-        while st["t"] < total:
-            t = st["t"]
-            if not active:
-                pass
-            elif t < burn_in:
-                st["X"] = linearize(st["X"], forward_only=True)
-            else:
-                if st["Q"] is None:  # random orthonormal tangents at the first state after burn-in
-                    Q0 = draw_q0(gens).to(X.dtype).to(X.device)
-                    if project_radial:
-                        Q0 = project_off(Q0, radial(st["X"]))
-                    st["Q"] = orthonormalize(Q0)[0]
-                lin = linearize(st["X"])
-                V = lin.jvp(st["Q"])
-                st["X"] = lin.out
-                if project_radial:
-                    V = project_off(V, radial(st["X"]))
-                done = t + 1 - burn_in
-                if done % renorm_every == 0 or done == steps:
-                    st["Q"], logd = orthonormalize(V)
-                    st["sums"] = st["sums"] + logd
-                    st["renorms"] += 1
-                    if st["renorms"] % history_every == 0 or done == steps:
-                        st["hist"].append(st["sums"] / done)
-                        st["hist_steps"].append(done)
-                else:
-                    st["Q"] = V
-            if not active and t >= burn_in:  # keep the history bookkeeping of an empty shard in step
-                done = t + 1 - burn_in
-                if done % renorm_every == 0 or done == steps:
-                    st["renorms"] += 1
-                    if st["renorms"] % history_every == 0 or done == steps:
-                        st["hist"].append(st["sums"].clone())
-                        st["hist_steps"].append(done)
-            st["t"] = t + 1
-            bar.update(1)
-            if ckpt is not None and st["t"] % checkpoint_every == 0 and st["t"] < total:
-                save()
-    finally:
-        bar.close()
-        torch.set_grad_enabled(grad_mode)
-    save()
-    return st
+            err = None
+            try:
+                check_writable(self.ckpt.path(0))
+            except ValueError as e:
+                err = e
+            bad = _comm.all_reduce(torch.tensor([0.0 if err is None else 1.0]), "max", self.ckpt.group)
+            if float(bad[0]) > 0:
+                raise err if err is not None else ValueError(
+                    f"checkpoint: {self.ckpt.base!r} cannot be written on another rank (see its message)")
+            return None
+        saved = self.ckpt.load(t0)
+        return saved["state"], saved["rng"]
+
+    def save(self, state, rng, final: bool = False) -> None:
+        import warnings
+
+        if not self.ckpt.save(state["t"], dict(state=state, rng=rng)) and not self.failed:
+            self.failed = True  # warn once; the run (and the result) goes on
+            warnings.warn(f"lyapunov_spectrum: rank {self.ckpt.rank} could not write its checkpoint "
+                          f"{self.ckpt.path(state['t'])!r} ({self.ckpt.error}); the run goes on without it",
+                          RuntimeWarning, stacklevel=4)
 
 
-__all__ = ["ShardCheckpoint", "benettin", "clear_checkpoints"]
+__all__ = ["ShardCheckpoint", "ShardStore", "clear_checkpoints"]

@@ -22,7 +22,7 @@ Only ``jvp`` (and the forward) are distributed: ``vjp`` and ``dense`` raise NotI
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -198,16 +198,69 @@ class TokenParallelAKOrNLinearization(_TokenParallelMixin, AKOrNLinearization):
         return norm_jvp(self.norm, T + self.p.eta * (omega_apply(self.p.omega, T) + dP))
 
 
+def itrsa_token_linearization(step, X: Tensor, C: Optional[Tensor], ctx: TokenContext):
+    """ItrSA's token-parallel linearisation at this rank's block X [B, S_p, D]."""
+    return TokenParallelItrSALinearization(X, C, step.step_params(), ctx)
+
+
+def akorn_token_linearization(step, X: Tensor, C: Optional[Tensor], ctx: TokenContext):
+    """AKOrN's token-parallel linearisation at this rank's block X [B, S_p, D]."""
+    return TokenParallelAKOrNLinearization(X, C, step.step_params(), ctx)
+
+
+# model class -> factory(step, X_block, C_block, ctx): keyed by the EXACT class, like every kernel backend's table
+# (fastjac.backends.base.KernelBackend), so a subclass that changes the maths never gets its parent's Jacobian
+TOKEN_LINEARIZERS: Dict[type, Callable] = {}
+
+
+def register_token_linearizer(model_cls: type, factory: Callable) -> None:
+    """Teach ``parallel="tokens"`` a model class: ``factory(step, X [B, S_p, D], C_block | None, ctx)`` returns an
+    object with ``.out`` (this rank's rows of step(X)) and ``.jvp(T [k, B, S_p, D])``.
+
+    Only the exact class is looked up. A subclass of ItrSA that keeps ItrSA's maths (it only adds logging, say)
+    registers ItrSA's factory for itself; one that overrides ``forward`` needs its own.
+
+    Example:
+        >>> import fastjac as fj
+        >>> from fastjac.distributed import tokens
+        >>> class Logged(fj.ItrSA):
+        ...     pass
+        >>> tokens.register_token_linearizer(Logged, tokens.itrsa_token_linearization)
+        >>> tokens.token_why_not(Logged(8, 2)) is None
+        True
+    """
+    if not isinstance(model_cls, type) or not callable(factory):
+        raise TypeError("register_token_linearizer: expected a class and a callable factory")
+    TOKEN_LINEARIZERS[model_cls] = factory
+
+
+def token_why_not(step) -> Optional[str]:
+    """None if ``parallel="tokens"`` has a linearisation registered for ``type(step)``, else the reason."""
+    if type(step) in TOKEN_LINEARIZERS:
+        return None
+    known = ", ".join(sorted(c.__name__ for c in TOKEN_LINEARIZERS)) or "none"
+    return (f"parallel='tokens' has no token-parallel linearisation for {type(step).__name__} (registered, by exact "
+            f"class: {known}); a subclass may change the maths, so it never gets its parent's Jacobian. Run it with "
+            f"parallel='samples' or in one process (the autograd backend), or register one with "
+            f"fastjac.distributed.register_token_linearizer")
+
+
 def token_linearization(step, X: Tensor, C: Optional[Tensor], ctx: TokenContext):
-    """The token-parallel linearisation of a fastjac ItrSA / AKOrN at this rank's block X [B, S_p, D]."""
+    """The token-parallel linearisation of a registered model class at this rank's block X [B, S_p, D]."""
+    why = token_why_not(step)
+    if why is not None:
+        raise ValueError(f"step: {why}")
+    return TOKEN_LINEARIZERS[type(step)](step, X, C, ctx)
+
+
+def _register_defaults() -> None:
     from ..models import AKOrN, ItrSA
 
-    if isinstance(step, AKOrN):
-        return TokenParallelAKOrNLinearization(X, C, step.step_params(), ctx)
-    if isinstance(step, ItrSA):
-        return TokenParallelItrSALinearization(X, C, step.step_params(), ctx)
-    raise ValueError(f"step: parallel='tokens' needs a fastjac ItrSA or AKOrN (its attention is what is "
-                     f"distributed), got {type(step).__name__}")
+    register_token_linearizer(ItrSA, itrsa_token_linearization)
+    register_token_linearizer(AKOrN, akorn_token_linearization)
+
+
+_register_defaults()
 
 
 def jvp_flops(S_p: int, S: int, D: int, H: int, dh: int, dv: int, k: int, B: int = 1, out_proj: bool = True) -> int:
@@ -226,17 +279,20 @@ def ring_bytes(S: int, S_p: int, H: int, dh: int, dv: int, k: int, elt: int, B: 
     return B * (1 + k) * (S - S_p) * H * (dh + dv) * elt
 
 
-__all__ = ["TokenContext", "TokenAttention", "TokenParallelItrSALinearization", "TokenParallelAKOrNLinearization", "run_tokens",
-           "token_linearization", "jvp_flops", "ring_bytes"]
+__all__ = ["TokenContext", "TokenAttention", "TokenParallelItrSALinearization", "TokenParallelAKOrNLinearization",
+           "TOKEN_LINEARIZERS", "register_token_linearizer", "token_why_not", "token_linearization",
+           "itrsa_token_linearization", "akorn_token_linearization", "token_parts", "jvp_flops", "ring_bytes"]
 
 
-def run_tokens(step, X: Tensor, C3: Optional[Tensor], group, *, k: int, backend: str, qr_backend: str, seed: int,
-               **loop):
-    """Token-parallel Benettin on the full X [B, S, D] (every rank keeps its block): (sums, hist, hist_steps)."""
-    from ..analysis.lyapunov import radial_basis
-    from .engine import benettin
+def token_parts(step, X: Tensor, C3: Optional[Tensor], group, *, k: int, backend: str, qr_backend: str, seed: int,
+                store=None):
+    """(Parts, this rank's token block of X, the generators) for the token-parallel run of the full X [B, S, D]."""
+    from ..analysis.benettin import Parts, radial_basis
     from .qr import distributed_qr
 
+    why = token_why_not(step)
+    if why is not None:
+        raise ValueError(f"step: {why}")
     if backend not in ("auto", "torch"):
         raise ValueError(f"backend: parallel='tokens' runs its ring attention in torch ops; expected 'auto' or "
                          f"'torch', got {backend!r}")
@@ -244,10 +300,6 @@ def run_tokens(step, X: Tensor, C3: Optional[Tensor], group, *, k: int, backend:
     B, S, D = X.shape
     if S < P:
         raise ValueError(f"X0: parallel='tokens' needs at least one token per rank: S={S} tokens, {P} ranks")
-    from ..models import AKOrN, ItrSA
-
-    if not isinstance(step, (ItrSA, AKOrN)):
-        raise ValueError(f"step: parallel='tokens' needs a fastjac ItrSA or AKOrN, got {type(step).__name__}")
     ctx = TokenContext(group, _comm.all_bounds(S, P), r)
     lo, hi = ctx.lo, ctx.hi
     Xl = X[:, lo:hi].contiguous()
@@ -255,18 +307,21 @@ def run_tokens(step, X: Tensor, C3: Optional[Tensor], group, *, k: int, backend:
     rows = [ctx.size(p) * D for p in range(P)]
     gens = [torch.Generator().manual_seed(seed + b) for b in range(B)]
 
-    def linearize(Xs, forward_only=False):
-        lin = token_linearization(step, Xs, Cl, ctx)
-        return lin.out if forward_only else lin
-
     def orthonormalize(V):
         kk, Bb, Sp, _ = V.shape
         Q, logd, _ = distributed_qr(V.reshape(kk, Bb, Sp * D).permute(1, 2, 0), rows, group, qr_backend)
         return Q.permute(2, 0, 1).reshape(kk, Bb, Sp, D), logd
 
-    def draw_q0(gs):  # the single-process draws, sliced to this rank's tokens
+    def colnorms(V):  # [k, B] float64 over every rank's rows
+        sq = V.reshape(V.shape[0], V.shape[1], -1).double().square().sum(-1)
+        return _comm.all_reduce(sq, "sum", group).sqrt()
+
+    def draw(gs):  # the single-process draws, sliced to this rank's tokens
         return torch.stack([torch.randn(k, S, D, generator=g, dtype=torch.float64)[:, lo:hi] for g in gs], 1)
 
-    st = benettin(X=Xl, k=k, linearize=linearize, orthonormalize=orthonormalize, draw_q0=draw_q0,
-                  radial=lambda Xs: radial_basis(step, Xs), gens=gens, **loop)
-    return st["sums"], st["hist"], st["hist_steps"]
+    parts = Parts(linearize=lambda Xs: token_linearization(step, Xs, Cl, ctx),
+                  advance=lambda Xs: token_linearization(step, Xs, Cl, ctx).out, orthonormalize=orthonormalize,
+                  draw=draw, radial=lambda Xs: radial_basis(step, Xs), n=S * D, colnorms=colnorms,
+                  reduce=lambda t, op: _comm.all_reduce(t, op, group), store=store, check_each_step=False,
+                  save_on_interrupt=False)
+    return parts, Xl, gens

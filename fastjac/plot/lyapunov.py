@@ -9,6 +9,22 @@ import math
 from typing import Optional
 
 UNITS = "nats per step"
+# error bars and bands: this many standard errors (result.stderr, batch means) either side, about 95 %
+SE_WIDTH = 2.0
+
+
+def _stderr(result, sample: int):
+    se = getattr(result, "stderr", None)
+    if se is None or se.numel() == 0:
+        return None
+    se = se[sample] if result.batched else se
+    return se if bool(torch_isfinite_any(se)) else None
+
+
+def torch_isfinite_any(t) -> bool:
+    import torch
+
+    return bool(torch.isfinite(t).any())
 
 
 def _steps_label(result) -> str:
@@ -21,8 +37,8 @@ def _steps_label(result) -> str:
 def settings_text(result) -> str:
     """One line of the settings that produced ``result`` (for a plot annotation)."""
     s = result.settings
-    keys = ("method", "k", "steps", "burn_in", "renorm_every_used", "horizon", "project_radial", "backend", "dtype",
-            "seed", "step")
+    keys = ("method", "k", "steps", "burn_in", "renorm_every_used", "tol", "stopped_early", "horizon",
+            "project_radial", "backend", "dtype", "seed", "step")
     parts = [f"{k}={s[k]}" for k in keys if k in s]
     return ", ".join(parts)
 
@@ -55,7 +71,14 @@ def plot_spectrum(result, ax=None, path: Optional[str] = None, sample: int = 0):
         _, ax = plt.subplots(figsize=(5, 3.5))
     idx = range(1, len(ex) + 1)
     fin = [(i, e) for i, e, t in zip(idx, ex.tolist(), tv.tolist()) if not t]
-    ax.plot([i for i, _ in fin], [e for _, e in fin], "o-", ms=3, label="exponents")
+    se = _stderr(result, sample)
+    if se is not None:
+        errs = [se.tolist()[i - 1] for i, _ in fin]
+        errs = [SE_WIDTH * v if math.isfinite(v) else 0.0 for v in errs]
+        ax.errorbar([i for i, _ in fin], [e for _, e in fin], yerr=errs, fmt="o-", ms=3, capsize=2, elinewidth=0.8,
+                    label=f"exponents, +-{SE_WIDTH:g} std. errors")
+    else:
+        ax.plot([i for i, _ in fin], [e for _, e in fin], "o-", ms=3, label="exponents")
     triv = [i for i, t in zip(idx, tv.tolist()) if t]
     if triv and fin:
         low = min(e for _, e in fin)
@@ -92,10 +115,15 @@ def plot_convergence(result, ax=None, path: Optional[str] = None, top: int = 8, 
     triv = result.trivial.reshape(-1, k)[sample if result.batched else 0]
     shown, late = [], []
     start = max(1, steps[-1] // 10) if steps else 1  # the y range follows the last 90% of the run, not the start
+    se = _stderr(result, sample)
     for i in range(min(top, k)):
         if not bool(triv[i]):
             col = h[:, i].tolist()
-            ax.plot(steps, col, lw=1, label=rf"$\lambda_{{{i + 1}}}$")
+            line, = ax.plot(steps, col, lw=1, label=rf"$\lambda_{{{i + 1}}}$")
+            if se is not None and math.isfinite(float(se[i])) and steps:
+                # the final estimate's band: where the running estimate is expected to settle
+                e, w = col[-1], SE_WIDTH * float(se[i])
+                ax.axhspan(e - w, e + w, xmin=0.8, xmax=1.0, color=line.get_color(), alpha=0.2, lw=0)
             shown.append(i)
             late += [v for s_, v in zip(steps, col) if s_ >= start]
     n_real = int((~triv).sum())
@@ -105,7 +133,8 @@ def plot_convergence(result, ax=None, path: Optional[str] = None, top: int = 8, 
     ax.set_xscale("log")
     ax.set_xlabel(f"steps after the {result.settings.get('burn_in', 0)} burn-in steps")
     ax.set_ylabel(f"running estimate ({UNITS})")
-    ax.set_title(f"convergence: the {len(shown)} largest of {n_real} non-trivial exponents", fontsize=9)
+    band = f"; bands: final +-{SE_WIDTH:g} std. errors" if se is not None else ""
+    ax.set_title(f"convergence: the {len(shown)} largest of {n_real} non-trivial exponents{band}", fontsize=9)
     if shown:
         ax.legend(fontsize=7, ncol=2)
     return finish(ax.figure, ax, path)
@@ -130,9 +159,12 @@ def plot_lyapunov(result, path: str, sample: int = 0, top: int = 8):
     mx, mu = result.max, result.mean
     mx = float(mx[sample] if mx.dim() else mx)
     mu = float(mu[sample] if mu.dim() else mu)
+    mse = getattr(result, "max_stderr", None)
+    mse = float(mse[sample] if mse is not None and mse.dim() else mse) if mse is not None else float("nan")
     import textwrap
 
-    note = textwrap.fill(f"max {mx:+.4f}, mean {mu:+.4f} {UNITS}  |  {settings_text(result)}",
+    pm = f" +- {mse:.4f} (std. error)" if math.isfinite(mse) else ""
+    note = textwrap.fill(f"max {mx:+.4f}{pm}, mean {mu:+.4f} {UNITS}  |  {settings_text(result)}",
                          width=150 if has_hist else 75)
     fig.text(0.01, 0.01, note, fontsize=7, color="0.3", va="bottom")
     fig.tight_layout(rect=(0, 0.03 + 0.025 * note.count("\n") + 0.02, 1, 1))

@@ -77,8 +77,11 @@ def _check_backend(step, backend: str) -> str:
         raise ValueError("backend: the Triton path is not differentiable in the weights, so a regulariser cannot use "
                          "it (its gradient would be silently zero); use backend='torch' (or 'auto', which maps to "
                          "'torch' for fastjac models)")
-    if backend not in DIFF_BACKENDS:
-        raise ValueError(f"backend: a differentiable regulariser needs one of {DIFF_BACKENDS}, got {backend!r}")
+    from ..backends import differentiable_backends  # the backends' own `differentiable` property decides
+
+    if backend != "auto" and backend not in differentiable_backends():
+        raise ValueError(f"backend: a differentiable regulariser needs 'auto' or one of {differentiable_backends()}, "
+                         f"got {backend!r}")
     if backend == "auto":
         return "torch" if _is_fastjac(step) else "autograd"
     if backend == "torch" and not _is_fastjac(step):

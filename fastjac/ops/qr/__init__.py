@@ -4,7 +4,6 @@
 """
 from __future__ import annotations
 
-import warnings
 from typing import Optional
 
 import torch
@@ -52,8 +51,7 @@ class QRResult(tuple):
         return self
 
 
-def qr(M: Tensor, *, backend: str = "auto", out: Optional[Tensor] = None,
-       return_fallback: Optional[bool] = None) -> QRResult:
+def qr(M: Tensor, *, backend: str = "auto", out: Optional[Tensor] = None) -> QRResult:
     """Orthonormalise the columns of tall-skinny matrices: ``M = Q R``, R upper triangular, diag R > 0.
 
     CholeskyQR2 (Gram matrix, Cholesky in float64, triangular apply; three reads of M, one write of Q), with a
@@ -64,7 +62,6 @@ def qr(M: Tensor, *, backend: str = "auto", out: Optional[Tensor] = None,
         M: [..., n, k] with n >= k, float32 or float64, any strides.
         backend: "auto" (fused Triton kernels on CUDA, torch ops elsewhere), "triton", "torch" or "householder".
         out: optional [..., n, k] buffer (any strides) that receives Q; it may be M itself (then Q overwrites M).
-        return_fallback: deprecated (it changed the number of returned values); read ``result.fallback``.
 
     Returns:
         :class:`QRResult` ``(Q [..., n, k] in M's dtype, log|diag R| [..., k] float64)``; ``.fallback`` is the bool
@@ -107,13 +104,7 @@ def qr(M: Tensor, *, backend: str = "auto", out: Optional[Tensor] = None,
     if out is not None and Q.data_ptr() != out.data_ptr():
         out.copy_(Q)
         Q = out
-    res = QRResult(Q, logd.reshape(*batch, k), bad.reshape(batch))
-    if return_fallback is not None:
-        warnings.warn("qr: return_fallback= is deprecated and will be removed in fastjac 0.3; read "
-                      "result.fallback instead", DeprecationWarning, stacklevel=2)
-        if return_fallback:
-            return res.Q, res.logd, res.fallback
-    return res
+    return QRResult(Q, logd.reshape(*batch, k), bad.reshape(batch))
 
 
 __all__ = ["QRResult", "qr", "qr_backend", "cholesky_qr2", "householder_qr", "QR_BACKENDS"]
