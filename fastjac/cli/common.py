@@ -42,9 +42,11 @@ def fill_model_defaults(args) -> None:
 
 
 def random_model(args):
-    from ..models import ItrSA
+    from ..models import ItrSA, check_model_size
 
     torch.manual_seed(args.seed)
+    # the size is checked from the options alone, before anything is allocated (--dim 30000: 28.8 GB, refused)
+    check_model_size(args.dim, args.heads, norm=args.norm, dtype=torch.float64)
     return ItrSA(args.dim, args.heads, norm=args.norm, eta=args.eta, dtype=torch.float64)
 
 

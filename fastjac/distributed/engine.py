@@ -83,7 +83,8 @@ class ShardCheckpoint:
         tmp = f"{self.base}.partial-rank{self.rank}-of{self.world}.step{t:012d}"
         ok = True
         try:
-            torch.save(dict(state, fingerprint=self.fp, rank=self.rank, world_size=self.world, mode=self.mode), tmp)
+            with open(tmp, "wb") as f:  # a Python file: a full disk is an OSError (torch's own writer: RuntimeError)
+                torch.save(dict(state, fingerprint=self.fp, rank=self.rank, world_size=self.world, mode=self.mode), f)
             os.replace(tmp, path)
         except OSError as e:
             ok, self.error = False, e

@@ -36,7 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from .._checks import NonFiniteError
-from .._io import atomic_write, check_out_dir, json_text, write_json, write_with_fallback
+from .._io import check_out_dir, json_text, save_atomic, write_json, write_with_fallback
 from . import regularizers as R
 from .sudoku_models import SudokuNet, accuracy, sudoku_loss
 
@@ -299,11 +299,7 @@ def lyapunov_of(net: SudokuNet, puzzles: Tensor, horizon: int = 16) -> Dict[str,
 
 
 def _save_ckpt(path: str, state: Dict[str, Any]) -> None:
-    def write(tmp):
-        with open(tmp, "wb") as f:  # a Python file: a full disk is an OSError (torch's own writer: RuntimeError)
-            torch.save(state, f)
-
-    atomic_write(path, write)  # a failed or cut-off write leaves the previous checkpoint and no .tmp behind
+    save_atomic(path, state)  # a failed or cut-off write leaves the previous checkpoint and no .tmp behind
 
 
 def _log(path: str, rec: Dict[str, Any]) -> int:
