@@ -47,17 +47,27 @@ def active() -> bool:
     return getattr(_local, "depth", 0) > 0
 
 
+def routed_calls() -> int:
+    """How many SDPA calls the calling thread's forward_ad() blocks have routed so far (for ``fj.info``)."""
+    return getattr(_local, "calls", 0)
+
+
+def _route(args, kwargs):
+    _local.calls = getattr(_local, "calls", 0) + 1
+    return _fn.scaled_dot_product_attention(*args, **kwargs)
+
+
 def _dispatch(*args, **kwargs):
     """What ``torch.nn.functional.scaled_dot_product_attention`` is while some thread is inside forward_ad()."""
     if active():
-        return _fn.scaled_dot_product_attention(*args, **kwargs)
+        return _route(args, kwargs)
     return _ORIG(*args, **kwargs)
 
 
 class _RouteSDPA(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         if func is _ORIG:
-            return _fn.scaled_dot_product_attention(*args, **(kwargs or {}))
+            return _route(args, kwargs or {})
         return func(*args, **(kwargs or {}))
 
 
@@ -104,4 +114,4 @@ class forward_ad(contextlib.ContextDecorator):
         return False
 
 
-__all__ = ["active", "forward_ad"]
+__all__ = ["active", "forward_ad", "routed_calls"]
