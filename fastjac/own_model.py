@@ -276,9 +276,10 @@ def check_step(step, X: Tensor, *, C: Optional[Tensor] = None, fd_tol: float = 1
         err = float((JT.detach() - fd).norm() / fd.norm().clamp_min(1e-300))
         res.fd_rel_error = err
         if not math.isfinite(err) or err > fd_tol:
-            res.warnings.append(f"the JVP differs from central finite differences by {err:.1e} (relative): some part "
-                                f"of the step returns wrong tangents under forward AD (a TorchScript helper, a "
-                                f"custom autograd.Function without jvp, a detach)")
+            why = ("the lower precision inside (above) makes the difference quotient noisy; fix that first" if low
+                   else "some part of the step returns wrong tangents under forward AD (a TorchScript helper, a "
+                        "custom autograd.Function without jvp, a detach)")
+            res.warnings.append(f"the JVP differs from central finite differences by {err:.1e} (relative): {why}")
     res.ok = not res.warnings
     return res
 
