@@ -233,6 +233,7 @@ class _AttnJvp(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output):
         q, k, v, bias, o, lse, qd, kd, vd, bd, scale, causal = inputs
+        ctx.set_materialize_grads(False)
         ctx.scale, ctx.causal = scale, causal
         ctx.has = [t is not None for t in (q, k, v, bias, qd, kd, vd, bd)]
         ctx.save_for_backward(*[t for t in (q, k, v, bias, qd, kd, vd, bd) if t is not None])
@@ -245,6 +246,8 @@ class _AttnJvp(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, god):
+        if god is None:
+            return (None,) * 12
         it = iter(ctx.saved_tensors)
         q, k, v, bias, qd, kd, vd, bd = [next(it) if h else None for h in ctx.has]
         need = ctx.needs_input_grad
@@ -301,6 +304,7 @@ class _AttnOut(torch.autograd.Function):
         q, k, v, bias, scale, causal = inputs
         o, lse = output
         ctx.mark_non_differentiable(lse)
+        ctx.set_materialize_grads(False)  # an input without tangent (a mask) arrives as None, not as zeros
         ctx.scale, ctx.causal, ctx.has_bias = scale, causal, bias is not None
         ts = (q, k, v, o, lse) + ((bias,) if bias is not None else ())
         ctx.save_for_backward(*ts)
@@ -308,6 +312,8 @@ class _AttnOut(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, go, glse):
+        if go is None:
+            return None, None, None, None, None, None
         q, k, v, o, lse, *b = ctx.saved_tensors
         bias = b[0] if b else None
         need_b = ctx.has_bias and ctx.needs_input_grad[3]
