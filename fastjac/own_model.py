@@ -174,8 +174,14 @@ def _script_functions(mods: List[nn.Module], step) -> List[str]:
                 funcs.append(f)
     seen = set()
     for f in funcs:
-        for k, v in getattr(f, "__globals__", {}).items():
-            if isinstance(v, torch.jit.ScriptFunction) and k in f.__code__.co_names and k not in seen:
+        refs = [(k, v) for k, v in getattr(f, "__globals__", {}).items() if k in f.__code__.co_names]
+        for k, c in zip(f.__code__.co_freevars, f.__closure__ or ()):
+            try:
+                refs.append((k, c.cell_contents))
+            except ValueError:  # an empty cell
+                pass
+        for k, v in refs:
+            if isinstance(v, torch.jit.ScriptFunction) and k not in seen:
                 seen.add(k)
                 names.append(f"@torch.jit.script function {k!r}")
     return names
