@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 # budget of one block of probabilities (k tangents x batch x heads x rows x S) in the torch reference, bytes
-CHUNK_BYTES = 32 * 2 ** 20
+CHUNK_BYTES = 64 * 2 ** 20
 
 _ORIG_SDPA = torch.nn.functional.scaled_dot_product_attention
 
@@ -78,36 +78,58 @@ def _fwd_ref(q, k, v, bias, scale, causal) -> Tuple[Tensor, Tensor]:
 
 
 def _jvp_ref(q, k, v, bias, o, lse, qd, kd, vd, bd, scale, causal) -> Tensor:
-    """K tangents at once: q [B, H, L, E] ..., qd/kd/vd [K, B, H, ., .] or None, bd [K, ..., L, S] or None.
-    Returns od [K, B, H, L, Ev]. p is recomputed once per block of rows and shared by the K tangents."""
-    L, S = q.shape[-2], k.shape[-2]
+    """K tangents at once: q [B, H, L, E] ..., qd/kd/vd [K, B, H, ., .] or None, bd [K, b, h, L, S] or None.
+    Returns od [K, B, H, L, Ev]. p is recomputed once per block of rows and shared by the K tangents.
+
+    The formula, per row i (docs: fastjac/ops/attention/README.md), with W_tij = scale q_i.kd_tj + bd_tij:
+        od_ti = sum_j p_ij vd_tj + [sum_j p_ij W_tij v_j - (sum_j p_ij W_tij) o_i] + scale qd_ti^T M_i,
+        M_i = sum_j p_ij k_j (v_j - o_i)^T   ([E, Ev], the same for every tangent),
+    so each block costs GEMMs with the K tangents side by side (one [r, S] x [S, K Ev] product for vd, one
+    [r, E] x [E, K S] for kd, one [r K, S] x [S, Ev + 1] for the W terms) and no [K, r, S] tensor for qd.
+    """
+    B, H, L, E = q.shape
+    S, Ev = k.shape[-2], v.shape[-1]
     K = next(t.shape[0] for t in (qd, kd, vd, bd) if t is not None)
-    lead = max(1, q[..., 0, 0].numel())
-    step = _rows_per_block(L, S, 2 * K * lead + lead, q.element_size())
+    lead = B * H
+    inplace = not torch.is_grad_enabled()
+    step = _rows_per_block(L, S, ((1 if inplace else 2) * K + 2) * lead, q.element_size())
+    # tangents side by side along the GEMM's N dimension (done once, not per block)
+    vdp = None if vd is None else vd.permute(1, 2, 3, 0, 4).reshape(B, H, S, K * Ev)
+    kdp = None if kd is None else kd.permute(1, 2, 4, 0, 3).reshape(B, H, E, K * S)
+    v1 = torch.cat([v, torch.ones_like(v[..., :1])], -1) if (kd is not None or bd is not None) else None
+    kv = None if qd is None else (k.unsqueeze(-1) * v.unsqueeze(-2)).reshape(B, H, S, E * Ev)
+    qs = q * scale  # the scale on the small factor, not on the [r, K, S] product
+    # (inplace: the Function's forward runs without grad, so the big [r, K, S] block is updated in place there;
+    # the backward's differentiable recomputation, in grad mode, must not)
     ods = []
     for r0 in range(0, L, step):
         r1 = min(L, r0 + step)
+        r = r1 - r0
         p, _ = _probs(_logits(q, k, bias, scale, causal, r0, r1), None if lse is None else lse[..., r0:r1])
+        o_r = o[..., r0:r1, :]
         od = None
-        Ld = None
-        if qd is not None:
-            Ld = scale * (qd[..., r0:r1, :] @ k.transpose(-1, -2))
-        if kd is not None:
-            t = scale * (q[..., r0:r1, :] @ kd.transpose(-1, -2))
-            Ld = t if Ld is None else Ld + t
+        if vdp is not None:
+            od = (p @ vdp).view(B, H, r, K, Ev)
+        W = None
+        if kdp is not None:
+            W = (qs[..., r0:r1, :] @ kdp).view(B, H, r, K, S)
         if bd is not None:
-            t = bd[..., r0:r1, :]
-            Ld = t if Ld is None else Ld + t
-        if Ld is not None:
-            pL = p * Ld  # [K, B, H, r, S]
-            od = pL @ v - pL.sum(-1, keepdim=True) * o[..., r0:r1, :]
-        if vd is not None:
-            t = p @ vd
+            t = bd[..., r0:r1, :].permute(1, 2, 3, 0, 4)  # [b, h, r, K, S]
+            W = t if W is None else (W.add_(t) if inplace else W + t)
+        if W is not None:
+            PW = (W.mul_(p.unsqueeze(-2)) if inplace and kdp is not None else p.unsqueeze(-2) * W)
+            PW = PW.reshape(B, H, r * K, S)
+            a = (PW @ v1).view(B, H, r, K, Ev + 1)
+            t = a[..., :Ev] - a[..., Ev:] * o_r.unsqueeze(-2)
+            od = t if od is None else od + t
+        if kv is not None:
+            M = (p @ kv).view(B, H, r, E, Ev) - (p @ k).unsqueeze(-1) * o_r.unsqueeze(-2)
+            t = scale * (qd[..., r0:r1, :].permute(1, 2, 3, 0, 4) @ M)  # [B, H, r, K, E] x [B, H, r, E, Ev]
             od = t if od is None else od + t
         if od is None:
-            od = torch.zeros(K, *o[..., r0:r1, :].shape, dtype=o.dtype, device=o.device)
+            od = torch.zeros(B, H, r, K, Ev, dtype=o.dtype, device=o.device)
         ods.append(od)
-    return torch.cat(ods, -2)
+    return torch.cat(ods, 2).permute(3, 0, 1, 2, 4)
 
 
 def _bwd_ref(q, k, v, bias, go, scale, causal, need_bias: bool):
