@@ -71,6 +71,25 @@ class _RouteSDPA(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
+_preloaded = []
+
+
+def _preload_jvp_decompositions() -> None:
+    """torch loads its forward-AD decompositions on the first dual tensor, through torch.jit.script, which warns
+    DeprecationWarning from inside torch on 2.13: load them once here, that warning silenced (it is torch's, not
+    the user's code's)."""
+    if _preloaded:
+        return
+    _preloaded.append(True)
+    import warnings
+
+    load = getattr(torch.autograd.forward_ad, "_maybe_load_decompositions", None)
+    if load is not None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            load()
+
+
 class forward_ad(contextlib.ContextDecorator):
     """Context manager (and decorator): inside it, ``torch.nn.functional.scaled_dot_product_attention`` is
     :func:`fastjac.nn.functional.scaled_dot_product_attention` and the fused MHA / encoder fast paths are off, so
@@ -88,6 +107,7 @@ class forward_ad(contextlib.ContextDecorator):
     """
 
     def __enter__(self):
+        _preload_jvp_decompositions()
         with _lock:
             if _global["count"] == 0:
                 _global["fastpath"] = torch.backends.mha.get_fastpath_enabled()
