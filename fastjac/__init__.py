@@ -46,8 +46,9 @@ for _name in ("energy", "lyapunov", "oscillation", "pseudo_energy", "spectra"):
     _sys.modules.setdefault(f"{__name__}.{_name}", getattr(analysis, _name))
 del _sys, _name
 
-__all__ = ["as_step", "check_step", "AKOrN", "ItrSA", "Linearization", "LyapunovResult", "RecurrentStep", "backends", "linearization",
+__all__ = ["AKOrN", "ItrSA", "Linearization", "LyapunovResult", "RecurrentStep", "backends", "linearization",
            "register_linearizer", "Prop51Result", "PseudoEnergyTrace", "config", "eigvals", "energy",
            "finite_time_lyapunov", "info", "jacobian", "jvp", "linalg", "linear_operator", "linearize", "load_model", "register_model", "save_model",
            "lyapunov_spectrum", "ops", "oscillation", "prop51_bound", "pseudo_energy_trace", "register_backend",
            "spectral_norm", "vjp"]
+__all__ += ["as_step", "check_step"]  # your own model as a step (fastjac/own_model.py)
