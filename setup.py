@@ -48,8 +48,10 @@ setup(
     ],
     cmdclass={"build_py": build_py_with_csrc},
     extras_require={
-        # ninja: the tests build the C++ extension (backend="cpp") just in time
-        "test": ["ninja", "pytest>=7", "hypothesis>=6", "pytest-benchmark", "matplotlib>=3.5"],
+        # ninja: the tests build the C++ extension (backend="cpp") just in time; transformers: the third-party
+        # layers of tests/test_own_models.py (the "thirdparty" extra), which CI must run
+        "test": ["ninja", "pytest>=7", "hypothesis>=6", "pytest-benchmark", "matplotlib>=3.5", "transformers>=4.48"],
+        "thirdparty": ["transformers>=4.48"],  # fastjac.integrations.transformers, HF layers as steps
         "plot": ["matplotlib>=3.5"],
     },
     entry_points={"console_scripts": ["fastjac=fastjac.__main__:main"]},

@@ -20,6 +20,7 @@ from .analysis.lyapunov import LyapunovResult, finite_time_lyapunov, lyapunov_sp
 from .analysis.pseudo_energy import PseudoEnergyTrace, pseudo_energy_trace
 from .analysis.spectra import Prop51Result, eigvals, linear_operator, prop51_bound, spectral_norm
 from .models import AKOrN, ItrSA, RecurrentStep, load_model, register_model, save_model
+from .own_model import as_step, check_step
 
 __version__ = "0.3.0"
 
@@ -44,3 +45,4 @@ __all__ = ["AKOrN", "ItrSA", "Linearization", "LyapunovResult", "RecurrentStep",
            "finite_time_lyapunov", "info", "jacobian", "jvp", "linalg", "linear_operator", "linearize", "load_model", "register_model", "save_model",
            "lyapunov_spectrum", "ops", "oscillation", "prop51_bound", "pseudo_energy_trace", "register_backend",
            "spectral_norm", "vjp"]
+__all__ += ["as_step", "check_step"]  # your own model as a step (fastjac/own_model.py)

@@ -110,8 +110,9 @@ def info(step, X: Optional[Tensor] = None, backend: str = "auto") -> str:
         kw = dict(dtype=step.dtype, device=step.device) if hasattr(step, "dtype") and hasattr(step, "device") else {}
         X = torch.zeros(1, 1, dim, **kw)
     X3, _ = check_state(X)
-    chosen = backends.select(step, X3, backend).name
-    return f"backend={backend!r} -> {chosen} ({backends.explain(step, X3)})"
+    be = backends.select(step, X3, backend)
+    note = be.note(step, X3) if hasattr(be, "note") else None  # e.g. autograd: whether SDPA is routed
+    return f"backend={backend!r} -> {be.name} ({backends.explain(step, X3)})" + (f"; {note}" if note else "")
 
 
 __all__ = ["Linearization", "jvp", "vjp", "linearize", "linearization", "jacobian", "info"]

@@ -59,6 +59,8 @@ def _parse_gb(var: str, raw: str) -> float:
 
 dense_limit_gb: float = _from_env("FASTJAC_DENSE_LIMIT_GB", _parse_gb, DEFAULT_DENSE_LIMIT_GB)
 check_finite: bool = True
+# backend="autograd" routes F.scaled_dot_product_attention to fastjac.nn's forward-mode-capable one (docs/own_models.md)
+sdpa_forward_ad: bool = True
 matmul_precision: str = _from_env("FASTJAC_MATMUL_PRECISION", lambda var, raw: _valid_precision(var, raw.strip()),
                                   "ieee")
 
@@ -85,6 +87,7 @@ _VALIDATE = {
     "dense_limit_gb": lambda v: _valid_gb("dense_limit_gb", v),
     "check_finite": lambda v: _valid_bool("check_finite", v),
     "matmul_precision": lambda v: _valid_precision("matmul_precision", v),
+    "sdpa_forward_ad": lambda v: _valid_bool("sdpa_forward_ad", v),
 }
 
 

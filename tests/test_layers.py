@@ -12,7 +12,7 @@ ROOT = os.path.join(os.path.dirname(__file__), "..", "fastjac")
 # lowest first; a module may import its own layer and those below it
 LAYERS = [
     ("fastjac._checks", "fastjac.config", "fastjac._compat", "fastjac._io"),
-    ("fastjac.ops",),
+    ("fastjac.ops", "fastjac.nn"),  # fastjac.nn: the forward-mode SDPA, on the ops (imports only torch and ops)
     ("fastjac.models", "fastjac.linalg"),
     ("fastjac.backends",),
     ("fastjac.linearization",),
