@@ -143,8 +143,10 @@ def _json_num(t: Tensor):
 # ---------------------------------------------------------------------------------------------------- helpers
 
 def trivial_count(step, S: int, D: int) -> int:
-    """How many exponents of the full S*D spectrum normalisation makes -inf (0 for a callable: unknown)."""
-    return step.trivial_count(S, D) if isinstance(step, RecurrentStep) else 0
+    """How many exponents of the full S*D spectrum normalisation makes -inf: a fastjac model's, or what a step
+    states through a ``trivial_count(S, D)`` method (``fj.as_step`` wrappers); 0 for a plain callable (unknown)."""
+    count = getattr(step, "trivial_count", None)
+    return int(count(S, D)) if callable(count) else 0
 
 
 def radial_basis(step, X: Tensor) -> Optional[Tensor]:
