@@ -346,7 +346,8 @@ def test_failed_writes_after_the_run_lose_nothing(tmp_path, capsys, monkeypatch)
     real_open = builtins.open
 
     def failing_open(path, mode="r", *a, **k):
-        if "w" in mode and str(path).endswith(("lyapunov.json", "lyapunov.png")):
+        # the JSON is written atomically (lyapunov.json.tmp, then renamed): a full disk fails the temporary file
+        if "w" in mode and str(path).endswith(("lyapunov.json", "lyapunov.json.tmp", "lyapunov.png")):
             raise OSError(28, "No space left on device")
         return real_open(path, mode, *a, **k)
 
