@@ -21,7 +21,7 @@ at::Tensor flash_jvp_cpu(const at::Tensor& q, const at::Tensor& k, const at::Ten
                          double scale, bool causal, const c10::optional<at::Tensor>& bias, int64_t block_m,
                          int64_t block_n);
 void step_dense_flash_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& vo, const at::Tensor& oo,
-                          const at::Tensor& lse, const c10::optional<at::Tensor>& L, const at::Tensor& E,
+                          const c10::optional<at::Tensor>& L, const at::Tensor& E,
                           const at::Tensor& wvoT, const at::Tensor& wq, const at::Tensor& wk, double eta, double beta,
                           bool causal, at::Tensor out);
 // The library's version tag: the Python loader finds the string in the file before loading it (a foreign or stale
@@ -43,7 +43,7 @@ TORCH_LIBRARY(fastjac, m) {
         "int block_n) -> (Tensor, Tensor)");
   m.def("flash_jvp(Tensor q, Tensor k, Tensor v, Tensor o, Tensor lse, Tensor qd, Tensor kd, Tensor vd, "
         "float scale, bool causal, Tensor? bias, int block_m, int block_n) -> Tensor");
-  m.def("step_dense_flash_(Tensor q, Tensor k, Tensor vo, Tensor oo, Tensor lse, Tensor? L, Tensor E, "
+  m.def("step_dense_flash_(Tensor q, Tensor k, Tensor vo, Tensor oo, Tensor? L, Tensor E, "
         "Tensor wvoT, Tensor wq, Tensor wk, float eta, float beta, bool causal, Tensor(a!) out) -> ()");
   m.def("abi_version() -> int", &fastjac::abi_version);
   m.def("step_dense_(Tensor A, Tensor R1, Tensor U, Tensor rb, Tensor Ed, Tensor(a!) out, int i0) -> ()");

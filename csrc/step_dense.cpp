@@ -82,16 +82,16 @@ static void step_dense_fwd(const at::Tensor& A_, const at::Tensor& R1_, const at
   });
 }
 
-// The fused writer: per token i (parallel over (b, i)) it recomputes the probability rows p_h[i, :] from the
-// forward's lse, builds every factor of its D output rows in scratch (U, R1 = eta L_i (Wv Wo)^T, rb = eta beta Wk q_i,
+// The fused writer: per token i (parallel over (b, i)) it recomputes the probability rows p_h[i, :] (one softmax
+// row per head), builds every factor of its D output rows in scratch (U, R1 = eta L_i (Wv Wo)^T, rb = eta beta Wk q_i,
 // the diagonal block Ed = L_i diag + E_i) by small GEMMs, and writes the rows once with dense_row. No [S, S] or
 // [H, I, S, D] tensor exists: the scratch is O(H S D) per thread.
 //   out[i, a, m, b] = sum_h p_h[i, m] R1_h[a, b] + U_h[a, m] rb_h[b]  (+ Ed[a, b] if m == i)
-//   U_h[a, m] = p_h[i, m] (L_i (vo_hm - oo_hi))_a,  Ed = E_i + eta beta L_i sum_h Mk_h Wq_h^T,
-//   Mk_h = sum_m p_h[i, m] (vo_hm - oo_hi) k_hm^T   [D, dh]
+//   U_h[a, m] = p_h[i, m] (L_i (vo_hm - oo_hi))_a,  Ed = E_i + eta beta sum_h (U_h k_h) Wq_h^T
+//   (U_h k_h = L_i sum_m p_h[i, m] (vo_hm - oo_hi) k_hm^T: the diagonal block's attention part, [D, dh])
 template <typename T>
 static void step_dense_flash(const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& vo_, const at::Tensor& oo_,
-                             const at::Tensor& lse_, const T* Lm, const at::Tensor& E_, const at::Tensor& wvoT_,
+                             const T* Lm, const at::Tensor& E_, const at::Tensor& wvoT_,
                              const at::Tensor& wq_, const at::Tensor& wk_, double eta_d, double beta_d, bool causal,
                              at::Tensor& out_) {
   const int64_t B = q_.size(0), H = q_.size(1), S = q_.size(2), dh = q_.size(3), D = vo_.size(3);
@@ -100,7 +100,6 @@ static void step_dense_flash(const at::Tensor& q_, const at::Tensor& k_, const a
   const T* k = k_.data_ptr<T>();      // [B, H, S, dh]
   const T* vo = vo_.data_ptr<T>();    // [B, H, S, D]
   const T* oo = oo_.data_ptr<T>();    // [B, H, S, D]
-  const T* lse = lse_.data_ptr<T>();  // [B, H, S]
   const T* E = E_.data_ptr<T>();      // [B, S, D, D]; Lm likewise or null (L = I)
   const T* wvoT = wvoT_.data_ptr<T>();  // [H, D, D]
   const T* wq = wq_.data_ptr<T>();    // [H, D, dh]
@@ -116,7 +115,7 @@ static void step_dense_flash(const at::Tensor& q_, const at::Tensor& k_, const a
   }
   at::parallel_for(0, B * S, 1, [&](int64_t lo, int64_t hi) {
     std::vector<T> P((size_t)(H * S)), Ut((size_t)(H * D * S)), R1(Lm ? (size_t)(H * D * D) : 0),
-        rb((size_t)(H * D)), pk((size_t)(S * dh)), ks((size_t)dh), Mk((size_t)(D * dh)), diag((size_t)(D * D)),
+        rb((size_t)(H * D)), Mk((size_t)(D * dh)), diag((size_t)(D * D)),
         Ed((size_t)(D * D)), Lo((size_t)D), coef((size_t)(S * H2)), rhs((size_t)(H2 * D));
     for (int64_t x = lo; x < hi; ++x) {
       const int64_t b = x / S, i = x % S, mend = causal ? i + 1 : S;
@@ -128,15 +127,21 @@ static void step_dense_flash(const at::Tensor& q_, const at::Tensor& k_, const a
         const T* voh = vo + bh * S * D;
         const T* ooi = oo + (bh * S + i) * D;
         T* ph = P.data() + h * S;
-        // p_h[i, m] = exp(beta q_i.k_m - lse_i), m < mend
+        // p_h[i, m] = softmax_m(beta q_i.k_m), m < mend: the whole row is at hand, so it is normalised here
+        // (exp(s - max) / sum) rather than through the forward's lse, whose rounding (ulp(|lse|)) would enter
+        // every p as a relative error
         gemm<T>(1, mend, dh, beta, qi, dh, kh, dh, /*trans_b=*/true, T(0), ph, S);
-        const T li = lse[bh * S + i];
-        if (li == -std::numeric_limits<T>::infinity()) {
-          std::fill(ph, ph + mend, T(0));
-        } else {
-#pragma omp simd
-          for (int64_t m = 0; m < mend; ++m) ph[m] = exp_simd(ph[m] - li);
+        T mx = -std::numeric_limits<T>::infinity();
+        for (int64_t m = 0; m < mend; ++m) mx = ph[m] > mx ? ph[m] : mx;
+        T sum = 0;
+#pragma omp simd reduction(+ : sum)
+        for (int64_t m = 0; m < mend; ++m) {
+          ph[m] = exp_simd(ph[m] - mx);
+          sum += ph[m];
         }
+        const T inv = T(1) / sum;
+#pragma omp simd
+        for (int64_t m = 0; m < mend; ++m) ph[m] *= inv;
         // U_h [D, mend] (ld S)
         T* Uh = Ut.data() + h * D * S;
         if (Li) {
@@ -157,30 +162,14 @@ static void step_dense_flash(const at::Tensor& q_, const at::Tensor& k_, const a
         }
         if (Li) gemm<T>(D, D, D, eta, Li, D, wvoT + h * D * D, D, false, T(0), R1.data() + h * D * D, D);
         gemm<T>(1, D, dh, eta * beta, qi, dh, wk + h * D * dh, dh, /*trans_b=*/true, T(0), rb.data() + h * D, D);
-        // diag += eta beta Mk_h Wq_h^T,  Mk_h = vo_h^T (p_h k_h) - oo_i (p_h^T k_h)^T
-        std::fill(ks.begin(), ks.end(), T(0));
-        for (int64_t m = 0; m < mend; ++m) {
-          const T pm = ph[m];
-          const T* km = kh + m * dh;
-          T* dst = pk.data() + m * dh;
-          for (int64_t e = 0; e < dh; ++e) {
-            dst[e] = pm * km[e];
-            ks[e] += dst[e];
-          }
-        }
-        gemm_t<T>(D, dh, mend, T(1), voh, D, /*trans_a=*/true, pk.data(), dh, false, T(0), Mk.data(), dh);
-        for (int64_t a = 0; a < D; ++a)
-          for (int64_t e = 0; e < dh; ++e) Mk[a * dh + e] -= ooi[a] * ks[e];
+        // diag += eta beta (L_i Mk_h) Wq_h^T with L_i Mk_h = U_h k_h = sum_m p_m L_i (vo_m - oo_i) k_m^T: from U
+        // directly, never as vo^T (p k) - oo (p^T k)^T (that difference cancels badly in float32)
+        gemm<T>(D, dh, mend, T(1), Uh, S, kh, dh, false, T(0), Mk.data(), dh);
         gemm<T>(D, D, dh, eta * beta, Mk.data(), dh, wq + h * D * dh, dh, /*trans_b=*/true, h == 0 ? T(0) : T(1),
                 diag.data(), D);
       }
       const T* Ei = E + (b * S + i) * D * D;
-      std::copy(Ei, Ei + D * D, Ed.begin());
-      if (Li) {
-        gemm<T>(D, D, D, T(1), Li, D, diag.data(), D, false, T(1), Ed.data(), D);
-      } else {
-        for (int64_t z = 0; z < D * D; ++z) Ed[z] += diag[z];
-      }
+      for (int64_t z = 0; z < D * D; ++z) Ed[z] = Ei[z] + diag[z];
       const T* R1b = Li ? R1.data() : R1c.data();
       for (int64_t m = 0; m < mend; ++m)
         for (int64_t h = 0; h < H; ++h) coef[m * H2 + h] = P[h * S + m];
@@ -236,17 +225,17 @@ void step_dense_cpu(const at::Tensor& A, const at::Tensor& R1, const at::Tensor&
 
 namespace fastjac {
 
-// fastjac::step_dense_flash_(q, k [B,H,S,dh], vo, oo [B,H,S,D], lse [B,H,S], L? [B,S,D,D], E [B,S,D,D],
+// fastjac::step_dense_flash_(q, k [B,H,S,dh], vo, oo [B,H,S,D], L? [B,S,D,D], E [B,S,D,D],
 // wvoT [H,D,D], wq, wk [H,D,dh], eta, beta, causal, out [B, S*D, S*D] (rows contiguous)) -> (): the whole dense
 // step Jacobian of every sample, its factors built in the op (see step_dense_flash).
 void step_dense_flash_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& vo, const at::Tensor& oo,
-                          const at::Tensor& lse, const c10::optional<at::Tensor>& L, const at::Tensor& E,
+                          const c10::optional<at::Tensor>& L, const at::Tensor& E,
                           const at::Tensor& wvoT, const at::Tensor& wq, const at::Tensor& wk, double eta, double beta,
                           bool causal, at::Tensor out) {
-  const char* names[] = {"q", "k", "vo", "oo", "lse", "E", "wvoT", "wq", "wk", "out"};
-  const at::Tensor* ts[] = {&q, &k, &vo, &oo, &lse, &E, &wvoT, &wq, &wk, &out};
-  const int dims[] = {4, 4, 4, 4, 3, 4, 3, 3, 3, 3};
-  for (int n = 0; n < 10; ++n) {
+  const char* names[] = {"q", "k", "vo", "oo", "E", "wvoT", "wq", "wk", "out"};
+  const at::Tensor* ts[] = {&q, &k, &vo, &oo, &E, &wvoT, &wq, &wk, &out};
+  const int dims[] = {4, 4, 4, 4, 4, 3, 3, 3, 3};
+  for (int n = 0; n < 9; ++n) {
     FJ_CHECK_CPU(*ts[n], names[n]);
     FJ_CHECK_FLOAT(*ts[n], names[n]);
     FJ_CHECK_SAME_DTYPE(*ts[n], out, names[n]);
@@ -257,8 +246,6 @@ void step_dense_flash_cpu(const at::Tensor& q, const at::Tensor& k, const at::Te
   TORCH_CHECK(vo.size(0) == B && vo.size(1) == H && vo.size(2) == S, "vo: expected [", B, ", ", H, ", ", S,
               ", D], got ", vo.sizes());
   TORCH_CHECK(oo.sizes() == vo.sizes(), "oo: expected shape ", vo.sizes(), " (as vo), got ", oo.sizes());
-  TORCH_CHECK(lse.size(0) == B && lse.size(1) == H && lse.size(2) == S, "lse: expected [", B, ", ", H, ", ", S,
-              "], got ", lse.sizes());
   std::vector<int64_t> sdd = {B, S, D, D};
   TORCH_CHECK(E.sizes() == at::IntArrayRef(sdd), "E: expected [", B, ", ", S, ", ", D, ", ", D, "], got ",
               E.sizes());
@@ -280,10 +267,10 @@ void step_dense_flash_cpu(const at::Tensor& q, const at::Tensor& k, const at::Te
   }
   if (B == 0 || S == 0 || D == 0) return;
   at::Tensor qc = q.contiguous(), kc = k.contiguous(), voc = vo.contiguous(), ooc = oo.contiguous(),
-             lc = lse.contiguous(), Ec = E.contiguous(), wvc = wvoT.contiguous(), wqc = wq.contiguous(),
+             Ec = E.contiguous(), wvc = wvoT.contiguous(), wqc = wq.contiguous(),
              wkc = wk.contiguous();
   AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "step_dense_flash", [&] {
-    step_dense_flash<scalar_t>(qc, kc, voc, ooc, lc, Lc.defined() ? Lc.data_ptr<scalar_t>() : nullptr, Ec, wvc, wqc,
+    step_dense_flash<scalar_t>(qc, kc, voc, ooc, Lc.defined() ? Lc.data_ptr<scalar_t>() : nullptr, Ec, wvc, wqc,
                                wkc, eta, beta, causal, out);
   });
 }

@@ -346,7 +346,7 @@ def _register_fakes() -> None:
         return None
 
     @lib.register_fake("fastjac::step_dense_flash_")
-    def _dense_flash_fake(q, k, vo, oo, lse, L, E, wvoT, wq, wk, eta, beta, causal, out):
+    def _dense_flash_fake(q, k, vo, oo, L, E, wvoT, wq, wk, eta, beta, causal, out):
         return None
 
     _fakes_done = True

@@ -4,7 +4,7 @@ The forward is the flash-tiled C++ attention (``fastjac/ops/attention/cpp.py``: 
 GEMMs, then o and the row log-sum-exp; no S x S probabilities); every JVP is the flash k-tangent attention kernel
 (p recomputed per tile from lse, shared by all tangents) followed by the fused residual + normalisation kernel
 (``fastjac/ops/norm/cpp.py``); the dense Jacobian is ``step_dense_cpp``: the fused C++ writer
-``torch.ops.fastjac.step_dense_flash_`` builds every per-token factor itself (probabilities from lse, U, R1, rb,
+``torch.ops.fastjac.step_dense_flash_`` builds every per-token factor itself (the probability rows, U, R1, rb,
 the diagonal block) and writes every output element once. Nothing on the forward, JVP or dense path allocates an
 [S, S] tensor.
 
@@ -123,7 +123,7 @@ def step_dense_cpp(lin, out: Optional[Tensor] = None) -> Tensor:
         L, E = lin._row_factors()
         vo, oo = _out_proj_h(c.v, p.wo), _out_proj_h(c.o, p.wo)  # [B, H, S, D]: the per-head output projections
         wvoT = (p.wv if p.wo is None else p.wv @ p.wo).transpose(-1, -2)  # [H, D(a), D(b)]
-        ops().step_dense_flash_(c.q, c.k, vo, oo, c.lse, L, E, wvoT, p.wq, p.wk, float(lin.p.eta.detach()),
+        ops().step_dense_flash_(c.q, c.k, vo, oo, L, E, wvoT, p.wq, p.wk, float(lin.p.eta.detach()),
                                 float(p.beta), bool(p.causal), out)
     return out
 
