@@ -100,6 +100,7 @@ void flash_fwd(const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_,
         for (int64_t i = 0; i < ni; ++i) {
           T* si = s + i * BN;
           T m = mx[i];
+#pragma omp simd reduction(max : m)
           for (int64_t j = 0; j < nj; ++j) m = si[j] > m ? si[j] : m;
           if (m == ninf) {  // every key so far masked: nothing to add (p = 0), keep the state
             std::fill(si, si + nj, T(0));

@@ -132,6 +132,7 @@ static void step_dense_flash(const at::Tensor& q_, const at::Tensor& k_, const a
         // every p as a relative error
         gemm<T>(1, mend, dh, beta, qi, dh, kh, dh, /*trans_b=*/true, T(0), ph, S);
         T mx = -std::numeric_limits<T>::infinity();
+#pragma omp simd reduction(max : mx)
         for (int64_t m = 0; m < mend; ++m) mx = ph[m] > mx ? ph[m] : mx;
         T sum = 0;
 #pragma omp simd reduction(+ : sum)

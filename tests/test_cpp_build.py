@@ -162,3 +162,12 @@ def test_auto_probes_the_toolchain_once_per_process(monkeypatch, tmp_path):
     finally:
         cppb._forget_probe()
     assert len(spawned) <= 1 and len(hashed) <= 1, (spawned, len(hashed))
+
+
+def test_setup_ships_every_source_the_build_compiles():
+    # setup.py copies csrc/ into a non-editable install by an explicit list: it must match the backend's
+    import ast
+    tree = ast.parse((ROOT / "setup.py").read_text())
+    shipped = next(ast.literal_eval(n.value) for n in ast.walk(tree) if isinstance(n, ast.Assign)
+                   and any(getattr(t, "id", None) == "CSRC_FILES" for t in n.targets))
+    assert set(shipped) == set(cppb.SOURCES + cppb.HEADERS)

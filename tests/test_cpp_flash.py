@@ -234,7 +234,7 @@ def test_opcheck_step_dense_flash(dtype, causal):
     L, E = lin._row_factors()
     out = torch.full((1, 60, 60), float("nan"), dtype=dtype)
     args = (c.q, c.k, _out_proj_h(c.v, p.wo), _out_proj_h(c.o, p.wo), L, E, (p.wv @ p.wo).transpose(-1, -2),
-            p.wq, p.wk, float(lin.p.eta), float(p.beta), causal, out)
+            p.wq, p.wk, float(lin.p.eta.detach()), float(p.beta), causal, out)
     torch.library.opcheck(torch.ops.fastjac.step_dense_flash_.default, args)
     torch.ops.fastjac.step_dense_flash_(*args)
     ref = fj.jacobian(m, X[0], backend="torch")

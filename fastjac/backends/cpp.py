@@ -40,7 +40,8 @@ from .base import KernelBackend, needs_weight_grad
 SUPPORTED_DTYPES = (torch.float32, torch.float64)
 SOURCES = ("register.cpp", "attn_jvp.cpp", "flash_attn.cpp", "norm_jvp.cpp", "step_dense.cpp")
 HEADERS = ("common.h",)
-CFLAGS = ("-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp", "-ffp-contract=fast", "-fno-math-errno")
+CFLAGS = ("-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp", "-ffp-contract=fast", "-fno-math-errno",
+          "-fno-trapping-math")
 LDFLAGS = ("-fopenmp",)
 LIB_NAME = "fastjac_cpp"
 # csrc/common.h FASTJAC_CPP_ABI: a library without this tag (a foreign or stale .so) is rebuilt, never loaded
