@@ -89,7 +89,9 @@ def work_jvp(S, k, dtype, D, H, baseline_gb):
     fits = _attn_bytes(S, H, k, X.element_size()) < baseline_gb * 1e9
     ys = {}
     with torch.no_grad():
-        fj.jvp(m, X[:16], T[:, :16], C=C[:16], backend="cpp")  # warm-up at a tiny size
+        w = max(16, min(256, S // 4))  # warm-up size, as in work_lyap
+        out["warmup_S"] = w
+        fj.jvp(m, X[:w], T[:, :w], C=C[:w], backend="cpp")
         rss0 = _rss_mb()
         for be in ("cpp", "torch", "vmap_jvp"):
             if be != "cpp" and not fits:
@@ -101,8 +103,11 @@ def work_jvp(S, k, dtype, D, H, baseline_gb):
             else:
                 _, jf = fj.linearize(m, X, C=C, backend=be)
                 f = lambda jf=jf: jf(T)  # noqa: E731
+            t0 = time.perf_counter()
             ys[be] = f()
-            t = timeit(f, min_time=1.0 if S <= 1024 else 0.0, min_runs=2 if S <= 4096 else 1)
+            t = time.perf_counter() - t0
+            if S <= 4096:  # large S: the first call (seconds to minutes) is the measurement
+                t = timeit(f, min_time=1.0 if S <= 1024 else 0.0, min_runs=2 if S <= 1024 else 1)
             out[f"{be}_s"] = t
             out[f"{be}_gflops"] = flop / t / 1e9
         out["peak_mb_above_start"] = _maxrss_mb() - rss0
@@ -122,7 +127,11 @@ def work_lyap(S, k, dtype, D, H, steps, baseline_gb):
     elem = X.element_size()
     out = dict(S=S, k=k, dtype=dtype, D=D, H=H, steps=steps)
     kw = dict(C=C, k=k, progress=False, qr_backend="torch")
-    fj.lyapunov_spectrum(m, X[:16], **dict(kw, C=C[:16], steps=1), backend="cpp")  # warm-up at a tiny size
+    # warm-up at a quarter of the size (<= 256): allocator pools, MKL's buffers and thread state are then in the
+    # resident size before rss0, so the peak above it is this run's own memory
+    w = max(16, min(256, S // 4))
+    out["warmup_S"] = w
+    fj.lyapunov_spectrum(m, X[:w], **dict(kw, C=C[:w], steps=1), backend="cpp")
     rss0 = _rss_mb()
     t0 = time.perf_counter()
     r = fj.lyapunov_spectrum(m, X, steps=steps, backend="cpp", **kw)
@@ -268,7 +277,7 @@ def main(argv=None):
 
 
 def _fmt(r):
-    keep = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()
+    keep = {k: (float(f"{v:.4g}") if isinstance(v, float) else v) for k, v in r.items()
             if k not in ("D", "H", "threads", "baseline_gb")}
     return json.dumps(keep)
 
