@@ -1,7 +1,7 @@
 """The C++ flash attention ops (fastjac.ops.attention.cpp: flash_forward, flash_jvp) against a float64 oracle.
 
 The oracle is attention written out with an explicit softmax in float64, its tangents by torch.func.jvp. Covered:
-L != S, an additive bias (full, broadcast as an expanded view, with -inf entries), causal (top-left aligned, also
+L != S, an additive bias (full, broadcast as an expanded view, transposed storage, with -inf entries), causal (top-left aligned, also
 for L != S), fully masked rows (o = 0, lse = -inf, od = 0, never NaN), tiles that do not divide S (S in
 {1, 7, 65, 129} with tiny forced tiles, and the default tiles), K in {1, 5}, float32 and float64, opcheck, and
 that the cpp model path allocates no [S, S] buffer at S = 8192 (largest tensor at the dispatcher, and the
@@ -75,6 +75,9 @@ def _inputs(B, H, L, S, E, Ev, K, dtype, bias_kind, seed=0):
             bias[:, :, 1, :] = float("-inf")  # a fully masked row
     elif bias_kind == "broadcast":  # [B, 1, 1, S] expanded: zero strides, read in place
         bias = _rand(B, 1, 1, S, seed=seed + 9).expand(B, H, L, S)
+    elif bias_kind == "strided":  # [L, S] stored transposed (key stride L), broadcast over B and H
+        bias = _rand(S, L, seed=seed + 9).t()
+        bias[:, ::4] = float("-inf")
     cast = lambda t: None if t is None else t.to(dtype)  # noqa: E731
     return [cast(t) for t in (q, k, v)], [cast(t) for t in T], cast(bias)
 
@@ -112,7 +115,7 @@ def test_flash_ragged_tiles(S, tiles, dtype):
 
 
 @pytest.mark.parametrize("dtype", [F64, F32], ids=["f64", "f32"])
-@pytest.mark.parametrize("bias_kind", ["full", "broadcast"])
+@pytest.mark.parametrize("bias_kind", ["full", "broadcast", "strided"])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 def test_flash_bias_and_masked_rows(bias_kind, causal, dtype):
     for tiles in ((2, 3), (0, 0)):
