@@ -53,10 +53,13 @@ def flash_available(build: bool = False) -> Optional[str]:
     """
     if None in _available:
         return None
-    if build in _available:
-        return _available[build]
     # the backend owns building and loading the library; the op layer only asks it (lazily: no import cycle)
     from ...backends import cpp as _be
+    if _be.is_loaded():  # e.g. loaded by backend="cpp" after an earlier call here said it was not built
+        _available[None] = True
+        return None
+    if build in _available:
+        return _available[build]
     try:
         _be.load(build=build)
         _available[None] = True
