@@ -128,7 +128,7 @@ void flash_fwd(const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_,
         T* oi = o + (bh * L + i0 + i) * Ev;
         const T* ai = acc + i * Ev;
         const T li = l[i];
-        if (li > T(0)) {
+        if (li != T(0)) {  // also NaN (overflowed logits): it must reach o, never look like a masked row
           const T inv = T(1) / li;
 #pragma omp simd
           for (int64_t c = 0; c < Ev; ++c) oi[c] = ai[c] * inv;

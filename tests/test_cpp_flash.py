@@ -135,6 +135,16 @@ def test_all_keys_masked_and_no_keys():
     assert o.shape == (1, 1, 4, 2) and (o == 0).all() and torch.isneginf(lse).all()
 
 
+def test_overflow_propagates_as_nan_not_as_a_masked_row():
+    # logits overflow to inf: softmax is NaN there, and the NaN must reach o and od (a finite 0 would hide the
+    # overflow from the callers' checks, e.g. lyapunov_spectrum's)
+    q, k, v = _rand(1, 1, 3, 4) * 1e200, _rand(1, 1, 5, 4) * 1e200, _rand(1, 1, 5, 2)
+    o, lse = flash_forward(q, k, v, scale=1.0, causal=False)
+    assert o.isnan().any()
+    T = lambda t: _rand(2, *t.shape, seed=5)  # noqa: E731
+    assert flash_jvp(q, k, v, o, lse, T(q), T(k), T(v), scale=1.0, causal=False).isnan().any()
+
+
 def test_flash_tiles_from_env(monkeypatch):
     monkeypatch.setenv("FASTJAC_CPP_FLASH_TILES", "2,3")
     _check(1, 2, 11, 11, 4, 4, 5, F64, True, None, (0, 0))
