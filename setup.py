@@ -10,7 +10,7 @@ import shutil
 from setuptools import find_packages, setup
 from setuptools.command.build_py import build_py
 
-CSRC_FILES = ("register.cpp", "attn_jvp.cpp", "norm_jvp.cpp", "step_dense.cpp", "common.h")
+CSRC_FILES = ("register.cpp", "attn_jvp.cpp", "flash_attn.cpp", "norm_jvp.cpp", "step_dense.cpp", "common.h")
 
 
 class build_py_with_csrc(build_py):

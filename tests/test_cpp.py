@@ -138,11 +138,11 @@ def test_dense_row_chunks(monkeypatch, oracle_cache):
 
 
 def test_linearize_runs_the_forward_once(monkeypatch):
-    import fastjac.ops.step.ref as step_ref
+    import fastjac.ops.step.cpp as step_cpp  # the cpp path's forward is the flash forward (no msa_cache)
     m, X, C = make("ItrSA", CASES[0][1], 2, True)
     calls = []
-    real = step_ref.msa_cache
-    monkeypatch.setattr(step_ref, "msa_cache", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = step_cpp.msa_forward_cpp
+    monkeypatch.setattr(step_cpp, "msa_forward_cpp", lambda *a, **k: calls.append(1) or real(*a, **k))
     _, f = fj.linearize(m, X, C=C, backend="cpp")
     T = _rand(3, *X.shape, seed=2)
     first = f(T)

@@ -19,6 +19,7 @@ normalisation JVP) and ``step_dense_`` (the dense Jacobian writer). See docs/cpp
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -37,16 +38,24 @@ from ..models import AKOrN, ItrSA
 from .base import KernelBackend, needs_weight_grad
 
 SUPPORTED_DTYPES = (torch.float32, torch.float64)
-SOURCES = ("register.cpp", "attn_jvp.cpp", "norm_jvp.cpp", "step_dense.cpp")
+SOURCES = ("register.cpp", "attn_jvp.cpp", "flash_attn.cpp", "norm_jvp.cpp", "step_dense.cpp")
 HEADERS = ("common.h",)
-CFLAGS = ("-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp", "-ffp-contract=fast", "-fno-math-errno")
+CFLAGS = ("-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp", "-ffp-contract=fast", "-fno-math-errno",
+          "-fno-trapping-math")
 LDFLAGS = ("-fopenmp",)
 LIB_NAME = "fastjac_cpp"
+# csrc/common.h FASTJAC_CPP_ABI: a library without this tag (a foreign or stale .so) is rebuilt, never loaded
+ABI = 2
+ABI_TAG = f"fastjac-cpp-abi-{ABI};".encode()
+OPS = ("attn_jvp", "norm_residual_jvp", "step_dense_", "flash_fwd", "flash_jvp", "step_dense_flash_", "abi_version")
+# how long a build waits for another process's build of the same cache folder before it gives up, saying why
+LOCK_TIMEOUT_S = float(os.environ.get("FASTJAC_CPP_LOCK_TIMEOUT", "900"))
 
 _lock = threading.Lock()
 _loaded: Optional[str] = None  # path of the library loaded in this process
 _error: Optional[str] = None  # why the last build or load failed
 _fakes_done = False
+_probe: dict = {}  # per-process cache of the toolchain probe and the build key (cleared by an explicit build)
 
 
 # ------------------------------------------------------------------------------------------------ build and cache
@@ -65,8 +74,21 @@ def _compiler() -> Optional[str]:
     return shutil.which(cxx) or shutil.which("g++") or shutil.which("clang++")
 
 
+def _forget_probe() -> None:
+    """Drop the cached toolchain probe and source hash (an explicit build re-reads both)."""
+    _probe.clear()
+
+
 def toolchain_why_not() -> Optional[str]:
-    """None if this machine can build the extension, else why not (no sources, compiler or ninja)."""
+    """None if this machine can build the extension, else why not (no sources, compiler or ninja).
+
+    Probed once per process (``ninja --version`` is a subprocess): "auto" asks on every call."""
+    if "why" not in _probe:
+        _probe["why"] = _toolchain_why_not()
+    return _probe["why"]
+
+
+def _toolchain_why_not() -> Optional[str]:
     if source_dir() is None:
         return "the C++ sources (csrc/) are not in this install"
     if sys.platform == "win32":
@@ -94,7 +116,15 @@ def _machine_key() -> str:
 
 
 def build_key() -> str:
-    """The cache folder's name: torch version, Python, machine and a hash of sources, flags and CPU features."""
+    """The cache folder's name: torch version, Python, machine and a hash of sources, flags and CPU features.
+
+    Hashed once per process (the sources do not change under a running process; an explicit build re-hashes)."""
+    if "key" not in _probe:
+        _probe["key"] = _build_key()
+    return _probe["key"]
+
+
+def _build_key() -> str:
     h = hashlib.sha256()
     d = source_dir()
     for f in SOURCES + HEADERS:
@@ -127,6 +157,15 @@ def _lib_file() -> Path:
     return cache_dir() / f"{LIB_NAME}.so"
 
 
+def _has_tag(lib: Path) -> bool:
+    """Whether ``lib`` is a fastjac library of this ABI (the tag string is in the file), without loading it: a
+    foreign .so once dlopen-ed could not be replaced in this process."""
+    try:
+        return ABI_TAG in lib.read_bytes()
+    except OSError:
+        return False
+
+
 def is_loaded() -> bool:
     """Whether the compiled ops are loaded in this process."""
     return _loaded is not None
@@ -145,25 +184,93 @@ def build_info() -> dict:
         return {}
 
 
+def _cache_error(path: Path, e: OSError) -> RuntimeError:
+    return RuntimeError(f"the C++ build cache {path} is not writable ({type(e).__name__}: {e}); set "
+                        "FASTJAC_CPP_CACHE to a writable folder")
+
+
+@contextlib.contextmanager
+def _build_lock(out: Path, timeout: Optional[float] = None):
+    """An exclusive ``fcntl.flock`` on ``out/fastjac.lock`` for the duration of a build.
+
+    The kernel releases it when its holder dies (SIGKILL included), so a killed build can never block later ones;
+    waiting for a live one is bounded (``FASTJAC_CPP_LOCK_TIMEOUT`` seconds, default 900) and the error names the
+    lock file. While it is held no other fastjac build of this folder runs, so torch's own lock file there
+    (``out/lock``, which a killed build leaves behind and torch then waits on forever) is stale and removed."""
+    import fcntl
+    path = out / "fastjac.lock"
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise _cache_error(out, e) from e
+    limit = LOCK_TIMEOUT_S if timeout is None else timeout
+    t0 = time.monotonic()
+    try:
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() - t0 > limit:
+                    raise RuntimeError(f"another process has been building the C++ extension for over {limit:.0f} "
+                                       f"s (it holds the lock {path}); wait for it, or end it (a dead holder "
+                                       "releases the lock by itself), or raise FASTJAC_CPP_LOCK_TIMEOUT") from None
+                time.sleep(0.1)
+        try:
+            (out / "lock").unlink()  # torch's FileBaton of a killed build: stale, since we hold the build lock
+        except FileNotFoundError:
+            pass
+        yield path
+    finally:
+        os.close(fd)  # releases the flock
+
+
+def _verify() -> None:
+    """Every op of this ABI is registered by the loaded library (a wrong library fails here, not in a model)."""
+    ns = torch.ops.fastjac
+    missing = [op for op in OPS if not hasattr(ns, op)]
+    if missing:
+        raise RuntimeError(f"the loaded library does not register the ops {missing}")
+    v = ns.abi_version()
+    if v != ABI:
+        raise RuntimeError(f"the loaded library has ABI version {v}, expected {ABI}")
+
+
+def _load_file(lib: Path) -> str:
+    global _loaded, _error
+    torch.ops.load_library(str(lib))
+    _verify()
+    _loaded, _error = str(lib), None
+    _register_fakes()
+    return _loaded
+
+
 def load(build: bool = True, verbose: bool = False, force: bool = False) -> str:
     """Load the compiled ops into this process, compiling them first if needed (and ``build``). Returns the
-    library's path; raises RuntimeError saying why it cannot."""
+    library's path; raises RuntimeError saying why it cannot.
+
+    A cached file is loaded only if it carries this version's tag (``ABI_TAG``) and, once loaded, registers every
+    op in ``OPS``; otherwise it is rebuilt (``build``) or refused with the reason."""
     global _loaded, _error
     with _lock:
         if _loaded is not None and not force:
             return _loaded
+        if force:
+            _forget_probe()
         reason = toolchain_why_not()
         lib = _lib_file()
         if lib.is_file() and not force:
-            try:
-                torch.ops.load_library(str(lib))
-                _loaded, _error = str(lib), None
-                _register_fakes()
-                return _loaded
-            except Exception as e:  # a stale or foreign file: rebuild it if we can
-                _error = f"loading {lib} failed ({type(e).__name__}: {e})"
-                if not build or reason is not None:
-                    raise RuntimeError(_error) from e
+            if _has_tag(lib):
+                try:
+                    return _load_file(lib)
+                except Exception as e:
+                    _error = f"loading {lib} failed ({type(e).__name__}: {e})"
+                    raise RuntimeError(_error + ": delete it, or run `python -m fastjac build --force` in a new "
+                                       "process") from e
+            _error = f"{lib} is not a fastjac C++ library of this version (no tag {ABI_TAG.decode()!r})"
+            if not build or reason is not None:
+                raise RuntimeError(_error + ": run `python -m fastjac build` to rebuild it")
         if not build:
             raise RuntimeError(f"the C++ extension is not built for this torch/machine (no {lib})")
         if reason is not None:
@@ -171,9 +278,22 @@ def load(build: bool = True, verbose: bool = False, force: bool = False) -> str:
             raise RuntimeError(reason)
         if _loaded is not None:
             raise RuntimeError("the C++ extension is already loaded in this process: rebuild it in a new one")
-        from torch.utils.cpp_extension import load as _jit_load
-        d, out = source_dir(), cache_dir()
-        out.mkdir(parents=True, exist_ok=True)
+        return _build(verbose, force)
+
+
+def _build(verbose: bool, force: bool) -> str:
+    global _error
+    from torch.utils.cpp_extension import load as _jit_load
+    d, out = source_dir(), cache_dir()
+    lib = out / f"{LIB_NAME}.so"
+    with _build_lock(out):
+        if not force and lib.is_file() and _has_tag(lib):  # another process built it while we waited
+            return _load_file(lib)
+        try:
+            if lib.exists():
+                lib.unlink()  # stale or foreign: never load it
+        except OSError as e:
+            raise _cache_error(out, e) from e
         t0 = time.perf_counter()
         try:
             _jit_load(name=LIB_NAME, sources=[str(d / f) for f in SOURCES], extra_include_paths=[str(d)],
@@ -185,7 +305,12 @@ def load(build: bool = True, verbose: bool = False, force: bool = False) -> str:
         secs = time.perf_counter() - t0
         info = dict(compile_s=round(secs, 1), date=time.strftime("%Y-%m-%dT%H:%M:%S"), torch=torch.__version__,
                     compiler=_compiler(), cflags=list(CFLAGS), cpu_count=os.cpu_count())
-        (out / "build_info.json").write_text(json.dumps(info, indent=1))
+        try:
+            (out / "build_info.json").write_text(json.dumps(info, indent=1))
+        except OSError as e:
+            raise _cache_error(out, e) from e
+        _verify()
+        global _loaded
         _loaded, _error = str(lib), None
         _register_fakes()
         return _loaded
@@ -203,12 +328,26 @@ def _register_fakes() -> None:
         K, B, H, S, _ = qd.shape
         return q.new_empty((K, B, S, H, v.shape[-1]))
 
+    @lib.register_fake("fastjac::flash_fwd")
+    def _flash_fwd_fake(q, k, v, scale, causal, bias, block_m, block_n):
+        B, H, L, _ = q.shape
+        return q.new_empty((B, H, L, v.shape[-1])), q.new_empty((B, H, L))
+
+    @lib.register_fake("fastjac::flash_jvp")
+    def _flash_jvp_fake(q, k, v, o, lse, qd, kd, vd, scale, causal, bias, block_m, block_n):
+        K, B, H, L, _ = qd.shape
+        return q.new_empty((K, B, L, H, v.shape[-1]))
+
     @lib.register_fake("fastjac::norm_residual_jvp")
     def _norm_fake(T, R, w, s, gamma, eta, kind, group):
         return torch.empty_like(T, memory_format=torch.contiguous_format)
 
     @lib.register_fake("fastjac::step_dense_")
     def _dense_fake(A, R1, U, rb, Ed, out, i0):
+        return None
+
+    @lib.register_fake("fastjac::step_dense_flash_")
+    def _dense_flash_fake(q, k, vo, oo, L, E, wvoT, wq, wk, eta, beta, causal, out):
         return None
 
     _fakes_done = True
@@ -287,13 +426,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--force", action="store_true", help="recompile even if a cached build exists")
     ap.add_argument("--verbose", action="store_true", help="show the compiler's output")
     args = ap.parse_args([] if argv is None else list(argv))
+    _forget_probe()  # an explicit build re-probes the toolchain and re-hashes the sources
     reason = toolchain_why_not()
     if reason is not None and not (is_built() and not args.force):
         print(f"fastjac build: cannot build the C++ extension: {reason}", file=sys.stderr)
         return 1
     if args.force:
         shutil.rmtree(cache_dir(), ignore_errors=True)
-    cached = _lib_file().is_file()
+    cached = _lib_file().is_file() and _has_tag(_lib_file())
     t0 = time.perf_counter()
     try:
         path = load(build=True, verbose=args.verbose)

@@ -1,13 +1,16 @@
 """One ItrSA / AKOrN step linearised on the compiled C++ kernels (``backend="cpp"``, CPU).
 
-The forward is ref.py's (torch ops: the X W GEMMs on BLAS, one softmax whose probabilities every tangent reuses);
-every JVP is the k-tangent attention kernel (``fastjac/ops/attention/cpp.py``) followed by the fused residual +
-normalisation kernel (``fastjac/ops/norm/cpp.py``); the dense Jacobian is ``step_dense_cpp``: per-token factors
-in torch ops (as ``dense_triton.dense_factors``), expanded by the C++ writer ``torch.ops.fastjac.step_dense_``,
-which writes every output element once. The VJP stays the analytic torch path (ref.py, under no_grad): it already
-shares A across cotangents in batched GEMMs.
+The forward is the flash-tiled C++ attention (``fastjac/ops/attention/cpp.py``: q, k, v projections by torch
+GEMMs, then o and the row log-sum-exp; no S x S probabilities); every JVP is the flash k-tangent attention kernel
+(p recomputed per tile from lse, shared by all tangents) followed by the fused residual + normalisation kernel
+(``fastjac/ops/norm/cpp.py``); the dense Jacobian is ``step_dense_cpp``: the fused C++ writer
+``torch.ops.fastjac.step_dense_flash_`` builds every per-token factor itself (the probability rows, U, R1, rb,
+the diagonal block) and writes every output element once. Nothing on the forward, JVP or dense path allocates an
+[S, S] tensor.
 
-Not differentiable in the weights: use backend="torch" for Jacobian-based training losses.
+The VJP stays the analytic torch path (ref.py, under no_grad), which needs the probabilities: they are built (as
+by the Triton backend) only when a VJP asks for them. Not differentiable in the weights: use backend="torch" for
+Jacobian-based training losses.
 """
 from __future__ import annotations
 
@@ -17,29 +20,46 @@ import torch
 from torch import Tensor
 
 from ..akorn.ref import omega_apply, proj_jvp
-from ..attention.cpp import msa_jvp_cpp, qkv_weight
+from ..attention.cpp import FlashAttnCache, msa_forward_cpp, msa_jvp_cpp, qkv_weight
+from ..attention.ref import AttnCache, _out_proj_h, attention_probs
 from ..norm.cpp import norm_residual_jvp_cpp
 from .factors import AKOrNDenseFactors, ItrSADenseFactors, dense_factors, dense_out
 from .ref import AKOrNLinearization, AKOrNParams, ItrSALinearization, ItrSAParams
 
-# temporaries of one row chunk of the dense factors (U, R1 and their einsum intermediates) stay near this size
+# the factored writer (``step_dense_factored``, op step_dense_): temporaries of one row chunk of its torch-built
+# factors stay near this size
 DENSE_FACTOR_BYTES = 64 * 2**20
 
 
 class _CppStep:
-    """Shared by both steps: the attention JVP through the C++ kernel, and the dense Jacobian writer."""
+    """Shared by both steps: the flash forward at X, the attention JVP through the C++ kernel, the fused dense
+    writer, and a torch cache with the probabilities built only when a VJP asks for it."""
+
+    def _attention(self, X: Tensor, pa) -> Tensor:
+        self._fc: FlashAttnCache = msa_forward_cpp(X, pa)
+        self._attn = None
+        return self._fc.out
+
+    @property
+    def attn(self) -> AttnCache:
+        # only the VJP (ref.msa_vjp) and the factored writer read this: [B, H, S, S] probabilities, built once
+        if self._attn is None:
+            c = self._fc
+            A = attention_probs(c.q, c.k, c.params.beta, c.params.causal)
+            self._attn = AttnCache(c.params, c.q, c.k, c.v, A, c.o, c.out)
+        return self._attn
 
     def _msa_jvp(self, T: Tensor) -> Tensor:
         if getattr(self, "_wqkv", None) is None:
-            self._wqkv = qkv_weight(self.attn.params)
-        return msa_jvp_cpp(self.attn, T.contiguous(), wqkv=self._wqkv)
+            self._wqkv = qkv_weight(self._fc.params)
+        return msa_jvp_cpp(self._fc, T.contiguous(), wqkv=self._wqkv)
 
     def vjp(self, G: Tensor) -> Tensor:
         with torch.no_grad():
             return super().vjp(G)
 
     def dense(self, out: Optional[Tensor] = None) -> Tensor:
-        """The step Jacobian [B, S*D, S*D], token-major, written by the C++ writer (each element once)."""
+        """The step Jacobian [B, S*D, S*D], token-major, written by the fused C++ writer (each element once)."""
         return step_dense_cpp(self, out)
 
 
@@ -87,11 +107,31 @@ class CppAKOrNLinearization(_CppStep, AKOrNDenseFactors, AKOrNLinearization):
 
 
 def step_dense_cpp(lin, out: Optional[Tensor] = None) -> Tensor:
-    """The dense step Jacobian [B, S*D, S*D] of a C++ linearisation, written by ``torch.ops.fastjac.step_dense_``.
+    """The dense step Jacobian [B, S*D, S*D] of a C++ linearisation, written by ``torch.ops.fastjac.step_dense_flash_``.
 
-    ``lin`` provides ``attn`` (an AttnCache with A), ``p.eta``, ``_left`` and ``_diag_E`` (see dense_factors);
-    ``out`` (contiguous rows) receives the result, every element written exactly once.
+    ``lin`` provides ``_fc`` (the flash forward's cache), ``p.eta`` and ``_row_factors()`` (the per-token D x D
+    matrices L_i, E_i of J_step[i, m] = eta L_i J_MSA[i, m] + delta_im E_i, from the norm's torch code: O(S D^3));
+    every S-dependent factor is built inside the op. ``out`` (contiguous rows) receives the result, every element
+    written exactly once.
     """
+    from .._utils import compiled_ops as ops
+    X = lin.X
+    out = dense_out(X, out)
+    c = lin._fc
+    p = c.params
+    with torch.no_grad():
+        L, E = lin._row_factors()
+        vo, oo = _out_proj_h(c.v, p.wo), _out_proj_h(c.o, p.wo)  # [B, H, S, D]: the per-head output projections
+        wvoT = (p.wv if p.wo is None else p.wv @ p.wo).transpose(-1, -2)  # [H, D(a), D(b)]
+        ops().step_dense_flash_(c.q, c.k, vo, oo, L, E, wvoT, p.wq, p.wk, float(lin.p.eta.detach()),
+                                float(p.beta), bool(p.causal), out)
+    return out
+
+
+def step_dense_factored(lin, out: Optional[Tensor] = None) -> Tensor:
+    """The former dense writer, kept for comparison (bench/bench_roofline.py) and its op's tests: per-token factors
+    in torch ops (``factors.dense_factors``, from the [B, H, S, S] probabilities), expanded by
+    ``torch.ops.fastjac.step_dense_``."""
     from .._utils import compiled_ops as ops
     X = lin.X
     B, S, D = X.shape
