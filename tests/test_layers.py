@@ -27,6 +27,8 @@ LAZY_UPWARD_OK = {
     ("fastjac.ops", "fastjac.config"),  # not upward; kept for clarity
     # lyapunov_spectrum(parallel=...) hands the job to the optional distributed engine
     ("fastjac.analysis.lyapunov", "fastjac.distributed"),
+    # the C++ flash ops ask the extension loader (backends/cpp.py builds and loads the library) whether they can run
+    ("fastjac.ops.attention.cpp", "fastjac.backends"),
     # the CLI and docs helpers reach every subsystem
     ("fastjac.__main__", "fastjac"),
 }
