@@ -182,7 +182,10 @@ def kernel_for(q: Tensor) -> str:
     CUDA tensors also take the torch reference: the Triton attention kernel of fastjac (ops/attention/triton.py)
     takes a fastjac model's weights, not q, k, v, so it is not wired here.
     """
-    if q.device.type == "cpu" and q.dtype in (torch.float32, torch.float64) and _cpp_module() is not None:
+    # Under torch.compile the traced C++ flash ops gave wrong tangents (0.86 off in float64, torch 2.13, backend
+    # "eager"; their fake kernels' layout is not what the real ops return): compiled code takes the torch reference.
+    if q.device.type == "cpu" and q.dtype in (torch.float32, torch.float64) and _cpp_module() is not None \
+            and not torch.compiler.is_compiling():
         return "cpp-flash"
     return "torch-chunked"
 
