@@ -45,7 +45,12 @@ PRESETS: Dict[str, Dict[str, Any]] = {
 
 # fields that do not change the trajectory of the weights (excluded from the resume fingerprint)
 _NON_TRAJECTORY = ("out", "progress", "stop_at", "checkpoint_every", "log_every", "eval_steps", "lyap_samples",
-                   "cache_dir", "threads", "eval_every")
+                   "cache_dir", "threads", "eval_every", "lyap_log_boards")
+# fields added after checkpoints of the other fields were written: left out of the fingerprint while they cannot
+# change the trajectory (at the value the code before them behaved as, or the lyap_* ones with lyap = 0), so those
+# checkpoints still resume and a non-Lyapunov run keeps its fingerprint
+_LEGACY = {"lyap_iters": 0, "lyap_form": "squared", "lyap_aggregate": "board", "lyap_boards": 0, "reg_warmup": 0,
+           "reg_ramp": 0}
 
 
 @dataclass
@@ -58,6 +63,15 @@ class TrainConfig:
     ((lambda_max - lyap_target)^2 of the finite-horizon exponents over ``steps`` steps with ``lyap_k`` tangents).
     The Jacobian terms use the first ``reg_samples`` boards of each batch: jac_* at the input of the last step,
     lyap from X0; they are computed every ``reg_every`` steps (1: every step), at the weight given.
+
+    Lyapunov term (:func:`fastjac.train.regularizers.lyapunov_penalty`): ``lyap_iters`` subspace-iteration passes
+    (default 1: the unbiased lambda_max; 0: the random frame, biased low by ~0.15 at k = 4), ``lyap_form``
+    "squared" | "above" | "below" (one-sided hinges), ``lyap_aggregate`` "board" (every board pulled to the
+    target) | "batch" (the batch mean), ``lyap_boards`` boards per step (0: ``reg_samples``). Weight schedule of
+    every regulariser: 0 for ``reg_warmup`` optimizer steps, then a linear ramp over ``reg_ramp`` steps
+    (:func:`~fastjac.train.regularizers.ramp_weight`). ``lyap_log_boards`` held-out boards (the first of test_id)
+    have their finite-horizon lambda_max (k = 4, 2 alignment passes, float64) logged after every epoch (0: off;
+    no random draw, so the training trajectory does not depend on it).
     """
 
     kind: str = "itrsa"
@@ -89,6 +103,13 @@ class TrainConfig:
     lyap_k: int = 4
     reg_samples: int = 8
     reg_every: int = 1
+    lyap_iters: int = 1
+    lyap_form: str = "squared"
+    lyap_aggregate: str = "board"
+    lyap_boards: int = 0
+    reg_warmup: int = 0
+    reg_ramp: int = 0
+    lyap_log_boards: int = 16
     eval_steps: Tuple[int, ...] = (16, 32, 64)
     eval_every: int = 0
     lyap_samples: int = 4
@@ -121,6 +142,14 @@ class TrainConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name}: expected an int >= 1, got {v!r}")
+        for name in ("lyap_iters", "lyap_boards", "reg_warmup", "reg_ramp", "lyap_log_boards"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"{name}: expected an int >= 0, got {v!r}")
+        if self.lyap_form not in R.PENALTY_FORMS:
+            raise ValueError(f"lyap_form: expected one of {R.PENALTY_FORMS}, got {self.lyap_form!r}")
+        if self.lyap_aggregate not in R.PENALTY_AGGREGATES:
+            raise ValueError(f"lyap_aggregate: expected one of {R.PENALTY_AGGREGATES}, got {self.lyap_aggregate!r}")
         for name in ("spec", "e_single", "e_multi", "jac_frob", "jac_spec", "lyap", "weight_decay", "ema"):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or v < 0 or not math.isfinite(v):
@@ -140,6 +169,9 @@ class TrainConfig:
 
 def _fingerprint(cfg: TrainConfig) -> str:
     d = {k: v for k, v in cfg.to_dict().items() if k not in _NON_TRAJECTORY}
+    for k, legacy in _LEGACY.items():
+        if d[k] == legacy or (k.startswith("lyap_") and cfg.lyap == 0):
+            del d[k]
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -187,8 +219,10 @@ def regularizer_terms(cfg: TrainConfig, net: SudokuNet, xs: List[Tensor], C: Ten
     if cfg.jac_spec > 0:
         terms["jac_spec"] = R.jacobian_spectral(net.core, xs[-2][r], C=C[r], iters=cfg.jac_iters, seed=seed)
     if cfg.lyap > 0:
-        terms["lyap"] = R.lyapunov_penalty(net.core, xs[0][r], C=C[r], target=cfg.lyap_target, horizon=cfg.steps,
-                                           k=cfg.lyap_k, seed=seed)
+        rl = slice(0, min(cfg.lyap_boards or cfg.reg_samples, C.shape[0]))
+        terms["lyap"] = R.lyapunov_penalty(net.core, xs[0][rl], C=C[rl], target=cfg.lyap_target, horizon=cfg.steps,
+                                           k=cfg.lyap_k, iters=cfg.lyap_iters, seed=seed, form=cfg.lyap_form,
+                                           aggregate=cfg.lyap_aggregate)
     return terms
 
 
@@ -242,6 +276,21 @@ def lyapunov_of(net: SudokuNet, puzzles: Tensor, horizon: int = 16) -> Dict[str,
     return {"max": float(np.mean(maxs)), "mean": float(np.mean(means)), "per_board_max": maxs,
             "per_board_mean": means, "horizon": horizon, "boards": len(maxs),
             "method": "dense (all exponents)" if n <= 1024 else "matrix-free top 32"}
+
+
+@torch.no_grad()
+def heldout_lambda_max(net: SudokuNet, puzzles: Tensor, horizon: int = 16, k: int = 4, iters: int = 2
+                       ) -> Dict[str, Any]:
+    """The finite-horizon lambda_max (T = ``horizon`` from X0) of the core on held-out ``puzzles`` [B, S], by
+    :func:`fastjac.train.regularizers.lyapunov` with ``iters`` alignment passes in float64 (the per-epoch log;
+    no random draw from torch's global generator). Returns {"max": mean over boards, "se": its standard error,
+    "boards": B, "per_board": [...]}."""
+    core = R.plain_copy(net.core).double()
+    X0, C = net.inputs(puzzles.to(net.pos.device))
+    ex = R.lyapunov(core, X0.detach().double(), C=C.detach().double(), horizon=horizon, k=k, iters=iters, seed=0)
+    per = ex[:, 0].cpu().numpy()
+    se = float(per.std(ddof=1) / math.sqrt(len(per))) if len(per) > 1 else float("nan")
+    return {"max": float(per.mean()), "se": se, "boards": len(per), "per_board": [float(v) for v in per]}
 
 
 def _save_ckpt(path: str, state: Dict[str, Any]) -> None:
@@ -319,7 +368,7 @@ def train(cfg: TrainConfig, data=None) -> Dict[str, Any]:
     ema = {k: v.detach().clone() for k, v in net.state_dict().items()} if cfg.ema > 0 else None
     per_epoch = math.ceil(len(Ptr) / cfg.batch_size)
     total = per_epoch * cfg.epochs
-    st = dict(step=0, train_time=0.0, history=[])
+    st = dict(step=0, train_time=0.0, history=[], heldout=[])
     if os.path.exists(ckpt_path):
         saved = torch.load(ckpt_path, map_location=cfg.device, weights_only=True)
         if saved.get("fingerprint") != fp:
@@ -331,12 +380,14 @@ def train(cfg: TrainConfig, data=None) -> Dict[str, Any]:
             R.load_spec_state(net.core, saved["spec_state"])
         if ema is not None:
             ema = saved["ema"]
-        st = dict(step=saved["step"], train_time=saved["train_time"], history=saved["history"])
+        st = dict(step=saved["step"], train_time=saved["train_time"], history=saved["history"],
+                  heldout=saved.get("heldout", []))
 
     def checkpoint():
         _save_ckpt(ckpt_path, dict(fingerprint=fp, model=net.state_dict(), optimizer=opt.state_dict(),
                                    spec_state=R.spec_state(net.core), ema=ema, step=st["step"],
-                                   train_time=st["train_time"], history=st["history"], config=cfg.to_dict()))
+                                   train_time=st["train_time"], history=st["history"], config=cfg.to_dict(),
+                                   heldout=st["heldout"]))
 
     from tqdm.auto import tqdm
 
@@ -356,9 +407,10 @@ def train(cfg: TrainConfig, data=None) -> Dict[str, Any]:
                 gr["lr"] = _lr_at(cfg, step, total)
             logits, xs, C = net(p, return_states=True)
             ce = sudoku_loss(logits, s)
-            terms = regularizer_terms(cfg, net, xs, C, step)
+            ramp = R.ramp_weight(step, warmup=cfg.reg_warmup, ramp=cfg.reg_ramp)
+            terms = regularizer_terms(cfg, net, xs, C, step) if ramp > 0 else {}
             last_terms.update({k: v.item() for k, v in terms.items()})
-            loss = ce + sum(getattr(cfg, k) * v for k, v in terms.items())
+            loss = ce + sum(ramp * getattr(cfg, k) * v for k, v in terms.items())
             opt.zero_grad(set_to_none=True)
             loss.backward()
             gnorm = torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.clip) if cfg.clip > 0 else None
@@ -380,6 +432,11 @@ def train(cfg: TrainConfig, data=None) -> Dict[str, Any]:
                 st["history"].append(rec)
                 _log(log_path, rec)
                 bar.set_postfix(ce=f"{ce.item():.3f}")
+            if cfg.lyap_log_boards and st["step"] % per_epoch == 0:  # after its optimizer time: not in train_time
+                hl = heldout_lambda_max(net, data["test_id"][0][:cfg.lyap_log_boards], horizon=cfg.steps)
+                hl = dict(step=st["step"], epoch=epoch, heldout_lambda_max=hl["max"], se=hl["se"], boards=hl["boards"])
+                st["heldout"].append(hl)
+                _log(log_path, hl)
             if cfg.eval_every and st["step"] % (cfg.eval_every * per_epoch) == 0 and st["step"] < total:
                 ev = evaluate(net, data, steps=(cfg.steps,))
                 _log(log_path, dict(step=st["step"], eval=ev))
@@ -405,7 +462,8 @@ def train(cfg: TrainConfig, data=None) -> Dict[str, Any]:
     save_net(net, os.path.join(cfg.out, "sudoku_net.safetensors"))
     res = dict(config=cfg.to_dict(), steps=total, train_time_s=st["train_time"], data_time_s=t_data,
                eval_time_s=t_eval, final_ce=st["history"][-1]["ce"] if st["history"] else None,
-               eval=ev, lyapunov=lyap, torch=torch.__version__, date=time.strftime("%Y-%m-%d %H:%M:%S"))
+               eval=ev, lyapunov=lyap, heldout_lambda_max_per_epoch=st["heldout"], torch=torch.__version__,
+               date=time.strftime("%Y-%m-%d %H:%M:%S"))
     with open(os.path.join(cfg.out, "results.json"), "w") as f:
         json.dump(res, f, indent=1)
     _log(log_path, dict(step=total, eval=ev, lyapunov=lyap))
@@ -413,4 +471,4 @@ def train(cfg: TrainConfig, data=None) -> Dict[str, Any]:
 
 
 __all__ = ["TrainConfig", "PRESETS", "train", "evaluate", "build_net", "load_data", "lyapunov_of", "save_net",
-           "load_net", "plain_net", "regularizer_terms"]
+           "load_net", "plain_net", "regularizer_terms", "heldout_lambda_max"]
