@@ -22,7 +22,7 @@ from typing import List, Optional
 from .loop import PRESETS, TrainConfig, train
 
 _HELP = {
-    "kind": "itrsa | akorn", "size": "board side: 4 or 9", "dim": "D", "heads": "H", "steps": "T, recurrent steps",
+    "kind": "itrsa | akorn", "size": "board side: 4, 6 (2x3 boxes) or 9", "dim": "D", "heads": "H", "steps": "T, recurrent steps",
     "spec": "weight of R_Spec", "e_single": "weight of E-single", "e_multi": "weight of E-multi's symmetry penalty "
     "(with the orthogonal parametrisation of W^V, W^O)", "e_multi_hard": "E-multi with exact constraints",
     "jac_frob": "weight of the Hutchinson |J|_F^2", "jac_spec": "weight of sigma_max(J)^2",
