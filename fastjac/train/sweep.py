@@ -49,12 +49,17 @@ TEST_SEED = 424_242
 EXCLUDE_SEEDS = tuple(range(10))
 EVAL_STEPS = (4, 8, 16, 32, 64, 128)
 
+# the Lyapunov-target runs: k = 4 tangents, one alignment pass (the unbiased default), 4 boards a step, no penalty
+# for the first 2 epochs (250 steps) then a linear ramp over 2 more (at initialisation lambda_max ~ -1.5: a full
+# weight would swamp the cross-entropy)
 _LYAP = ["--lyap-k", "4", "--lyap-iters", "1", "--lyap-boards", "4", "--reg-warmup", "250", "--reg-ramp", "250"]
 
 
-def _lyap_cfg(tau: float, weight: float = 1.0, aggregate: str = "board", preset: str = "cpu") -> Tuple[str, list]:
+def _lyap_cfg(tau: float, weight: float = 1.0, aggregate: str = "board", preset: str = "cpu",
+              every: int = 1) -> Tuple[str, list]:
     return (preset, ["--lyap", str(weight), "--lyap-target", str(tau)] + _LYAP
-            + (["--lyap-aggregate", aggregate] if aggregate != "board" else []))
+            + (["--lyap-aggregate", aggregate] if aggregate != "board" else [])
+            + (["--reg-every", str(every)] if every != 1 else []))
 
 
 #: name -> (label, preset, CLI flags of ``python -m fastjac train`` on top of the preset)
@@ -74,8 +79,11 @@ for _w, _agg in ((1.0, "board"), (1.0, "batch"), (0.1, "board")):
     for _tau in (-0.3, -0.15, 0.0, 0.1, 0.3):
         _p, _f = _lyap_cfg(_tau, _w, _agg)
         CONFIGS[f"lyap_w{_w:g}_{_agg}_t{_tau:g}"] = (f"Lyapunov tau={_tau:g} (w {_w:g}, {_agg})", _p, _f)
+for _tau in (-0.3, -0.15, 0.0, 0.1, 0.3):  # the controlled Fig. 3 grid: the term every second step (half the cost)
+    _p, _f = _lyap_cfg(_tau, 1.0, "board", every=2)
+    CONFIGS[f"lyap_t{_tau:g}"] = (f"Lyapunov tau={_tau:g}", _p, _f)
 for _tau in (-0.15, 0.0, 0.1):
-    _p, _f = _lyap_cfg(_tau, 1.0, "board", "cpu6")
+    _p, _f = _lyap_cfg(_tau, 1.0, "board", "cpu6", every=2)
     CONFIGS[f"s6_lyap_t{_tau:g}"] = (f"6x6 Lyapunov tau={_tau:g}", _p, _f)
 for _n in ("spec_1e-4", "jac_frob"):
     CONFIGS["s6_" + _n] = ("6x6 " + CONFIGS[_n][0], "cpu6", CONFIGS[_n][2])
@@ -85,7 +93,8 @@ TAUS = (-0.3, -0.15, 0.0, 0.1, 0.3)
 GRIDS: Dict[str, List[str]] = {
     "fig5": ["original", "spec_1e-5", "spec_1e-4", "spec_1e-3", "e_single", "e_multi", "jac_frob", "jac_spec"],
     "fig4": ["original", "akorn"],
-    "fig3": [f"lyap_w1_board_t{t:g}" for t in TAUS],
+    "fig3": [f"lyap_t{t:g}" for t in TAUS],
+    "fig3_every1": [f"lyap_w1_board_t{t:g}" for t in TAUS],
     "fig3_batch": [f"lyap_w1_batch_t{t:g}" for t in TAUS],
     "sudoku6": ["s6_original", "s6_lyap_t0"],
 }
@@ -368,8 +377,7 @@ def plot_all(summary: Dict[str, Any], records: List[Dict[str, Any]], png_dir: st
         return s.get("mean"), s.get("sd") or 0.0, s.get("values", [])
 
     # fig5: accuracy per regulariser
-    names = [n for n in GRIDS["fig5"] + ["lyap_w1_board_t0.1", "lyap_w1_board_t0", "lyap_w1_board_t-0.15"]
-             if n in agg]
+    names = [n for n in GRIDS["fig5"] + GRIDS["fig3"] + ["lyap_w1_board_t0.1"] if n in agg]
     if names:
         fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
         for ax, split in zip(axes, ("test_id", "test_ood")):
