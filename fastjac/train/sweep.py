@@ -126,8 +126,14 @@ def status(root: str, name: str, seed: int) -> str:
     return "interrupted" if os.path.exists(os.path.join(d, "checkpoint.pt")) else "missing"
 
 
-def train_command(name: str, seed: int, root: str, *, threads: int = 1, cache_dir: str = "") -> List[str]:
-    """The ``python -m fastjac.train.cli`` command line of one run (the final evaluation is left to the sweep)."""
+#: flags of ``--quick`` (appended to every run; the runs go to ROOT/quick): 1 epoch of 2000 boards, to try a grid
+QUICK_FLAGS = ["--epochs", "1", "--n-train", "2000", "--n-test", "200"]
+
+
+def train_command(name: str, seed: int, root: str, *, threads: int = 1, cache_dir: str = "",
+                  extra: Sequence[str] = ()) -> List[str]:
+    """The ``python -m fastjac.train.cli`` command line of one run (the final evaluation is left to the sweep);
+    ``extra`` flags are appended (e.g. :data:`QUICK_FLAGS`)."""
     if name not in CONFIGS:
         raise ValueError(f"config: unknown {name!r}; expected one of {sorted(CONFIGS)}")
     _, preset, flags = CONFIGS[name]
@@ -135,11 +141,11 @@ def train_command(name: str, seed: int, root: str, *, threads: int = 1, cache_di
            "--seed", str(seed), "--out", run_dir(root, name, seed), "--eval-steps", "16", "--lyap-samples", "0"]
     if cache_dir:
         cmd += ["--cache-dir", cache_dir]
-    return cmd + list(flags)
+    return cmd + list(flags) + list(extra)
 
 
 def train_runs(runs: Sequence[Tuple[str, int]], root: str, *, jobs: int = 2, threads: int = 1, cache_dir: str = "",
-               nice: int = 0, progress: bool = True) -> Dict[Tuple[str, int], str]:
+               nice: int = 0, progress: bool = True, extra: Sequence[str] = ()) -> Dict[Tuple[str, int], str]:
     """Train every (config, seed) of ``runs`` that is not finished, ``jobs`` processes at a time; returns each
     run's status afterwards. A failing run is reported (its stdout.txt keeps the error), not raised."""
     from tqdm.auto import tqdm
@@ -155,7 +161,7 @@ def train_runs(runs: Sequence[Tuple[str, int]], root: str, *, jobs: int = 2, thr
                 name, seed = todo.pop(0)
                 d = run_dir(root, name, seed)
                 os.makedirs(d, exist_ok=True)
-                cmd = train_command(name, seed, root, threads=threads, cache_dir=cache_dir)
+                cmd = train_command(name, seed, root, threads=threads, cache_dir=cache_dir, extra=extra)
                 log = open(os.path.join(d, "stdout.txt"), "a")
                 pre = (lambda: os.nice(nice)) if nice else None
                 procs.append(((name, seed), subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
@@ -519,7 +525,7 @@ def sweep(configs: Sequence[str], seeds: Sequence[int], *, root: str = "runs/swe
           threads: int = 1, train: bool = True, out: Optional[str] = None, png_dir: Optional[str] = None,
           cache_dir: str = "", steps: Sequence[int] = EVAL_STEPS, lyap_boards: int = 16, nice: int = 0,
           progress: bool = True, argv: Optional[List[str]] = None, n_test: int = 500,
-          n_train_exclude: Optional[int] = None) -> Dict[str, Any]:
+          n_train_exclude: Optional[int] = None, extra: Sequence[str] = ()) -> Dict[str, Any]:
     """Train (unless ``train=False``) and evaluate the grid ``configs`` x ``seeds``; returns the summary dict
     (also written to ``out`` as JSON, with PNGs in ``png_dir``). ``n_test`` / ``n_train_exclude``: the common test
     set's size and the training-set size whose boards it excludes (:func:`common_test_set`)."""
@@ -533,7 +539,8 @@ def sweep(configs: Sequence[str], seeds: Sequence[int], *, root: str = "runs/swe
     runs = [(n, s) for n in configs for s in seeds]
     t0 = time.time()
     if train:
-        train_runs(runs, root, jobs=jobs, threads=threads, cache_dir=cache_dir, nice=nice, progress=progress)
+        train_runs(runs, root, jobs=jobs, threads=threads, cache_dir=cache_dir, nice=nice, progress=progress,
+                   extra=extra)
     t_train = time.time() - t0
     sizes = {n: (6 if CONFIGS[n][1] == "cpu6" else 4) for n in configs}
     tkw = dict(n_test=n_test, n_train=n_train_exclude, cache_dir=cache_dir or None)
@@ -617,6 +624,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", default="", help="Sudoku cache folder (default the fastjac cache)")
     p.add_argument("--steps", type=int, nargs="+", default=list(EVAL_STEPS), help="test-time T values")
     p.add_argument("--lyap-boards", type=int, default=16, help="held-out boards for lambda_max (default 16)")
+    p.add_argument("--quick", action="store_true", help="1 epoch of 2000 boards per run, in ROOT/quick (a try-out)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
 
@@ -636,11 +644,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         for name, v, lo in (("--jobs", a.jobs, 1), ("--threads", a.threads, 1), ("--lyap-boards", a.lyap_boards, 0)):
             if v < lo:
                 raise ValueError(f"{name}: expected an int >= {lo}, got {v}")
-        out = a.out or os.path.join(a.root, "sweep.json")
-        summary = sweep(configs, seeds, root=a.root, jobs=a.jobs, threads=a.threads, train=not a.no_train, out=out,
+        root = os.path.join(a.root, "quick") if a.quick else a.root
+        out = a.out or os.path.join(root, "sweep.json")
+        summary = sweep(configs, seeds, root=root, jobs=a.jobs, threads=a.threads, train=not a.no_train, out=out,
                         png_dir=a.png_dir or os.path.dirname(os.path.abspath(out)), cache_dir=a.cache_dir,
                         steps=a.steps, lyap_boards=a.lyap_boards, nice=a.nice, progress=not a.quiet,
-                        argv=[x for x in argv if x != "--no-train"])
+                        argv=[x for x in argv if x != "--no-train"], extra=QUICK_FLAGS if a.quick else (),
+                        n_test=200 if a.quick else 500)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
