@@ -37,7 +37,7 @@ from .sudoku_models import SudokuNet, accuracy, sudoku_loss
 PRESETS: Dict[str, Dict[str, Any]] = {
     # 4x4 boards, trains in a few minutes on 2 CPU cores (docs/training.md has the measured numbers)
     "cpu": dict(size=4, dim=32, heads=4, steps=16, batch_size=64, n_train=8000, n_test=500, epochs=20, lr=3e-3,
-                eval_steps=(16, 32, 64), lyap_samples=4),
+                eval_steps=(16, 32, 64), lyap_samples=16),  # 16 boards: lambda_max's standard error ~0.01, not 0.04
     # 6x6 boards (2x3 boxes; no solution recall: ~2.8e7 grids), the harder CPU task (docs/training.md)
     "cpu6": dict(size=6, dim=32, heads=4, steps=16, batch_size=64, n_train=4000, n_test=500, epochs=20, lr=3e-3,
                  eval_steps=(16, 32, 64), lyap_samples=4),

@@ -488,6 +488,56 @@ def plot_all(summary: Dict[str, Any], records: List[Dict[str, Any]], png_dir: st
     return written
 
 
+# ------------------------------------------------------------------------------------------------- report
+
+def markdown(summary: Dict[str, Any]) -> str:
+    """Markdown tables of a summary: per configuration (n, accuracies, lambda_max, same-seed differences), the
+    Lyapunov targets, accuracy against T, and the unfinished runs (what docs/training.md quotes)."""
+    agg = summary["configs"]
+
+    def ms(name, key, nd=3, sign=False):
+        v = agg[name]["stats"].get(key, {})
+        if v.get("mean") is None:
+            return "-"
+        f = f"{{:{'+' if sign else ''}.{nd}f}}"
+        return f.format(v["mean"]) + (f" ± {v['sd']:.{nd}f}" if v.get("sd") is not None else "")
+
+    def dm(name, key):
+        d = agg[name].get("diff_vs_baseline", {}).get(key, {})
+        if d.get("mean") is None:
+            return "-"
+        return f"{d['mean']:+.3f} ± {(d.get('sd') or 0):.3f} (n={d['n']})"
+
+    lines = ["| config | n | ID board T=16 | OOD board T=16 | OOD board T=64 | OOD cell T=16 | lambda_max "
+             "| mean exponent | OOD board T=16 vs baseline, same seed |", "|---|---|---|---|---|---|---|---|---|"]
+    for n in agg:
+        lines.append(f"| {agg[n]['label']} | {len(agg[n]['seeds'])} | {ms(n, 'test_id/T16/board')} | "
+                     f"{ms(n, 'test_ood/T16/board')} | {ms(n, 'test_ood/T64/board')} | {ms(n, 'test_ood/T16/cell')} | "
+                     f"{ms(n, 'lambda_max', sign=True)} | {ms(n, 'lambda_mean', sign=True)} | "
+                     f"{dm(n, 'test_ood/T16/board')} |")
+    tg = [n for n in agg if "target" in agg[n]]
+    if tg:
+        lines += ["", "| config | target | achieved lambda_max (mean ± sd over seeds) | per-run SE (16 boards) | gap "
+                  "| within 0.05 |", "|---|---|---|---|---|---|"]
+        for n in sorted(tg, key=lambda n: (n.split("_t")[0], agg[n]["target"])):
+            se = agg[n]["stats"].get("lambda_max_se", {}).get("mean")
+            g = agg[n].get("target_gap", {})
+            lines.append(f"| {agg[n]['label']} | {agg[n]['target']:+.2f} | {ms(n, 'lambda_max', sign=True)} (n="
+                         f"{len(agg[n]['seeds'])}) | {'-' if se is None else f'{se:.3f}'} | "
+                         f"{'-' if g.get('mean') is None else format(g['mean'], '+.3f')} | "
+                         f"{'-' if g.get('mean') is None else ('yes' if g['within_0_05'] else 'no')} |")
+    Ts = summary.get("eval_steps", [])
+    lines += ["", "| config | split | " + " | ".join(f"T={t}" for t in Ts) + " |", "|---|---|" + "---|" * len(Ts)]
+    for n in agg:
+        for split in ("test_id", "test_ood"):
+            lines.append(f"| {agg[n]['label']} | {split} | " + " | ".join(ms(n, f"{split}/T{t}/board") for t in Ts)
+                         + " |")
+    un = summary["status"]["unfinished"]
+    lines += ["", f"Finished runs: {summary['status']['finished']}; not finished: "
+              + (", ".join(f"{c} seed {s} ({st})" for c, s, st in un) if un else "none") + "."]
+    return "\n".join(lines) + "\n"
+
+
 # ------------------------------------------------------------------------------------------------- driver
 
 def _seeds(spec: Sequence[str]) -> List[int]:
@@ -625,6 +675,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, nargs="+", default=list(EVAL_STEPS), help="test-time T values")
     p.add_argument("--lyap-boards", type=int, default=16, help="held-out boards for lambda_max (default 16)")
     p.add_argument("--quick", action="store_true", help="1 epoch of 2000 boards per run, in ROOT/quick (a try-out)")
+    p.add_argument("--markdown", default="", help="also write the summary's markdown tables to this file")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
 
@@ -654,6 +705,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if a.markdown:
+        with open(a.markdown, "w") as f:
+            f.write(markdown(summary))
     st = summary["status"]
     print(f"{st['finished']} runs finished, {len(st['unfinished'])} not; summary: {out}")
     for name, agg in summary["configs"].items():
@@ -674,4 +728,4 @@ if __name__ == "__main__":  # pragma: no cover
 
 
 __all__ = ["CONFIGS", "GRIDS", "TAUS", "TEST_SEED", "common_test_set", "testset_hash", "train_runs", "train_command",
-           "evaluate_run", "aggregate", "sweep", "main", "status", "run_dir", "baseline_of"]
+           "evaluate_run", "aggregate", "sweep", "main", "status", "run_dir", "baseline_of", "markdown", "QUICK_FLAGS"]
