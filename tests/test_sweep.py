@@ -69,11 +69,17 @@ def test_sweep_cli_no_train_and_errors(tiny, tmp_path, capsys):
     assert SW.main(["--grid", "nope"]) == 2
     assert SW.main(["--configs", "original", "--seeds", "x"]) == 2
     assert SW._seeds(["0-2", "5"]) == [0, 1, 2, 5]
+    assert SW.main(["--grid", "fig3@x"]) == 2
     out = str(tmp_path / "n.json")
     rc = SW.main(["--configs", "original", "--seeds", "3", "--root", tiny["root"], "--no-train", "--out", out,
                   "--quiet", "--cache-dir", tiny["cache_dir"], "--steps", "2", "--lyap-boards", "0", "--jobs", "1"])
     s = json.load(open(out))
     assert rc == 0 and s["status"]["unfinished"] == [["original", 3, "missing"]]
     assert "--seeds 3" in s["resume_command"] and "--no-train" not in s["resume_command"]
+    out2 = str(tmp_path / "g.json")  # GRID@SEEDS: a grid with its own seeds
+    assert SW.main(["--grid", "fig4@1", "--configs", "original", "--seeds", "3", "--root", tiny["root"],
+                    "--no-train", "--out", out2, "--quiet", "--lyap-boards", "0", "--jobs", "1"]) == 0
+    assert sorted(map(tuple, json.load(open(out2))["status"]["unfinished"])) == [
+        ("akorn", 1, "missing"), ("original", 1, "missing"), ("original", 3, "missing")]
     assert SW.baseline_of("akorn") == "akorn" and SW.baseline_of("s6_lyap_t0") == "s6_original"
     assert SW.lyap_target("lyap_w1_board_t-0.15") == -0.15

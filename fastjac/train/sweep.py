@@ -575,18 +575,21 @@ def sweep(configs: Sequence[str], seeds: Sequence[int], *, root: str = "runs/swe
           threads: int = 1, train: bool = True, out: Optional[str] = None, png_dir: Optional[str] = None,
           cache_dir: str = "", steps: Sequence[int] = EVAL_STEPS, lyap_boards: int = 16, nice: int = 0,
           progress: bool = True, argv: Optional[List[str]] = None, n_test: int = 500,
-          n_train_exclude: Optional[int] = None, extra: Sequence[str] = ()) -> Dict[str, Any]:
-    """Train (unless ``train=False``) and evaluate the grid ``configs`` x ``seeds``; returns the summary dict
+          n_train_exclude: Optional[int] = None, extra: Sequence[str] = (),
+          runs: Optional[Sequence[Tuple[str, int]]] = None) -> Dict[str, Any]:
+    """Train (unless ``train=False``) and evaluate the grid ``configs`` x ``seeds`` (or the explicit (config, seed)
+    pairs ``runs``); returns the summary dict
     (also written to ``out`` as JSON, with PNGs in ``png_dir``). ``n_test`` / ``n_train_exclude``: the common test
     set's size and the training-set size whose boards it excludes (:func:`common_test_set`)."""
     from concurrent.futures import ProcessPoolExecutor
 
     from tqdm.auto import tqdm
 
+    runs = list(runs) if runs is not None else [(n, s) for n in configs for s in seeds]
+    configs = list(dict.fromkeys(n for n, _ in runs))
     for n in configs:
         if n not in CONFIGS:
             raise ValueError(f"configs: unknown {n!r}; expected some of {sorted(CONFIGS)}")
-    runs = [(n, s) for n in configs for s in seeds]
     t0 = time.time()
     if train:
         train_runs(runs, root, jobs=jobs, threads=threads, cache_dir=cache_dir, nice=nice, progress=progress,
@@ -594,8 +597,9 @@ def sweep(configs: Sequence[str], seeds: Sequence[int], *, root: str = "runs/swe
     t_train = time.time() - t0
     sizes = {n: (6 if CONFIGS[n][1] == "cpu6" else 4) for n in configs}
     tkw = dict(n_test=n_test, n_train=n_train_exclude, cache_dir=cache_dir or None)
-    test_sets = {sz: common_test_set(sz, **tkw) for sz in sorted(set(sizes.values()))}
     done = [r for r in runs if status(root, *r) == "finished"]
+    # the common test set of every board size that has a finished run (built once here, cached by the generator)
+    test_sets = {sz: common_test_set(sz, **tkw) for sz in sorted({sizes[n] for n, _ in done})}
     jobs_args = [(run_dir(root, *r), sizes[r[0]], tkw, tuple(steps), lyap_boards, threads) for r in done]
     evals: Dict[str, Any] = {}
     bar = tqdm(total=len(jobs_args), desc="eval", unit="run", disable=not progress)
@@ -661,7 +665,8 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m fastjac.train.sweep", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="grids: " + "; ".join(f"{k}: {' '.join(v)}" for k, v in GRIDS.items()))
-    p.add_argument("--grid", nargs="+", default=[], help="named grids (fig3, fig4, fig5, fig3_batch, sudoku6)")
+    p.add_argument("--grid", nargs="+", default=[], help="named grids (fig3, fig4, fig5, fig3_batch, sudoku6); "
+                   "GRID@SEEDS (e.g. fig3@0-2) gives that grid its own seeds instead of --seeds")
     p.add_argument("--configs", nargs="+", default=[], help="configuration names (see CONFIGS) besides the grids")
     p.add_argument("--seeds", nargs="+", default=["0-2"], help="seeds: ints or ranges, e.g. 0-4 (default 0-2)")
     p.add_argument("--root", default="runs/sweep", help="run folders: ROOT/<config>/seed<k>/ (default runs/sweep)")
@@ -685,19 +690,24 @@ def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     a = _parser().parse_args(argv)
     try:
+        seeds = _seeds(a.seeds)
+        runs: List[Tuple[str, int]] = []
         for g in a.grid:
+            g, _, sd = g.partition("@")
             if g not in GRIDS:
                 raise ValueError(f"--grid: unknown {g!r}; expected some of {sorted(GRIDS)}")
-        configs = list(dict.fromkeys([n for g in a.grid for n in GRIDS[g]] + a.configs))
+            runs += [(n, s) for n in GRIDS[g] for s in (_seeds([sd]) if sd else seeds)]
+        runs += [(n, s) for n in a.configs for s in seeds]
+        runs = list(dict.fromkeys(runs))
+        configs = list(dict.fromkeys(n for n, _ in runs))
         if not configs:
             raise ValueError("--grid/--configs: name at least one grid or configuration")
-        seeds = _seeds(a.seeds)
         for name, v, lo in (("--jobs", a.jobs, 1), ("--threads", a.threads, 1), ("--lyap-boards", a.lyap_boards, 0)):
             if v < lo:
                 raise ValueError(f"{name}: expected an int >= {lo}, got {v}")
         root = os.path.join(a.root, "quick") if a.quick else a.root
         out = a.out or os.path.join(root, "sweep.json")
-        summary = sweep(configs, seeds, root=root, jobs=a.jobs, threads=a.threads, train=not a.no_train, out=out,
+        summary = sweep(configs, seeds, runs=runs, root=root, jobs=a.jobs, threads=a.threads, train=not a.no_train, out=out,
                         png_dir=a.png_dir or os.path.dirname(os.path.abspath(out)), cache_dir=a.cache_dir,
                         steps=a.steps, lyap_boards=a.lyap_boards, nice=a.nice, progress=not a.quiet,
                         argv=[x for x in argv if x != "--no-train"], extra=QUICK_FLAGS if a.quick else (),
