@@ -434,7 +434,9 @@ def plot_all(summary: Dict[str, Any], records: List[Dict[str, Any]], png_dir: st
             x = [lyap_target(n) for n in ns]
             y = [st(n, "lambda_max")[0] for n in ns]
             e = [st(n, "lambda_max")[1] for n in ns]
-            axes[0].errorbar(x, y, yerr=e, fmt="o-", capsize=3, label=fam, color=f"C{j}")
+            fl = {"lyap": "term every 2nd step (fig3 grid)", "lyap_w1_board": "term every step",
+                  "lyap_w1_batch": "every step, batch mean", "lyap_w0.1_board": "weight 0.1"}.get(fam, fam)
+            axes[0].errorbar(x, y, yerr=e, fmt="o-", capsize=3, label=f"{fl} (mean +- sd)", color=f"C{j}")
             for n in ns:
                 axes[0].plot([lyap_target(n)] * len(st(n, "lambda_max")[2]), st(n, "lambda_max")[2], ".",
                              color=f"C{j}", ms=4, alpha=0.6)
@@ -458,7 +460,7 @@ def plot_all(summary: Dict[str, Any], records: List[Dict[str, Any]], png_dir: st
                            marker="s" if tau is None else "o")
             ax.set_xlabel("achieved lambda_max")
             ax.set_ylabel(f"{split} board accuracy, T = 16")
-            ax.set_title(f"{split}: o Lyapunov-target runs (blue -0.3 ... red +0.3), s Original")
+            ax.set_title(f"{split}: o target runs (blue -0.3 ... red +0.3), s Original", fontsize=9)
         fig.tight_layout()
         p = os.path.join(png_dir, "sweep_fig3.png")
         fig.savefig(p, dpi=110)
@@ -725,7 +727,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
         def f(k):
             m = s.get(k, {}).get("mean")
-            return "-" if m is None else f"{m:.3f}+-{(s[k]['sd'] or 0):.3f}"
+            return "-" if m is None else f"{m:.3f}" + ("" if s[k]["sd"] is None else f"+-{s[k]['sd']:.3f}")
         print(f"  {name:24s} n={len(agg['seeds'])}  ID {f('test_id/T16/board')}  OOD {f('test_ood/T16/board')}  "
               f"lambda_max {f('lambda_max')}")
     if st["unfinished"]:
