@@ -53,6 +53,8 @@ def test_sweep_skips_finished_resumes_interrupted_common_test_set(tiny, tmp_path
     assert abs(a["diff_vs_baseline"][k]["mean"] - np.mean(d)) < 1e-12
     assert all(r["lyapunov"]["boards"] == 2 and r["lyapunov"]["max_se"] is not None for r in s["runs"])
     assert json.load(open(out))["configs"]["tiny_spec"]["baseline"] == "original"
+    md = SW.markdown(s)
+    assert "| Spec | 2 |" in md and "Finished runs: 4; not finished: none." in md
     # again: nothing is retrained (no process is started) and the cached evaluations are reused
     stamps = {r["dir"]: os.path.getmtime(os.path.join(r["dir"], "DONE")) for r in s["runs"]}
 

@@ -534,6 +534,15 @@ def markdown(summary: Dict[str, Any]) -> str:
         for split in ("test_id", "test_ood"):
             lines.append(f"| {agg[n]['label']} | {split} | " + " | ".join(ms(n, f"{split}/T{t}/board") for t in Ts)
                          + " |")
+    lines += ["", "| config | finished runs (seeds) | wall time of a run, s: mean (min-max) | optimizer time, s: mean |",
+              "|---|---|---|---|"]
+    for n in agg:
+        rs = [r for r in summary["runs"] if r["config"] == n and r["status"] == "finished"]
+        w = [r["wall_s"] for r in rs if r.get("wall_s") is not None]
+        t = [r["train_time_s"] for r in rs if r.get("train_time_s") is not None]
+        lines.append(f"| {agg[n]['label']} | {len(rs)} ({', '.join(str(r['seed']) for r in rs)}) | "
+                     + (f"{np.mean(w):.0f} ({min(w):.0f}-{max(w):.0f})" if w else "-") + " | "
+                     + (f"{np.mean(t):.0f}" if t else "-") + " |")
     un = summary["status"]["unfinished"]
     lines += ["", f"Finished runs: {summary['status']['finished']}; not finished: "
               + (", ".join(f"{c} seed {s} ({st})" for c, s, st in un) if un else "none") + "."]
