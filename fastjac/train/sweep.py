@@ -508,7 +508,7 @@ def markdown(summary: Dict[str, Any]) -> str:
         d = agg[name].get("diff_vs_baseline", {}).get(key, {})
         if d.get("mean") is None:
             return "-"
-        return f"{d['mean']:+.3f} ± {(d.get('sd') or 0):.3f} (n={d['n']})"
+        return f"{d['mean']:+.3f}" + ("" if d.get("sd") is None else f" ± {d['sd']:.3f}") + f" (n={d['n']})"
 
     lines = ["| config | n | ID board T=16 | OOD board T=16 | OOD board T=64 | OOD cell T=16 | lambda_max "
              "| mean exponent | OOD board T=16 vs baseline, same seed |", "|---|---|---|---|---|---|---|---|---|"]
