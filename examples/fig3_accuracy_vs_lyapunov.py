@@ -1,9 +1,9 @@
 """Figure 3, controlled, at CPU scale: Lyapunov-regularised training towards a target lambda_max, then
 accuracy against the lambda_max reached.
 
-    python examples/fig3_accuracy_vs_lyapunov.py --jobs 2            # trains what is missing (resumable), evaluates, plots
-    python examples/fig3_accuracy_vs_lyapunov.py --no-train          # evaluate / plot the finished runs only
-    python examples/fig3_accuracy_vs_lyapunov.py --quick             # 1 epoch of 2000 boards per run, to try it
+    python examples/fig3_accuracy_vs_lyapunov.py --jobs 2  # trains what is missing (resumable), evaluates, plots
+    python examples/fig3_accuracy_vs_lyapunov.py --no-train  # evaluate / plot the finished runs only
+    python examples/fig3_accuracy_vs_lyapunov.py --quick  # 1 epoch of 2000 boards per run, to try it
 
 Grid: the CPU preset (4x4 Sudoku, ItrSA, D = 32, H = 4, T = 16, 20 epochs) with the Lyapunov penalty
 (weight 1 per board, k = 4, one alignment pass, 4 boards a step, every 2nd step, warm-up 250 + ramp 250 steps)

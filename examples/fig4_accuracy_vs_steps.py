@@ -1,9 +1,9 @@
 """Figure 4 at CPU scale: accuracy against the number of recurrent steps T at test time (trained with
 T = 16), with +-sd bands over seeds.
 
-    python examples/fig4_accuracy_vs_steps.py --jobs 2            # trains what is missing (resumable), evaluates, plots
-    python examples/fig4_accuracy_vs_steps.py --no-train          # evaluate / plot the finished runs only
-    python examples/fig4_accuracy_vs_steps.py --quick             # 1 epoch of 2000 boards per run, to try it
+    python examples/fig4_accuracy_vs_steps.py --jobs 2  # trains what is missing (resumable), evaluates, plots
+    python examples/fig4_accuracy_vs_steps.py --no-train  # evaluate / plot the finished runs only
+    python examples/fig4_accuracy_vs_steps.py --quick  # 1 epoch of 2000 boards per run, to try it
 
 Grid: Original ItrSA and Original AKOrN (CPU preset, 20 epochs), seeds 0-4; board and cell accuracy, ID and OOD,
 at T = 4, 8, 16, 32, 64, 128.

@@ -1,9 +1,9 @@
 """Figure 5 at CPU scale: accuracy per regulariser over seeds (mean +- sd, same-seed differences against
 the unregularised run).
 
-    python examples/fig5_regularizers.py --jobs 2            # trains what is missing (resumable), evaluates, plots
-    python examples/fig5_regularizers.py --no-train          # evaluate / plot the finished runs only
-    python examples/fig5_regularizers.py --quick             # 1 epoch of 2000 boards per run, to try it
+    python examples/fig5_regularizers.py --jobs 2  # trains what is missing (resumable), evaluates, plots
+    python examples/fig5_regularizers.py --no-train  # evaluate / plot the finished runs only
+    python examples/fig5_regularizers.py --quick  # 1 epoch of 2000 boards per run, to try it
 
 Grid: Original, Spec (1e-5, 1e-4, 1e-3), E-single 1e-3, E-multi 1e-3 (orthogonal W^V, W^O), Jacobian Frobenius
 1e-3 and spectral 1e-2 (CPU preset, 20 epochs), seeds 0-4; the Lyapunov runs of fig3 join the figure when they

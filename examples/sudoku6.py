@@ -1,9 +1,9 @@
 """The harder CPU task: 6x6 Sudoku (2x3 boxes; no solution recall), Original against the Lyapunov
 regulariser.
 
-    python examples/sudoku6.py --jobs 2            # trains what is missing (resumable), evaluates, plots
-    python examples/sudoku6.py --no-train          # evaluate / plot the finished runs only
-    python examples/sudoku6.py --quick             # 1 epoch of 2000 boards per run, to try it
+    python examples/sudoku6.py --jobs 2  # trains what is missing (resumable), evaluates, plots
+    python examples/sudoku6.py --no-train  # evaluate / plot the finished runs only
+    python examples/sudoku6.py --quick  # 1 epoch of 2000 boards per run, to try it
 
 Grid: preset cpu6 (6x6 boards, ItrSA D = 32, H = 4, T = 16, 4000 boards, 20 epochs), Original and Lyapunov tau = 0,
 seeds 0-2.

@@ -308,7 +308,7 @@ def test_backends_triton_refused_and_callable_autograd():
         R.spec(torch.nn.Linear(3, 3))
 
 
-# ----------------------------------------------------------------------------------------------- penalty forms, schedule
+# ------------------------------------------------------------------------------------------ penalty forms, schedule
 
 def test_lyapunov_penalty_default_iters_is_exact_and_forms():
     """The default (iters=1) penalty sees the aligned lambda_max; the forms and aggregates are what they say."""

@@ -534,7 +534,8 @@ def markdown(summary: Dict[str, Any]) -> str:
         for split in ("test_id", "test_ood"):
             lines.append(f"| {agg[n]['label']} | {split} | " + " | ".join(ms(n, f"{split}/T{t}/board") for t in Ts)
                          + " |")
-    lines += ["", "| config | finished runs (seeds) | wall time of a run, s: mean (min-max) | optimizer time, s: mean |",
+    lines += ["", "| config | finished runs (seeds) | wall time of a run, s: mean (min-max) "
+              "| optimizer time, s: mean |",
               "|---|---|---|---|"]
     for n in agg:
         rs = [r for r in summary["runs"] if r["config"] == n and r["status"] == "finished"]
@@ -718,7 +719,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                 raise ValueError(f"{name}: expected an int >= {lo}, got {v}")
         root = os.path.join(a.root, "quick") if a.quick else a.root
         out = a.out or os.path.join(root, "sweep.json")
-        summary = sweep(configs, seeds, runs=runs, root=root, jobs=a.jobs, threads=a.threads, train=not a.no_train, out=out,
+        summary = sweep(configs, seeds, runs=runs, root=root, jobs=a.jobs, threads=a.threads, train=not a.no_train,
+                        out=out,
                         png_dir=a.png_dir or os.path.dirname(os.path.abspath(out)), cache_dir=a.cache_dir,
                         steps=a.steps, lyap_boards=a.lyap_boards, nice=a.nice, progress=not a.quiet,
                         argv=[x for x in argv if x != "--no-train"], extra=QUICK_FLAGS if a.quick else (),
