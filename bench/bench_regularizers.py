@@ -51,14 +51,17 @@ def timeit(fn, min_time=1.0, min_reps=3):
 
 
 def make_step(cfg, net, opt, P, S):
+    """``cfg.reg_every`` consecutive training steps as the loop takes them (the terms on every reg_every-th), so
+    the time per call / reg_every is the amortised step time."""
     def run():
-        logits, xs, C = net(P, return_states=True)
-        loss = sudoku_loss(logits, S)
-        terms = regularizer_terms(cfg, net, xs, C, 0)
-        loss = loss + sum(getattr(cfg, k) * v for k, v in terms.items())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        for step in range(cfg.reg_every):
+            logits, xs, C = net(P, return_states=True)
+            loss = sudoku_loss(logits, S)
+            terms = regularizer_terms(cfg, net, xs, C, step)
+            loss = loss + sum(getattr(cfg, k) * v for k, v in terms.items())
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
     return run
 
 
@@ -92,8 +95,12 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: steadier on a shared machine)")
-    ap.add_argument("--out", default=os.path.join(HERE, "results", "regularizers_cpu.json"))
+    ap.add_argument("--lyap-only", action="store_true", help="only the Lyapunov cases (plain step timed before "
+                    "and after them; results/regularizers_lyap_cpu.json)")
+    ap.add_argument("--out", default="")
     args = ap.parse_args(argv)
+    args.out = args.out or os.path.join(HERE, "results", "regularizers_lyap_cpu.json" if args.lyap_only
+                                        else "regularizers_cpu.json")
     torch.set_num_threads(args.threads)
     mt = 0.3 if args.quick else 1.5
     base = TrainConfig.preset("cpu")
@@ -107,8 +114,11 @@ def main(argv=None):
         cfg = TrainConfig.preset("cpu", **kw)
         net = build_net(cfg)
         opt = torch.optim.Adam(net.parameters(), lr=1e-3)
-        return timeit(make_step(cfg, net, opt, P, S), mt)
+        return timeit(make_step(cfg, net, opt, P, S), mt) / cfg.reg_every
 
+    if args.lyap_only:
+        lyap_cases(results, step_time, args.out)
+        return
     plain = step_time()
     results["plain_step_s"] = plain
     print(f"plain training step (batch {base.batch_size}, T={base.steps}): {plain * 1e3:.1f} ms")
@@ -172,6 +182,36 @@ def main(argv=None):
     with open(args.out, "w") as f:
         json.dump(results, f, indent=1)
     print(f"wrote {args.out}")
+
+
+LYAP_CASES = [  # (name, TrainConfig overrides): lyap k=4, T=16 on lyap_boards boards of the batch of 64
+    ("lyap k=4 iters=0, 4 boards", dict(lyap=1.0, lyap_k=4, lyap_iters=0, lyap_boards=4)),
+    ("lyap k=4 iters=1, 4 boards (default iters)", dict(lyap=1.0, lyap_k=4, lyap_iters=1, lyap_boards=4)),
+    ("lyap k=4 iters=1, 8 boards", dict(lyap=1.0, lyap_k=4, lyap_iters=1, lyap_boards=8)),
+    ("lyap k=4 iters=1, 1 board", dict(lyap=1.0, lyap_k=4, lyap_iters=1, lyap_boards=1)),
+    ("lyap k=4 iters=1, 4 boards, reg_every 2 (Fig. 3 runs)", dict(lyap=1.0, lyap_k=4, lyap_iters=1, lyap_boards=4,
+                                                                   reg_every=2)),
+    ("lyap k=4 iters=1, 4 boards, reg_every 4", dict(lyap=1.0, lyap_k=4, lyap_iters=1, lyap_boards=4, reg_every=4)),
+]
+
+
+def lyap_cases(results, step_time, out):
+    """The Lyapunov step's overhead: each case against the plain step timed before and after the cases."""
+    p0 = step_time()
+    times = {name: step_time(**kw) for name, kw in LYAP_CASES}
+    p1 = step_time()
+    plain = (p0 + p1) / 2
+    results["plain_step_s"] = dict(before=p0, after=p1, mean=plain)
+    print(f"plain training step: {p0 * 1e3:.1f} ms before, {p1 * 1e3:.1f} ms after the cases")
+    for name, t in times.items():
+        results["step_ratios"][name] = dict(seconds=t, ratio=t / plain)
+        print(f"  + {name:54s} {t * 1e3:7.1f} ms   {t / plain:5.2f}x plain")
+    results["load_average_at_end"] = os.getloadavg()
+    results["threads"] = torch.get_num_threads()
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(results, f, indent=1)
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

@@ -273,10 +273,9 @@ def test_lyapunov_batched_penalty_alias_and_trivial():
     Xb = torch.stack([X, -X])
     ex = R.lyapunov(m, Xb, C=C, horizon=3, k=2)
     assert ex.shape == (2, 2) and torch.allclose(ex[1], R.lyapunov(m, -X, C=C, horizon=3, k=2, seed=1))
-    with pytest.warns(DeprecationWarning):
-        a = R.lyapunov(m, X, C=C, T=3, k=2)
-    assert torch.equal(a, R.lyapunov(m, X, C=C, horizon=3, k=2))
-    p = R.lyapunov_penalty(m, Xb, C=C, horizon=3, k=2, target=0.1)
+    with pytest.raises(TypeError):  # the deprecated T= alias is gone (T means tangents in fastjac)
+        R.lyapunov(m, X, C=C, T=3, k=2)
+    p = R.lyapunov_penalty(m, Xb, C=C, horizon=3, k=2, target=0.1, iters=0)
     assert abs(p.item() - ((ex[:, 0] - 0.1) ** 2).mean().item()) < 1e-12
     p.backward()
     assert m.wq.grad.abs().sum() > 0
@@ -307,3 +306,40 @@ def test_backends_triton_refused_and_callable_autograd():
         R.jacobian_frobenius(m, X, seed=1.5)
     with pytest.raises(TypeError, match="model"):
         R.spec(torch.nn.Linear(3, 3))
+
+
+# ------------------------------------------------------------------------------------------ penalty forms, schedule
+
+def test_lyapunov_penalty_default_iters_is_exact_and_forms():
+    """The default (iters=1) penalty sees the aligned lambda_max; the forms and aggregates are what they say."""
+    m, X, C = _model("itrsa", D=6, H=2, S=3, seed=11)
+    Xb = torch.stack([X, 0.7 * X + 0.1])
+    exact = R.lyapunov(m, Xb, C=C, horizon=3, k=2, iters=300)[:, 0]
+    one = R.lyapunov(m, Xb, C=C, horizon=3, k=2, iters=1)[:, 0]
+    p = R.lyapunov_penalty(m, Xb, C=C, horizon=3, k=2, target=0.0)  # default iters=1
+    assert abs(p.item() - (one ** 2).mean().item()) < 1e-12
+    assert torch.allclose(one, exact, atol=1e-2)  # one pass is close; the random frame (iters=0) need not be
+    lam = one.detach()
+    for tau in (float(lam.min()) - 0.5, float(lam.mean()), float(lam.max()) + 0.5):
+        kw = dict(C=C, horizon=3, k=2, target=tau)
+        ab = R.lyapunov_penalty(m, Xb, form="above", reduction="none", **kw)
+        be = R.lyapunov_penalty(m, Xb, form="below", reduction="none", **kw)
+        sq = R.lyapunov_penalty(m, Xb, reduction="none", **kw)
+        assert torch.allclose(ab, torch.relu(lam - tau) ** 2, atol=1e-12)
+        assert torch.allclose(be, torch.relu(tau - lam) ** 2, atol=1e-12)
+        assert torch.allclose(ab + be, sq, atol=1e-12)
+        bat = R.lyapunov_penalty(m, Xb, aggregate="batch", **kw)
+        assert bat.dim() == 0 and abs(bat.item() - (lam.mean().item() - tau) ** 2) < 1e-12
+    g = R.lyapunov_penalty(m, Xb, C=C, horizon=3, k=2, target=float(lam.max()) + 1, form="above")
+    assert g.item() == 0.0  # the hinge is flat below the target
+    for bad in (dict(form="hinge"), dict(aggregate="mean")):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            R.lyapunov_penalty(m, Xb, C=C, horizon=3, k=2, **bad)
+
+
+def test_ramp_weight():
+    assert [R.ramp_weight(t) for t in range(3)] == [1.0, 1.0, 1.0]
+    assert [R.ramp_weight(t, warmup=2, ramp=4) for t in range(8)] == [0, 0, 0.25, 0.5, 0.75, 1, 1, 1]
+    assert [R.ramp_weight(t, warmup=3) for t in range(5)] == [0, 0, 0, 1, 1]
+    with pytest.raises(ValueError, match="ramp"):
+        R.ramp_weight(1, ramp=-1)

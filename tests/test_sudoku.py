@@ -8,16 +8,21 @@ import pytest
 from fastjac.data import sudoku
 
 
+def _box(n):
+    """Box rows x columns, written out here (not taken from the generator): 6x6 boards have 2x3 boxes."""
+    return (2, 3) if n == 6 else (int(round(n ** 0.5)),) * 2
+
+
 def _independent_count(puzzle, n, limit=2):
     """A plain recursive solver with sets (no bitmasks, no MRV): number of solutions up to ``limit``."""
-    b = int(round(n ** 0.5))
+    br, bc = _box(n)
     g = [list(puzzle[r * n:(r + 1) * n]) for r in range(n)]
 
     def ok(r, c, v):
         if v in g[r] or any(g[i][c] == v for i in range(n)):
             return False
-        r0, c0 = r // b * b, c // b * b
-        return all(g[i][j] != v for i in range(r0, r0 + b) for j in range(c0, c0 + b))
+        r0, c0 = r // br * br, c // bc * bc
+        return all(g[i][j] != v for i in range(r0, r0 + br) for j in range(c0, c0 + bc))
 
     def rec(pos):
         while pos < n * n and g[pos // n][pos % n]:
@@ -39,17 +44,17 @@ def _independent_count(puzzle, n, limit=2):
 
 
 def _valid_solution(s, n):
-    b = int(round(n ** 0.5))
+    br, bc = _box(n)
     G = np.asarray(s).reshape(n, n)
     want = set(range(1, n + 1))
     rows = all(set(G[r]) == want for r in range(n))
     cols = all(set(G[:, c]) == want for c in range(n))
-    boxes = all(set(G[r:r + b, c:c + b].ravel()) == want for r in range(0, n, b) for c in range(0, n, b))
+    boxes = all(set(G[r:r + br, c:c + bc].ravel()) == want for r in range(0, n, br) for c in range(0, n, bc))
     return rows and cols and boxes
 
 
 @pytest.mark.parametrize("size,givens,n", [(4, (8, 10), 200), (4, (4, 6), 200), (9, (31, 42), 12),
-                                           (9, (17, 34), 4)])
+                                           (9, (17, 34), 4), (6, (18, 22), 60), (6, (10, 14), 60)])
 def test_unique_solution_and_given_counts(size, givens, n):
     P, S = sudoku.generate(n, size=size, givens=givens, seed=3, cache=False)
     assert P.dtype == np.int64 and S.dtype == np.int64 and P.shape == S.shape == (n, size * size)
@@ -112,3 +117,20 @@ def test_loaders(tmp_path):
     assert np.array_equal(b[0], P) and np.array_equal(b[1], S)
     with pytest.raises(ValueError, match="path"):
         sudoku.load_csv(str(tmp_path / "missing.csv"))
+
+
+def test_six_by_six_splits():
+    """6x6 (2x3 boxes): ID and OOD splits by givens, their sizes, unique solutions (independent solver)."""
+    sp = sudoku.splits(6, n_train=30, n_test=12, seed=5, cache=False)
+    assert {k: v[0].shape for k, v in sp.items()} == {"train": (30, 36), "test_id": (12, 36), "test_ood": (12, 36)}
+    for split, (lo, hi) in (("train", sudoku.ID_GIVENS[6]), ("test_id", sudoku.ID_GIVENS[6]),
+                            ("test_ood", sudoku.OOD_GIVENS[6])):
+        P, S = sp[split]
+        cnt = (P > 0).sum(1)
+        assert lo <= cnt.min() and cnt.max() <= hi, split
+        assert all(_independent_count(list(p), 6) == 1 and _valid_solution(s, 6) for p, s in zip(P, S))
+    assert sudoku.OOD_GIVENS[6][1] < sudoku.ID_GIVENS[6][0]  # the splits do not overlap in givens
+    assert np.array_equal(sudoku.solve(sp["test_ood"][0][0]), sp["test_ood"][1][0])
+    assert sudoku.count_solutions(np.zeros(36, np.int64)) == 2
+    # 6x6 has ~2.8e7 solution grids: unlike 4x4 (288), a training set cannot hold them all
+    assert len({tuple(s) for s in sp["train"][1]}) == 30

@@ -106,3 +106,69 @@ def test_shipped_default_model():
     Y = model(X0, C)  # the core is the one inside the Sudoku model
     assert torch.allclose(Y, net.core(X0, C))
     assert sum(os.path.getsize(f) for f in (pretrained.CORE_FILE, pretrained.NET_FILE)) < 400_000
+
+
+# ----------------------------------------------------------------------------------------------- Lyapunov options
+
+def test_loop_passes_lyapunov_options(tmp_path, data, monkeypatch):
+    """The loop hands lyap_iters / form / aggregate / boards to the penalty (fails if any is dropped)."""
+    from fastjac.train import regularizers as R
+
+    seen = []
+    real = R.lyapunov_penalty
+
+    def spy(step, X0, **kw):
+        seen.append(dict(kw, boards=X0.shape[0]))
+        return real(step, X0, **kw)
+
+    monkeypatch.setattr(R, "lyapunov_penalty", spy)
+    cfg = _cfg(tmp_path, "spy", lyap=0.1, lyap_iters=3, lyap_form="above", lyap_aggregate="batch", lyap_boards=3,
+               stop_at=1)
+    loop.train(cfg, data)
+    assert seen and all(s["iters"] == 3 and s["form"] == "above" and s["aggregate"] == "batch" and s["boards"] == 3
+                        for s in seen)
+    monkeypatch.setattr(R, "lyapunov_penalty", real)
+    # and the value: the term equals a direct call with those iters, and iters changes it
+    net = loop.build_net(_cfg(tmp_path, "v", lyap=0.1))
+    logits, xs, C = net(data["train"][0][:4], return_states=True)
+    vals = {}
+    for it in (0, 2):
+        c = _cfg(tmp_path, "v", lyap=0.1, lyap_iters=it)
+        vals[it] = loop.regularizer_terms(c, net, xs, C, 0)["lyap"]
+        ref = real(net.core, xs[0][:2], C=C[:2], target=0.1, horizon=4, k=2, iters=it, seed=0)
+        assert torch.allclose(vals[it], ref)
+    assert not torch.allclose(vals[0], vals[2])
+
+
+def test_fingerprint_new_fields_and_cli_flags():
+    from fastjac.train.cli import _parser
+
+    fp = lambda **kw: loop._fingerprint(TrainConfig(**kw).validate())  # noqa: E731
+    # with the Lyapunov term off its options cannot change the trajectory: old checkpoints keep resuming
+    assert fp() == fp(lyap_iters=0) == fp(lyap_form="above", lyap_boards=2) == fp(lyap_log_boards=0)
+    assert fp(lyap=1.0, lyap_iters=1) != fp(lyap=1.0, lyap_iters=0)
+    assert fp(lyap=1.0) != fp(lyap=1.0, lyap_form="below") != fp(lyap=1.0, lyap_aggregate="batch")
+    assert fp(spec=1e-3) != fp(spec=1e-3, reg_warmup=5)
+    a = _parser().parse_args(["--lyap-iters", "2", "--lyap-form", "below", "--reg-ramp", "7"])
+    assert (a.lyap_iters, a.lyap_form, a.reg_ramp) == (2, "below", 7)
+    assert TrainConfig().lyap_iters == 1
+    for bad in (dict(lyap_iters=-1), dict(lyap_form="hinge"), dict(lyap_aggregate="x"), dict(reg_warmup=1.5)):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            TrainConfig(**bad).validate()
+
+
+def test_warmup_and_heldout_log_do_not_touch_training_rng(tmp_path, data):
+    """reg_warmup switches the terms off for its steps; the per-epoch held-out lambda_max log changes nothing."""
+    c = _cfg(tmp_path, "w", lyap=0.1, reg_warmup=2, epochs=2)
+    res = loop.train(c, data)
+    logs = [json.loads(l) for l in open(os.path.join(c.out, "log.jsonl"))]
+    steps = [r for r in logs if "loss" in r]
+    assert "lyap" not in steps[0] and "lyap" not in steps[1] and "lyap" in steps[2]
+    held = res["heldout_lambda_max_per_epoch"]
+    assert [h["epoch"] for h in held] == [0, 1] and all(h["boards"] == 16 and h["se"] > 0 for h in held)
+    c2 = _cfg(tmp_path, "w0", lyap=0.1, reg_warmup=2, epochs=2, lyap_log_boards=0)
+    res2 = loop.train(c2, data)
+    assert res2["heldout_lambda_max_per_epoch"] == []
+    a = torch.load(os.path.join(c.out, "checkpoint.pt"), weights_only=True)["model"]
+    b = torch.load(os.path.join(c2.out, "checkpoint.pt"), weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)

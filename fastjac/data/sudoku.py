@@ -3,8 +3,8 @@
     puzzles, solutions = generate(1000, size=9, givens=(31, 42), seed=0)   # int64 [n, 81]; 0 = blank
     split = splits(size=4, seed=0)                                         # train / test_id / test_ood dicts
 
-Boards are ``size x size`` with ``size = b*b`` (4: 2x2 boxes, 9: 3x3 boxes), flattened row-major into
-``size*size`` cells. Puzzles hold 0 for a blank and 1..size for a given; solutions hold 1..size.
+Boards are ``size x size`` with ``size = b*b`` (4: 2x2 boxes, 9: 3x3 boxes) or 6 (2x3 boxes: 2 rows, 3 columns),
+flattened row-major into ``size*size`` cells. Puzzles hold 0 for a blank and 1..size for a given; solutions hold 1..size.
 
 Generation. A full grid is drawn by a randomised backtracking fill of the empty board (bitmask solver, minimum
 remaining values, candidates in random order), then cells are removed in random order, each removal kept only if
@@ -19,6 +19,9 @@ paper's 17-34 givens (RRN "sudoku-hard"), but random-order removal stops at mini
 the realised 9x9 counts are 22-34 (median 26; 8% at 22-23), about 19 ms a puzzle. Ranges that lie wholly below ~22
 (e.g. (17, 21)) are refused after 200 fresh grids with a RuntimeError. The in-distribution range 31-42 costs about
 4 ms a puzzle. 4x4 boards reach 4 givens (the minimum for a unique 4x4 puzzle) in well under 1 ms.
+6x6 boards (the CPU-scale task without solution recall: ~2.8e7 solution grids, where every 4x4 training set holds
+all 288 4x4 grids): random-order removal ends at minimal puzzles of 9-12 givens (60 grids: 9: 8, 10: 32, 11: 19,
+12: 1); ID 18-22 givens (3.4 ms a puzzle), OOD 10-14 (5.4 ms).
 
 Loaders (for users who have the files; no network access): :func:`load_csv` reads the RRN sudoku-hard CSVs
 (``puzzle,solution`` per line, 81 digits, 0 = blank, no header) and Kaggle-style CSVs with a header
@@ -37,9 +40,11 @@ from typing import Dict, Optional, Tuple
 import numpy as np
 
 #: the paper's in-distribution split (SATNet: 31-42 givens) and the generator's hard split, per board size
-ID_GIVENS = {9: (31, 42), 4: (8, 10)}
-OOD_GIVENS = {9: (17, 34), 4: (4, 6)}
-SIZES = (4, 9)
+ID_GIVENS = {9: (31, 42), 4: (8, 10), 6: (18, 22)}
+OOD_GIVENS = {9: (17, 34), 4: (4, 6), 6: (10, 14)}
+SIZES = (4, 6, 9)
+#: box shape (rows, columns) per board side: 6x6 boards have 2x3 boxes (2 rows, 3 columns; 3 x 2 of them)
+BOXES = {4: (2, 2), 6: (2, 3), 9: (3, 3)}
 
 
 # ------------------------------------------------------------------------------------------------- solver
@@ -51,10 +56,11 @@ class _Board:
 
     def __init__(self, n: int):
         b = math.isqrt(n)
+        br, bc = BOXES.get(n, (b, b))  # box rows, box columns (2x3 for 6x6)
         self.n, self.b, self.full = n, b, (1 << n) - 1
         self.rows = [i // n for i in range(n * n)]
         self.cols = [i % n for i in range(n * n)]
-        self.boxes = [(i // n // b) * b + (i % n) // b for i in range(n * n)]
+        self.boxes = [(i // n // br) * (n // bc) + (i % n) // bc for i in range(n * n)]
 
     @classmethod
     def get(cls, n: int) -> "_Board":
@@ -146,8 +152,9 @@ def solve(puzzle) -> Optional[np.ndarray]:
 
 def _check_board_len(L: int) -> int:
     n = math.isqrt(L)
-    if n * n != L or math.isqrt(n) ** 2 != n:
-        raise ValueError(f"puzzle: expected size*size cells with size a square (4, 9, 16), got {L} cells")
+    if n * n != L or (math.isqrt(n) ** 2 != n and n not in BOXES):
+        raise ValueError(f"puzzle: expected size*size cells with size a square (4, 9, 16) or 6 (2x3 boxes), got "
+                         f"{L} cells")
     return n
 
 

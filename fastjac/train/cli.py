@@ -3,6 +3,7 @@
     python -m fastjac train --preset cpu                         # 4x4 boards, minutes on 2 CPU cores
     python -m fastjac train --preset cpu --kind akorn --spec 1e-4 --out runs/akorn_spec
     python -m fastjac train --preset cpu --lyap 0.1 --lyap-target 0.1
+    python -m fastjac train --preset cpu --lyap 0.3 --lyap-target 0.1 --lyap-form above --reg-warmup 250
     python -m fastjac train --preset paper --device cuda         # 9x9, D = 512, H = 8, batch 100, 100 epochs
 
 Every field of :class:`fastjac.train.loop.TrainConfig` is a flag (``--batch-size``, ``--jac-frob``, ...); a preset
@@ -21,7 +22,7 @@ from typing import List, Optional
 from .loop import PRESETS, TrainConfig, TrainingInterrupted, train
 
 _HELP = {
-    "kind": "itrsa | akorn", "size": "board side: 4 or 9", "dim": "D", "heads": "H", "steps": "T, recurrent steps",
+    "kind": "itrsa | akorn", "size": "board side: 4, 6 (2x3 boxes) or 9", "dim": "D", "heads": "H", "steps": "T, recurrent steps",
     "spec": "weight of R_Spec", "e_single": "weight of E-single", "e_multi": "weight of E-multi's symmetry penalty "
     "(with the orthogonal parametrisation of W^V, W^O)", "e_multi_hard": "E-multi with exact constraints",
     "jac_frob": "weight of the Hutchinson |J|_F^2", "jac_spec": "weight of sigma_max(J)^2",
@@ -29,6 +30,11 @@ _HELP = {
     "ema": "EMA decay of the weights (0: off)", "clip": "gradient-norm clip (0: off)",
     "eval_steps": "T values of the final evaluation", "stop_at": "stop after this many steps (checkpointed)",
     "reg_samples": "boards per batch the Jacobian regularisers use", "threads": "torch threads (0: default)",
+    "lyap_iters": "alignment passes of the Lyapunov frame (1: unbiased lambda_max; 0: random frame, biased low)",
+    "lyap_form": "squared | above | below (one-sided hinges)", "lyap_aggregate": "board | batch (penalise the mean)",
+    "lyap_boards": "boards per step for the Lyapunov term (0: reg-samples)",
+    "reg_warmup": "steps with every regulariser off", "reg_ramp": "steps of linear weight ramp after the warm-up",
+    "lyap_log_boards": "held-out boards whose lambda_max is logged each epoch (0: off)",
 }
 
 

@@ -1,92 +1,99 @@
-"""The trained-model experiments behind examples/fig3_*, fig4_*, fig5_*: named runs at CPU scale, trained once
-(in parallel subprocesses of ``python -m fastjac train``) into a shared folder and reused by every figure.
+"""The trained-model experiments behind examples/fig3_*, fig4_*, fig5_* and examples/sudoku6.py: seed sweeps of
+:mod:`fastjac.train.sweep` (one home for training, resuming and evaluating runs), one grid per figure.
 
-    results = ensure_runs(["original", "spec"], root="examples/out/runs")   # {name: results.json dict}
+    summary = run_figure("fig5", seeds=range(5), root="runs/sweep", out_dir="examples/out")   # the sweep's JSON
+    results = ensure_runs(["original", "spec_1e-4"], root="runs/sweep", seed=0)            # {name: results.json}
 
-A finished run (its results.json exists) is never retrained; an interrupted one resumes from its checkpoint.
-The figure setting is the CPU preset (4x4 Sudoku, ItrSA, D = 32, H = 4, T = 16) with ``epochs`` = 8 (1000
-optimizer steps) so that the whole sweep fits in tens of minutes on 2 cores; ``quick`` = 1 epoch of 2000 boards.
+A finished run (its DONE marker) is never retrained; an interrupted one resumes from its checkpoint. Every run is
+the CPU preset (4x4 Sudoku, ItrSA or AKOrN, D = 32, H = 4, T = 16, 20 epochs = 2500 steps; the 6x6 grid: preset
+``cpu6``), evaluated on the sweep's common held-out test set. ``quick=True``: 1 epoch of 2000 boards per run.
 """
 from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
-import time
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Iterable, Optional, Sequence
 
-import torch
+from . import sweep as _sweep
 
-#: name -> (label, CLI flags on top of the CPU preset)
-RUNS: Dict[str, tuple] = {
-    "original": ("Original", []),
-    "spec": ("Spec (1e-3)", ["--spec", "1e-3"]),
-    "e_single": ("E-single (1e-3)", ["--e-single", "1e-3"]),
-    "e_multi": ("E-multi (1e-3, orthogonal W^V, W^O)", ["--e-multi", "1e-3"]),
-    "lyap_0.1": ("Lyapunov, target 0.1", ["--lyap", "1.0", "--lyap-target", "0.1", "--reg-samples", "4",
-                                          "--lyap-k", "2", "--reg-every", "2"]),
-    "lyap_-0.5": ("Lyapunov, target -0.5", ["--lyap", "1.0", "--lyap-target", "-0.5", "--reg-samples", "4",
-                                            "--lyap-k", "2", "--reg-every", "2"]),
-    "jac_frob": ("Jacobian Frobenius (1e-3)", ["--jac-frob", "1e-3"]),
-    "jac_spec": ("Jacobian spectral (1e-2)", ["--jac-spec", "1e-2"]),
+#: figure -> (grids of fastjac.train.sweep.GRIDS, default seeds)
+FIGURES: Dict[str, tuple] = {
+    "fig3": (["fig3"], (0, 1, 2)),
+    "fig4": (["fig4"], (0, 1, 2, 3, 4)),
+    "fig5": (["fig5"], (0, 1, 2, 3, 4)),
+    "sudoku6": (["sudoku6"], (0, 1, 2)),
 }
 
-FIG_FLAGS = ["--epochs", "8"]
-QUICK_FLAGS = ["--epochs", "1", "--n-train", "2000", "--n-test", "200", "--lyap-samples", "1"]
+#: name -> (label, preset, flags): the sweep's configurations
+RUNS = _sweep.CONFIGS
+
+
+def run_figure(fig: str, *, seeds: Optional[Iterable[int]] = None, root: str = "runs/sweep", jobs: int = 2,
+               threads: int = 1, quick: bool = False, out_dir: str = "examples/out", train: bool = True,
+               extra_configs: Sequence[str] = ()) -> dict:
+    """Train (unless ``train=False``) and evaluate the runs of figure ``fig``; writes ``out_dir/<fig>_sweep.json``
+    and the PNGs, and returns the summary (see :func:`fastjac.train.sweep.sweep`)."""
+    if fig not in FIGURES:
+        raise ValueError(f"fig: expected one of {sorted(FIGURES)}, got {fig!r}")
+    grids, default_seeds = FIGURES[fig]
+    configs = list(dict.fromkeys([n for g in grids for n in _sweep.GRIDS[g]] + list(extra_configs)))
+    seeds = sorted(set(int(s) for s in (default_seeds if seeds is None else seeds)))
+    root = os.path.join(root, "quick") if quick else root
+    return _sweep.sweep(configs, seeds, root=root, jobs=jobs, threads=threads, train=train,
+                        out=os.path.join(out_dir, f"{fig}_sweep.json"), png_dir=out_dir,
+                        extra=_sweep.QUICK_FLAGS if quick else (), n_test=200 if quick else 500)
+
+
+def figure_main(fig: str, doc: str, argv: Optional[Sequence[str]] = None) -> dict:
+    """The command line of an example script: ``--seeds``, ``--root``, ``--jobs``, ``--quick``, ``--no-train``,
+    ``--out``; prints one line per configuration (mean +- sd over seeds) and returns the summary."""
+    import argparse
+
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--seeds", type=int, nargs="+", default=None, help=f"default {FIGURES[fig][1]}")
+    p.add_argument("--root", default="runs/sweep", help="run folders (shared by all figures; default runs/sweep)")
+    p.add_argument("--jobs", type=int, default=2)
+    p.add_argument("--quick", action="store_true", help="1 epoch of 2000 boards per run")
+    p.add_argument("--no-train", action="store_true", help="evaluate the finished runs only")
+    p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
+        os.path.abspath(__file__)))), "examples", "out"), help="folder of the JSON and PNGs (default examples/out)")
+    a = p.parse_args(argv)
+    s = run_figure(fig, seeds=a.seeds, root=a.root, jobs=a.jobs, quick=a.quick, out_dir=a.out, train=not a.no_train)
+    for name, agg in s["configs"].items():
+        st = agg["stats"]
+
+        def f(k):
+            v = st.get(k, {})
+            return "-" if v.get("mean") is None else f"{v['mean']:.3f} +- {(v.get('sd') or 0):.3f}"
+
+        print(f"{agg['label']:34s} n={len(agg['seeds'])}  ID board {f('test_id/T16/board')}  OOD board "
+              f"{f('test_ood/T16/board')}  lambda_max {f('lambda_max')}")
+    print(f"{s['status']['finished']} runs finished, {len(s['status']['unfinished'])} not; "
+          f"{os.path.join(a.out, fig + '_sweep.json')}, figures: {', '.join(s.get('figures', []))}")
+    return s
 
 
 def ensure_runs(names: Sequence[str], root: str, *, quick: bool = False, jobs: int = 2, seed: int = 0,
                 threads: int = 1) -> Dict[str, dict]:
-    """Train the named runs that have no results.json yet (``jobs`` at a time), then return all their results."""
+    """Train the named runs (one seed) that have not finished, ``jobs`` at a time; return their results.json."""
     for n in names:
         if n not in RUNS:
             raise ValueError(f"names: unknown run {n!r}; expected some of {sorted(RUNS)}")
-    root = os.path.join(root, "quick" if quick else "fig")
-    todo = [n for n in names if not os.path.exists(os.path.join(root, n, "results.json"))]
-    procs: List[tuple] = []
-    while todo or procs:
-        while todo and len(procs) < jobs:
-            n = todo.pop(0)
-            out = os.path.join(root, n)
-            os.makedirs(out, exist_ok=True)
-            cmd = [sys.executable, "-m", "fastjac", "train", "--preset", "cpu", "--quiet", "--out", out,
-                   "--seed", str(seed), "--threads", str(threads)] + (QUICK_FLAGS if quick else FIG_FLAGS) + RUNS[n][1]
-            log = open(os.path.join(out, "stdout.txt"), "a")
-            print(f"[runs] training {n}: {' '.join(cmd[2:])}", flush=True)
-            procs.append((n, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), log, time.time()))
-        time.sleep(2)
-        for item in list(procs):
-            n, p, log, t0 = item
-            if p.poll() is not None:
-                log.close()
-                procs.remove(item)
-                if p.returncode != 0:
-                    raise RuntimeError(f"run {n} failed (rc={p.returncode}); see {os.path.join(root, n, 'stdout.txt')}")
-                print(f"[runs] {n} done in {time.time() - t0:.0f} s", flush=True)
-    return {n: load_results(os.path.join(root, n)) for n in names}
+    root = os.path.join(root, "quick") if quick else root
+    st = _sweep.train_runs([(n, seed) for n in names], root, jobs=jobs, threads=threads,
+                           extra=_sweep.QUICK_FLAGS if quick else (), progress=False)
+    bad = [k for k, v in st.items() if v != "finished"]
+    if bad:
+        raise RuntimeError(f"runs {bad} did not finish; see their stdout.txt under {root}")
+    return {n: load_results(_sweep.run_dir(root, n, seed)) for n in names}
 
 
 def load_results(run_dir: str) -> dict:
+    """A run's results.json, with its folder as "dir"."""
     with open(os.path.join(run_dir, "results.json")) as f:
         res = json.load(f)
     res["dir"] = run_dir
     return res
 
 
-def accuracy_vs_steps(run_dir: str, steps=(1, 2, 4, 8, 16, 32, 64, 128), n: Optional[int] = None) -> Dict:
-    """Board/cell accuracy of a finished run at each number of recurrent steps T (test-time scaling)."""
-    from .loop import TrainConfig, evaluate, load_data, load_net
-
-    res = load_results(run_dir)
-    cfg = TrainConfig(**{k: (tuple(v) if k == "eval_steps" else v) for k, v in res["config"].items()})
-    cfg.progress = False
-    data = load_data(cfg)
-    if n:
-        data = {k: (p[:n], s[:n]) for k, (p, s) in data.items()}
-    net = load_net(os.path.join(run_dir, "sudoku_net.safetensors"))
-    torch.set_num_threads(max(1, torch.get_num_threads()))
-    return evaluate(net, data, steps=steps)
-
-
-__all__ = ["RUNS", "ensure_runs", "load_results", "accuracy_vs_steps"]
+__all__ = ["FIGURES", "RUNS", "run_figure", "figure_main", "ensure_runs", "load_results"]

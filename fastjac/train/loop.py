@@ -43,7 +43,10 @@ from .sudoku_models import SudokuNet, accuracy, sudoku_loss
 PRESETS: Dict[str, Dict[str, Any]] = {
     # 4x4 boards, trains in a few minutes on 2 CPU cores (docs/training.md has the measured numbers)
     "cpu": dict(size=4, dim=32, heads=4, steps=16, batch_size=64, n_train=8000, n_test=500, epochs=20, lr=3e-3,
-                eval_steps=(16, 32, 64), lyap_samples=4),
+                eval_steps=(16, 32, 64), lyap_samples=16),  # 16 boards: lambda_max's standard error ~0.01, not 0.04
+    # 6x6 boards (2x3 boxes; no solution recall: ~2.8e7 grids), the harder CPU task (docs/training.md)
+    "cpu6": dict(size=6, dim=32, heads=4, steps=16, batch_size=64, n_train=4000, n_test=500, epochs=20, lr=3e-3,
+                 eval_steps=(16, 32, 64), lyap_samples=4),
     # the paper's setting (9x9, D = 512, H = 8, batch 100, 100 epochs): for a GPU
     "paper": dict(size=9, dim=512, heads=8, steps=16, batch_size=100, n_train=9000, n_test=1000, epochs=100,
                   lr=5e-4, eval_steps=(16, 32, 64), lyap_samples=1, device="cuda"),
@@ -51,7 +54,12 @@ PRESETS: Dict[str, Dict[str, Any]] = {
 
 # fields that do not change the trajectory of the weights (excluded from the resume fingerprint)
 _NON_TRAJECTORY = ("out", "progress", "stop_at", "checkpoint_every", "log_every", "eval_steps", "lyap_samples",
-                   "cache_dir", "threads", "eval_every")
+                   "cache_dir", "threads", "eval_every", "lyap_log_boards")
+# fields added after checkpoints of the other fields were written: left out of the fingerprint while they cannot
+# change the trajectory (at the value the code before them behaved as, or the lyap_* ones with lyap = 0), so those
+# checkpoints still resume and a non-Lyapunov run keeps its fingerprint
+_LEGACY = {"lyap_iters": 0, "lyap_form": "squared", "lyap_aggregate": "board", "lyap_boards": 0, "reg_warmup": 0,
+           "reg_ramp": 0}
 
 
 @dataclass
@@ -64,6 +72,15 @@ class TrainConfig:
     ((lambda_max - lyap_target)^2 of the finite-horizon exponents over ``steps`` steps with ``lyap_k`` tangents).
     The Jacobian terms use the first ``reg_samples`` boards of each batch: jac_* at the input of the last step,
     lyap from X0; they are computed every ``reg_every`` steps (1: every step), at the weight given.
+
+    Lyapunov term (:func:`fastjac.train.regularizers.lyapunov_penalty`): ``lyap_iters`` subspace-iteration passes
+    (default 1: the unbiased lambda_max; 0: the random frame, biased low by ~0.15 at k = 4), ``lyap_form``
+    "squared" | "above" | "below" (one-sided hinges), ``lyap_aggregate`` "board" (every board pulled to the
+    target) | "batch" (the batch mean), ``lyap_boards`` boards per step (0: ``reg_samples``). Weight schedule of
+    every regulariser: 0 for ``reg_warmup`` optimizer steps, then a linear ramp over ``reg_ramp`` steps
+    (:func:`~fastjac.train.regularizers.ramp_weight`). ``lyap_log_boards`` held-out boards (the first of test_id)
+    have their finite-horizon lambda_max (k = 4, 2 alignment passes, float64) logged after every epoch (0: off;
+    no random draw, so the training trajectory does not depend on it).
     """
 
     kind: str = "itrsa"
@@ -95,6 +112,13 @@ class TrainConfig:
     lyap_k: int = 4
     reg_samples: int = 8
     reg_every: int = 1
+    lyap_iters: int = 1
+    lyap_form: str = "squared"
+    lyap_aggregate: str = "board"
+    lyap_boards: int = 0
+    reg_warmup: int = 0
+    reg_ramp: int = 0
+    lyap_log_boards: int = 16
     eval_steps: Tuple[int, ...] = (16, 32, 64)
     eval_every: int = 0
     lyap_samples: int = 4
@@ -127,6 +151,14 @@ class TrainConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name}: expected an int >= 1, got {v!r}")
+        for name in ("lyap_iters", "lyap_boards", "reg_warmup", "reg_ramp", "lyap_log_boards"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"{name}: expected an int >= 0, got {v!r}")
+        if self.lyap_form not in R.PENALTY_FORMS:
+            raise ValueError(f"lyap_form: expected one of {R.PENALTY_FORMS}, got {self.lyap_form!r}")
+        if self.lyap_aggregate not in R.PENALTY_AGGREGATES:
+            raise ValueError(f"lyap_aggregate: expected one of {R.PENALTY_AGGREGATES}, got {self.lyap_aggregate!r}")
         for name in ("spec", "e_single", "e_multi", "jac_frob", "jac_spec", "lyap", "weight_decay", "ema"):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or v < 0 or not math.isfinite(v):
@@ -194,6 +226,9 @@ def _check_device(device) -> str:
 
 def _fingerprint(cfg: TrainConfig) -> str:
     d = {k: v for k, v in cfg.to_dict().items() if k not in _NON_TRAJECTORY}
+    for k, legacy in _LEGACY.items():
+        if d[k] == legacy or (k.startswith("lyap_") and cfg.lyap == 0):
+            del d[k]
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -241,8 +276,10 @@ def regularizer_terms(cfg: TrainConfig, net: SudokuNet, xs: List[Tensor], C: Ten
     if cfg.jac_spec > 0:
         terms["jac_spec"] = R.jacobian_spectral(net.core, xs[-2][r], C=C[r], iters=cfg.jac_iters, seed=seed)
     if cfg.lyap > 0:
-        terms["lyap"] = R.lyapunov_penalty(net.core, xs[0][r], C=C[r], target=cfg.lyap_target, horizon=cfg.steps,
-                                           k=cfg.lyap_k, seed=seed)
+        rl = slice(0, min(cfg.lyap_boards or cfg.reg_samples, C.shape[0]))
+        terms["lyap"] = R.lyapunov_penalty(net.core, xs[0][rl], C=C[rl], target=cfg.lyap_target, horizon=cfg.steps,
+                                           k=cfg.lyap_k, iters=cfg.lyap_iters, seed=seed, form=cfg.lyap_form,
+                                           aggregate=cfg.lyap_aggregate)
     return terms
 
 
@@ -296,6 +333,21 @@ def lyapunov_of(net: SudokuNet, puzzles: Tensor, horizon: int = 16) -> Dict[str,
     return {"max": float(np.mean(maxs)), "mean": float(np.mean(means)), "per_board_max": maxs,
             "per_board_mean": means, "horizon": horizon, "boards": len(maxs),
             "method": "dense (all exponents)" if n <= 1024 else "matrix-free top 32"}
+
+
+@torch.no_grad()
+def heldout_lambda_max(net: SudokuNet, puzzles: Tensor, horizon: int = 16, k: int = 4, iters: int = 2
+                       ) -> Dict[str, Any]:
+    """The finite-horizon lambda_max (T = ``horizon`` from X0) of the core on held-out ``puzzles`` [B, S], by
+    :func:`fastjac.train.regularizers.lyapunov` with ``iters`` alignment passes in float64 (the per-epoch log;
+    no random draw from torch's global generator). Returns {"max": mean over boards, "se": its standard error,
+    "boards": B, "per_board": [...]}."""
+    core = R.plain_copy(net.core).double()
+    X0, C = net.inputs(puzzles.to(net.pos.device))
+    ex = R.lyapunov(core, X0.detach().double(), C=C.detach().double(), horizon=horizon, k=k, iters=iters, seed=0)
+    per = ex[:, 0].cpu().numpy()
+    se = float(per.std(ddof=1) / math.sqrt(len(per))) if len(per) > 1 else float("nan")
+    return {"max": float(per.mean()), "se": se, "boards": len(per), "per_board": [float(v) for v in per]}
 
 
 def _save_ckpt(path: str, state: Dict[str, Any]) -> None:
@@ -494,7 +546,7 @@ def train(cfg: TrainConfig, data=None, *, fresh: bool = False) -> Dict[str, Any]
     ema = {k: v.detach().clone() for k, v in net.state_dict().items()} if cfg.ema > 0 else None
     per_epoch = math.ceil(len(Ptr) / cfg.batch_size)
     total = per_epoch * cfg.epochs
-    st = dict(step=0, train_time=0.0, history=[], log_bytes=0)
+    st = dict(step=0, train_time=0.0, history=[], log_bytes=0, heldout=[])
     if saved is not None:
         try:
             net.load_state_dict(saved["model"])
@@ -507,7 +559,7 @@ def train(cfg: TrainConfig, data=None, *, fresh: bool = False) -> Dict[str, Any]
             raise ValueError(f"out: {ckpt_path!r} does not fit this run's model ({str(e).splitlines()[0][:160]}); "
                              f"{_start_over(cfg.out)}") from None
         st = dict(step=saved["step"], train_time=saved["train_time"], history=saved["history"],
-                  log_bytes=saved.get("log_bytes"))
+                  log_bytes=saved.get("log_bytes"), heldout=saved.get("heldout", []))
         _truncate(log_path, st["log_bytes"])  # lines of steps after the checkpoint: they are redone now
     elif os.path.isfile(log_path):
         _truncate(log_path, 0)  # a run from step 0: the log of an earlier run in this folder goes
@@ -523,7 +575,7 @@ def train(cfg: TrainConfig, data=None, *, fresh: bool = False) -> Dict[str, Any]
             _save_ckpt(ckpt_path, dict(fingerprint=fp, model=net.state_dict(), optimizer=opt.state_dict(),
                                        spec_state=R.spec_state(net.core), ema=ema, step=st["step"],
                                        train_time=st["train_time"], history=st["history"], config=cfg.to_dict(),
-                                       log_bytes=st["log_bytes"]))
+                                       log_bytes=st["log_bytes"], heldout=st["heldout"]))
         except OSError as e:  # a full disk must not cost the run: warn, go on, and try again at the next one
             if not last["ckpt_failed"]:
                 warnings.warn(f"train: could not write the checkpoint {ckpt_path!r} ({e.strerror or e}); the run "
@@ -568,9 +620,10 @@ def train(cfg: TrainConfig, data=None, *, fresh: bool = False) -> Dict[str, Any]
                     gr["lr"] = _lr_at(cfg, step, total)
                 logits, xs, C = net(p, return_states=True)
                 ce = sudoku_loss(logits, s)
-                terms = regularizer_terms(cfg, net, xs, C, step)
+                ramp = R.ramp_weight(step, warmup=cfg.reg_warmup, ramp=cfg.reg_ramp)
+                terms = regularizer_terms(cfg, net, xs, C, step) if ramp > 0 else {}
                 last_terms.update({k: v.item() for k, v in terms.items()})
-                loss = ce + sum(getattr(cfg, k) * v for k, v in terms.items())
+                loss = ce + sum(ramp * getattr(cfg, k) * v for k, v in terms.items())
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 gnorm = torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.clip) if cfg.clip > 0 else None
@@ -596,6 +649,11 @@ def train(cfg: TrainConfig, data=None, *, fresh: bool = False) -> Dict[str, Any]
                     log(rec)
                     st["history"].append(rec)
                     bar.set_postfix(ce=f"{ce.item():.3f}")
+                if cfg.lyap_log_boards and done % per_epoch == 0:  # after its optimizer time: not in train_time
+                    hl = heldout_lambda_max(net, data["test_id"][0][:cfg.lyap_log_boards], horizon=cfg.steps)
+                    hl = dict(step=done, epoch=epoch, heldout_lambda_max=hl["max"], se=hl["se"], boards=hl["boards"])
+                    st["heldout"].append(hl)
+                    log(hl)
                 if cfg.eval_every and done % (cfg.eval_every * per_epoch) == 0 and done < total:
                     ev = evaluate(net, data, steps=(cfg.steps,))
                     log(dict(step=done, eval=ev))
@@ -635,7 +693,8 @@ def train(cfg: TrainConfig, data=None, *, fresh: bool = False) -> Dict[str, Any]
                                        lambda tmp: save_net(net, tmp), "sudoku_net"))
     res = dict(config=cfg.to_dict(), steps=total, train_time_s=st["train_time"], data_time_s=t_data,
                eval_time_s=t_eval, final_ce=st["history"][-1]["ce"] if st["history"] else None,
-               eval=ev, lyapunov=lyap, torch=torch.__version__, date=time.strftime("%Y-%m-%d %H:%M:%S"))
+               eval=ev, lyapunov=lyap, heldout_lambda_max_per_epoch=st["heldout"], torch=torch.__version__,
+               date=time.strftime("%Y-%m-%d %H:%M:%S"))
     if last["log_failed"]:
         res["history"] = st["history"]  # the log could not be written: its records are kept here
     files["results"] = write_json(os.path.join(cfg.out, "results.json"), res, "train_results")
@@ -647,4 +706,4 @@ def train(cfg: TrainConfig, data=None, *, fresh: bool = False) -> Dict[str, Any]
 
 
 __all__ = ["TrainConfig", "PRESETS", "train", "TrainingInterrupted", "TrainingDiverged", "evaluate", "build_net", "load_data", "lyapunov_of", "save_net",
-           "load_net", "plain_net", "regularizer_terms"]
+           "load_net", "plain_net", "regularizer_terms", "heldout_lambda_max"]

@@ -38,8 +38,8 @@ class SudokuNet(nn.Module):
         super().__init__()
         if kind not in KINDS:
             raise ValueError(f"kind: expected one of {KINDS}, got {kind!r}")
-        if size not in (4, 9):
-            raise ValueError(f"size: expected 4 or 9, got {size!r}")
+        if size not in (4, 6, 9):
+            raise ValueError(f"size: expected 4, 6 or 9, got {size!r}")
         D, H = check_int("dim", dim), check_int("heads", heads)
         self.steps = check_int("steps", steps)
         self.kind, self.size = kind, size
