@@ -4,6 +4,7 @@ Without a CUDA device the Triton kernels run on Triton's CPU interpreter, as Tri
 TRITON_INTERPRET when a kernel is decorated (``triton.jit``), i.e. when fastjac's kernel modules are imported, so it
 is set here, before any module imports fastjac. With a CUDA device the kernels are compiled for it instead.
 """
+
 import os
 
 try:

@@ -4,6 +4,7 @@ The C++ CPU kernels in csrc/ are compiled just in time against the installed tor
 ahead of time by `python -m fastjac build`), never here: a missing compiler cannot make the install fail. A
 non-editable install ships the sources as fastjac/_csrc/ (build_py below); an editable one reads csrc/ in place.
 """
+
 import os
 import shutil
 
@@ -50,7 +51,16 @@ setup(
     extras_require={
         # ninja: the tests build the C++ extension (backend="cpp") just in time; transformers: the third-party
         # layers of tests/test_own_models.py (the "thirdparty" extra), which CI must run
-        "test": ["ninja", "pytest>=7", "hypothesis>=6", "pytest-benchmark", "matplotlib>=3.5", "transformers>=4.48"],
+        "test": [
+            "ninja",
+            "pytest>=7",
+            "hypothesis>=6",
+            "pytest-benchmark",
+            "matplotlib>=3.5",
+            "transformers>=4.48",
+            "mpmath",
+            "ruff==0.17.5",
+        ],
         "thirdparty": ["transformers>=4.48"],  # fastjac.integrations.transformers, HF layers as steps
         "plot": ["matplotlib>=3.5"],
     },

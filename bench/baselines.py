@@ -1,4 +1,5 @@
 """The baselines every fastjac benchmark compares against, in one place: plain torch.func on the model's forward."""
+
 from __future__ import annotations
 
 import torch

@@ -9,6 +9,7 @@ the dense step Jacobian at S*D = 4096 and 8192; the k-tangent JVP alone (a linea
 compared before any ratio is reported (a mismatch is printed and the speedup is withheld). Also records the load
 average, since the 2-core machine is shared.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,9 +21,10 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import fastjac as fj  # noqa: E402
 from baselines import lyapunov_autograd, vmap_jvp  # noqa: E402
 from machine import machine_info  # noqa: E402
+
+import fastjac as fj  # noqa: E402
 from fastjac.backends import cpp as cppb  # noqa: E402
 
 
@@ -37,7 +39,7 @@ def timeit(f, min_time=1.0, min_runs=3):
 
 def gemm_gflops(dtype, n=1024):
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    return 2 * n ** 3 / timeit(lambda: a @ b) / 1e9
+    return 2 * n**3 / timeit(lambda: a @ b) / 1e9
 
 
 def jvp_flops(S, D, H, k, dh, dv):
@@ -108,8 +110,9 @@ def bench_dense(S, D, H, dtype):
     for be in ("torch", "cpp"):
         J[be] = fj.jacobian(m, X, C=C, backend=be).clone()
         lin = fj.backends.get(be).linearize(m, X[None], C[None], True)
-        out[f"{be}_dense_s"] = timeit(lambda: fj.backends.get(be).linearize(m, X[None], C[None], True).dense(
-            out=buf.view(1, S * D, S * D)))
+        out[f"{be}_dense_s"] = timeit(
+            lambda: fj.backends.get(be).linearize(m, X[None], C[None], True).dense(out=buf.view(1, S * D, S * D))
+        )
         del lin
     out["write_output_s"] = timeit(lambda: buf.fill_(1.0))
     out["max_rel_diff_vs_torch"] = ((J["cpp"] - J["torch"]).abs().max() / J["torch"].abs().max()).item()
@@ -127,8 +130,9 @@ def bench_dense(S, D, H, dtype):
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="smaller sizes and fewer steps (a smoke run)")
-    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                                                  "cpp_cpu.json"))
+    ap.add_argument(
+        "--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "cpp_cpu.json")
+    )
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     args = ap.parse_args(argv)
     if args.threads:
@@ -138,8 +142,10 @@ def main(argv=None):
     print(f"extension loaded in {time.perf_counter() - t0:.1f} s (build record: {cppb.build_info()})")
     load_before = os.getloadavg()
     gemm = {str(dt).replace("torch.", ""): gemm_gflops(dt) for dt in (torch.float32, torch.float64)}
-    print(f"GEMM (torch.mm 1024^3, {torch.get_num_threads()} threads): " +
-          ", ".join(f"{k} {v:.1f} GFLOP/s" for k, v in gemm.items()))
+    print(
+        f"GEMM (torch.mm 1024^3, {torch.get_num_threads()} threads): "
+        + ", ".join(f"{k} {v:.1f} GFLOP/s" for k, v in gemm.items())
+    )
     Ss = (81,) if args.quick else (81, 256)
     rows = {"lyapunov": [], "jvp": [], "dense": []}
     with torch.no_grad():
@@ -148,29 +154,52 @@ def main(argv=None):
                 steps = (20 if S <= 81 else 6) if not args.quick else 3
                 r = bench_lyapunov(S, 64, 4, 32, dt, steps, max(2, steps // 2))
                 rows["lyapunov"].append(r)
-                print(f"lyapunov S={S} {r['dtype']}: cpp {r['cpp_steps_per_s']:.1f} steps/s, torch "
-                      f"{r['torch_steps_per_s']:.1f}, vmap(jvp) {r['vmap_jvp_steps_per_s']:.1f}; " +
-                      (f"{r['speedup_vs_torch']:.2f}x torch, {r['speedup_vs_vmap_jvp']:.2f}x vmap(jvp)"
-                       if r["results_match"] else f"RESULTS DIFFER ({r['max_abs_diff_exponents']:.2e})"))
+                print(
+                    f"lyapunov S={S} {r['dtype']}: cpp {r['cpp_steps_per_s']:.1f} steps/s, torch "
+                    f"{r['torch_steps_per_s']:.1f}, vmap(jvp) {r['vmap_jvp_steps_per_s']:.1f}; "
+                    + (
+                        f"{r['speedup_vs_torch']:.2f}x torch, {r['speedup_vs_vmap_jvp']:.2f}x vmap(jvp)"
+                        if r["results_match"]
+                        else f"RESULTS DIFFER ({r['max_abs_diff_exponents']:.2e})"
+                    )
+                )
                 r = bench_jvp(S, 64, 4, 32, dt)
                 rows["jvp"].append(r)
-                print(f"  k-tangent JVP: cpp {r['cpp_jvp_s'] * 1e3:.2f} ms ({r['cpp_gflops']:.1f} GFLOP/s), torch "
-                      f"{r['torch_jvp_s'] * 1e3:.2f} ms ({r['torch_gflops']:.1f}), vmap(jvp) "
-                      f"{r['vmap_jvp_s'] * 1e3:.2f} ms; " +
-                      (f"{r['speedup_vs_torch']:.2f}x torch, {r['speedup_vs_vmap_jvp']:.2f}x vmap(jvp)"
-                       if r["results_match"] else f"RESULTS DIFFER ({r['max_rel_err_vs_vmap']:.2e})"))
-        for S in ((16,) if args.quick else (64, 128)):
+                print(
+                    f"  k-tangent JVP: cpp {r['cpp_jvp_s'] * 1e3:.2f} ms ({r['cpp_gflops']:.1f} GFLOP/s), torch "
+                    f"{r['torch_jvp_s'] * 1e3:.2f} ms ({r['torch_gflops']:.1f}), vmap(jvp) "
+                    f"{r['vmap_jvp_s'] * 1e3:.2f} ms; "
+                    + (
+                        f"{r['speedup_vs_torch']:.2f}x torch, {r['speedup_vs_vmap_jvp']:.2f}x vmap(jvp)"
+                        if r["results_match"]
+                        else f"RESULTS DIFFER ({r['max_rel_err_vs_vmap']:.2e})"
+                    )
+                )
+        for S in (16,) if args.quick else (64, 128):
             for dt in (torch.float32, torch.float64):
                 r = bench_dense(S, 64, 4, dt)
                 rows["dense"].append(r)
-                print(f"dense S*D={S * 64} {r['dtype']}: cpp {r['cpp_dense_s'] * 1e3:.1f} ms "
-                      f"({r['cpp_write_gb_per_s']:.2f} GB/s, fill {r['fill_gb_per_s']:.2f} GB/s), torch "
-                      f"{r['torch_dense_s'] * 1e3:.1f} ms; " +
-                      (f"{r['speedup_vs_torch']:.2f}x torch" if r["results_match"]
-                       else f"RESULTS DIFFER ({r['max_rel_diff_vs_torch']:.2e})"))
-    result = {"benchmark": "cpp", "baselines": "backend='torch'; vmap(jvp) (+ torch.linalg.qr) from bench/baselines.py",
-              "machine": machine_info(), "gemm_gflops": gemm, "loadavg_before": load_before,
-              "loadavg_after": os.getloadavg(), "threads": torch.get_num_threads(), "build": cppb.build_info(), "rows": rows}
+                print(
+                    f"dense S*D={S * 64} {r['dtype']}: cpp {r['cpp_dense_s'] * 1e3:.1f} ms "
+                    f"({r['cpp_write_gb_per_s']:.2f} GB/s, fill {r['fill_gb_per_s']:.2f} GB/s), torch "
+                    f"{r['torch_dense_s'] * 1e3:.1f} ms; "
+                    + (
+                        f"{r['speedup_vs_torch']:.2f}x torch"
+                        if r["results_match"]
+                        else f"RESULTS DIFFER ({r['max_rel_diff_vs_torch']:.2e})"
+                    )
+                )
+    result = {
+        "benchmark": "cpp",
+        "baselines": "backend='torch'; vmap(jvp) (+ torch.linalg.qr) from bench/baselines.py",
+        "machine": machine_info(),
+        "gemm_gflops": gemm,
+        "loadavg_before": load_before,
+        "loadavg_after": os.getloadavg(),
+        "threads": torch.get_num_threads(),
+        "build": cppb.build_info(),
+        "rows": rows,
+    }
     print(f"load average before {load_before}, after {result['loadavg_after']}")
     if not args.quick:
         os.makedirs(os.path.dirname(args.out), exist_ok=True)

@@ -10,6 +10,7 @@ the first call, minus the resident size then) is its own. Times are medians over
 1 s of them). A size's speedups are reported only
 if fastjac's result matches the baseline's (relative max error < 1e-4 in float32) in the same run.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,7 +43,9 @@ def _reset_peak() -> None:
 
 def _setup(S, D, H, k, seed=0):
     import torch
+
     import fastjac as fj
+
     torch.manual_seed(seed)
     model = fj.ItrSA(D, H)
     X = torch.randn(S, D) * 3
@@ -54,8 +57,10 @@ def _setup(S, D, H, k, seed=0):
 def child(method, S, D, H, k, repeats, chunk):
     """One measurement in this process: prints JSON {time_s, peak_mb}."""
     import torch
-    import fastjac as fj
     from baselines import jacrev_dense, vmap_jvp
+
+    import fastjac as fj
+
     model, X, C, T = _setup(S, D, H, k)
     fn = {
         "dense_fastjac": lambda: fj.jacobian(model, X, C=C, backend="torch"),
@@ -81,8 +86,10 @@ def child(method, S, D, H, k, repeats, chunk):
 def check(S, D, H, k, chunk):
     """fastjac vs the baselines at this size, in float32: max error relative to the largest entry."""
     import torch
-    import fastjac as fj
     from baselines import jacrev_dense, vmap_jvp
+
+    import fastjac as fj
+
     model, X, C, T = _setup(S, D, H, k)
     with torch.no_grad():
         J, JT = fj.jacobian(model, X, C=C), fj.jvp(model, X, T, C=C)[1]
@@ -93,8 +100,18 @@ def check(S, D, H, k, chunk):
 
 
 def run_child(args, method, S, D, H, k, chunk):
-    cmd = [sys.executable, os.path.abspath(__file__), "--child", method, str(S), str(D), str(H), str(k),
-           "--repeats", str(args.repeats)] + (["--chunk", str(chunk)] if chunk else [])
+    cmd = [
+        sys.executable,
+        os.path.abspath(__file__),
+        "--child",
+        method,
+        str(S),
+        str(D),
+        str(H),
+        str(k),
+        "--repeats",
+        str(args.repeats),
+    ] + (["--chunk", str(chunk)] if chunk else [])
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode != 0:
         return {"error": r.stderr.strip().splitlines()[-1] if r.stderr.strip() else f"exit {r.returncode}"}
@@ -115,6 +132,7 @@ def main():
         return child(m, int(S), int(D), int(H), int(k), args.repeats, args.chunk)
 
     from machine import machine_info
+
     rows = []
     for spec in args.sizes.split(","):
         S, D, H = map(int, spec.lower().split("x"))
@@ -122,8 +140,17 @@ def main():
         # jacrev's vmapped attention VJP keeps several [S*D, H, S, S] tensors: chunk it when that passes ~6 GB
         chunk = 1024 if n * H * S * S * 4 * 4 > 6e9 else None
         e_dense, e_jvp = check(S, D, H, args.k, chunk)
-        row = {"S": S, "D": D, "H": H, "S*D": n, "k": args.k, "dtype": "float32", "jacrev_chunk_size": chunk,
-               "max_rel_err_dense": e_dense, "max_rel_err_jvp": e_jvp}
+        row = {
+            "S": S,
+            "D": D,
+            "H": H,
+            "S*D": n,
+            "k": args.k,
+            "dtype": "float32",
+            "jacrev_chunk_size": chunk,
+            "max_rel_err_dense": e_dense,
+            "max_rel_err_jvp": e_jvp,
+        }
         ok = e_dense < 1e-4 and e_jvp < 1e-4
         for meth in ("dense_fastjac", "dense_jacrev", "jvp_fastjac", "jvp_vmap"):
             row[meth] = run_child(args, meth, S, D, H, args.k, chunk if meth == "dense_jacrev" else None)
@@ -135,13 +162,19 @@ def main():
         else:
             row["refused"] = "correctness check failed or a measurement errored: no speedup reported"
         rows.append(row)
-        print(f"S={S:4d} D={D:4d} H={H} S*D={n:5d} | dense: fastjac {row['dense_fastjac'].get('time_s', 'err')} s, "
-              f"jacrev {row['dense_jacrev'].get('time_s', 'err')} s, x{row.get('dense_speedup_vs_jacrev', 'n/a')} "
-              f"(peak mem ratio {row.get('dense_peak_mem_ratio', 'n/a')}) | k={args.k} JVP: "
-              f"x{row.get('jvp_speedup_vs_vmap_jvp', 'n/a')} vs vmap(jvp) | err {e_dense:.1e}/{e_jvp:.1e}",
-              flush=True)
-    res = {"benchmark": "cpu_jacobian", "baselines": {"dense": "torch.func.jacrev", "jvp": "torch.func.vmap(jvp)"},
-           "machine": machine_info(), "rows": rows}
+        print(
+            f"S={S:4d} D={D:4d} H={H} S*D={n:5d} | dense: fastjac {row['dense_fastjac'].get('time_s', 'err')} s, "
+            f"jacrev {row['dense_jacrev'].get('time_s', 'err')} s, x{row.get('dense_speedup_vs_jacrev', 'n/a')} "
+            f"(peak mem ratio {row.get('dense_peak_mem_ratio', 'n/a')}) | k={args.k} JVP: "
+            f"x{row.get('jvp_speedup_vs_vmap_jvp', 'n/a')} vs vmap(jvp) | err {e_dense:.1e}/{e_jvp:.1e}",
+            flush=True,
+        )
+    res = {
+        "benchmark": "cpu_jacobian",
+        "baselines": {"dense": "torch.func.jacrev", "jvp": "torch.func.vmap(jvp)"},
+        "machine": machine_info(),
+        "rows": rows,
+    }
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(res, f, indent=1)

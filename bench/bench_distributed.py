@@ -13,6 +13,7 @@ torch.distributed per step (measured by fastjac.distributed.STATS) and the model
 exponents of every world size are checked against world size 1 (max abs difference < 1e-8, float64) and the
 efficiency is reported only when they agree. Results: bench/results/distributed_<device>.json.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -80,10 +81,16 @@ def _worker(cfg: dict) -> None:
         Sp, nb = S, hi - lo
     dh = dv = model.head_dim
     flops = jvp_flops(Sp, S, D, H, dh, dv, k, B=nb) + nb * 6 * Sp * D * k * k  # + CholeskyQR2 (2 Grams, 1 apply)
-    row = dict(rank=r, wall_s=wall, steps=steps, bytes_per_step=sum(v for key, v in STATS.items() if
-                                                                      key.endswith("bytes")) / steps,
-               p2p_bytes_per_step=STATS["p2p_bytes"] / steps, allreduce_bytes_per_step=STATS["allreduce_bytes"] / steps,
-               flops_per_step=flops, exponents=res.exponents.cpu().reshape(-1).tolist())
+    row = dict(
+        rank=r,
+        wall_s=wall,
+        steps=steps,
+        bytes_per_step=sum(v for key, v in STATS.items() if key.endswith("bytes")) / steps,
+        p2p_bytes_per_step=STATS["p2p_bytes"] / steps,
+        allreduce_bytes_per_step=STATS["allreduce_bytes"] / steps,
+        flops_per_step=flops,
+        exponents=res.exponents.cpu().reshape(-1).tolist(),
+    )
     with open(os.path.join(cfg["out"], f"rank{r}.json"), "w") as f:
         json.dump(row, f)
     dist.destroy_process_group()
@@ -96,10 +103,19 @@ def _launch(cfg: dict, P: int, timeout: float) -> list:
     os.makedirs(cfg["out"], exist_ok=True)
     procs = []
     for r in range(P):
-        env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(r), WORLD_SIZE=str(P),
-                   LOCAL_RANK=str(r), GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS=str(cfg["threads"]))
-        procs.append(subprocess.Popen([sys.executable, os.path.abspath(__file__), "--worker", json.dumps(cfg)],
-                                      env=env))
+        env = dict(
+            os.environ,
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(port),
+            RANK=str(r),
+            WORLD_SIZE=str(P),
+            LOCAL_RANK=str(r),
+            GLOO_SOCKET_IFNAME="lo",
+            OMP_NUM_THREADS=str(cfg["threads"]),
+        )
+        procs.append(
+            subprocess.Popen([sys.executable, os.path.abspath(__file__), "--worker", json.dumps(cfg)], env=env)
+        )
     try:
         for p in procs:
             p.wait(timeout=timeout)
@@ -135,18 +151,31 @@ def main(argv=None) -> int:
     import tempfile
 
     import torch
-
     from machine import machine_info
 
     worlds = [int(x) for x in args.world.split(",")]
-    results = dict(machine=machine_info(), load_before=os.getloadavg(), threads_per_rank=args.threads,
-                   k=args.k, steps=args.steps, dtype="float64", runs=[])
+    results = dict(
+        machine=machine_info(),
+        load_before=os.getloadavg(),
+        threads_per_rank=args.threads,
+        k=args.k,
+        steps=args.steps,
+        dtype="float64",
+        runs=[],
+    )
     tmp = tempfile.mkdtemp(prefix="fj_bench_dist_")
     for mode, size in (("tokens", args.tokens_size), ("samples", args.samples_size)):
         base = None
         for P in worlds:
-            cfg = dict(mode=mode, size=_parse_size(size), samples=args.samples, k=args.k, steps=args.steps,
-                       threads=args.threads, out=os.path.join(tmp, f"{mode}{P}"))
+            cfg = dict(
+                mode=mode,
+                size=_parse_size(size),
+                samples=args.samples,
+                k=args.k,
+                steps=args.steps,
+                threads=args.threads,
+                out=os.path.join(tmp, f"{mode}{P}"),
+            )
             rows = _launch(cfg, P, args.timeout)
             wall = max(x["wall_s"] for x in rows)
             rate = args.steps / wall
@@ -157,19 +186,34 @@ def main(argv=None) -> int:
             ok = err < 1e-8 and all(x["exponents"] == ex for x in rows)
             eff = (rate / base["rate"]) * base["P"] / P if ok else None
             r0 = rows[0]
-            row = dict(mode=mode, world_size=P, size=size, batch=args.samples if mode == "samples" else 1,
-                       wall_s=wall, steps_per_s=rate, efficiency=eff, results_match=ok, max_abs_diff_vs_first=err,
-                       bytes_per_step_per_rank=max(x["bytes_per_step"] for x in rows),
-                       p2p_bytes_per_step_rank0=r0["p2p_bytes_per_step"],
-                       allreduce_bytes_per_step_rank0=r0["allreduce_bytes_per_step"],
-                       flops_per_step_per_rank=max(x["flops_per_step"] for x in rows))
-            row["flops_per_byte"] = (row["flops_per_step_per_rank"] / row["bytes_per_step_per_rank"]
-                                     if row["bytes_per_step_per_rank"] else None)
+            row = dict(
+                mode=mode,
+                world_size=P,
+                size=size,
+                batch=args.samples if mode == "samples" else 1,
+                wall_s=wall,
+                steps_per_s=rate,
+                efficiency=eff,
+                results_match=ok,
+                max_abs_diff_vs_first=err,
+                bytes_per_step_per_rank=max(x["bytes_per_step"] for x in rows),
+                p2p_bytes_per_step_rank0=r0["p2p_bytes_per_step"],
+                allreduce_bytes_per_step_rank0=r0["allreduce_bytes_per_step"],
+                flops_per_step_per_rank=max(x["flops_per_step"] for x in rows),
+            )
+            row["flops_per_byte"] = (
+                row["flops_per_step_per_rank"] / row["bytes_per_step_per_rank"]
+                if row["bytes_per_step_per_rank"]
+                else None
+            )
             results["runs"].append(row)
             e = f"{eff:.2f}" if eff is not None else "n/a"
-            print(f"{mode:8s} P={P}  {size:>10s}  {rate:7.3f} steps/s  efficiency {e:>5s}  "
-                  f"{row['bytes_per_step_per_rank'] / 1e6:8.2f} MB/step/rank  "
-                  f"{row['flops_per_step_per_rank'] / 1e9:8.3f} GFLOP/step/rank  match={ok}", flush=True)
+            print(
+                f"{mode:8s} P={P}  {size:>10s}  {rate:7.3f} steps/s  efficiency {e:>5s}  "
+                f"{row['bytes_per_step_per_rank'] / 1e6:8.2f} MB/step/rank  "
+                f"{row['flops_per_step_per_rank'] / 1e9:8.3f} GFLOP/step/rank  match={ok}",
+                flush=True,
+            )
     results["load_after"] = os.getloadavg()
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     path = args.out or os.path.join(HERE, "results", f"distributed_{dev}.json")

@@ -22,6 +22,7 @@ would exceed memory) fastjac is checked against the float64 torch backend on the
 output says so. Sizes whose dense Jacobian or baseline would exceed the device's free memory are skipped, with the
 reason. The model is ItrSA (l2 norm, output projection), float32, batch 1, random weights and inputs.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -74,6 +75,7 @@ class Timer:
         if first > 1.0:
             return statistics.median([self.once(fn) for _ in range(3)])
         from triton.testing import do_bench
+
         return do_bench(fn, warmup=25, rep=200, return_mode="median") / 1e3
 
 
@@ -98,6 +100,7 @@ def free_bytes(cuda: bool) -> int:
 
 def setup(S, D, H, k, device, seed=0):
     import fastjac as fj
+
     torch.manual_seed(seed)
     model = fj.ItrSA(D, H, device=device)
     X = torch.randn(1, S, D, device=device) * 3
@@ -110,6 +113,7 @@ def jvp_flops(S, D, H, dh, dv, k, B=1, BV=None):
     """Attention part (the kernels: one forward, then the two-pass tangent kernel, which recomputes q.k^T per tangent
     and per value tile; causal would halve it) + the torch projection GEMMs."""
     from fastjac.ops.attention.triton import attn_flops
+
     attn = attn_flops(S, dh, dv, k, B=B, H=H, BV=BV)["two_pass"]
     proj = k * B * S * 2 * D * H * (2 * dh + 2 * dv)  # T Wq, T Wk, T Wv and Wo^T od
     return attn + proj
@@ -120,8 +124,9 @@ def flop_table(sizes, ks, arch=90) -> list:
     ``arch``) beside the one-tangent-per-call baseline (a JVP-flash kernel redoing the forward per tangent) and the
     former shared-softmax 3-D kernel. Arithmetic only: nothing is timed."""
     from fastjac.ops import _launch
-    from fastjac.ops.attention.triton import attn_flops
     from fastjac.ops._utils import pow2
+    from fastjac.ops.attention.triton import attn_flops
+
     rows = []
     for cfg in sizes:
         S, D, H = cfg["S"], cfg["D"], cfg["H"]
@@ -134,14 +139,18 @@ def flop_table(sizes, ks, arch=90) -> list:
 
 
 def print_flop_table(rows) -> None:
-    print("attention FLOPs per JVP call (B = 1, non-causal; GFLOP): two-pass incl. its forward | two-pass after "
-          "linearize (forward cached) | one tangent per call (baseline) | former shared-p 3-D kernel | ratio "
-          "two-pass (incl. forward) / baseline")
+    print(
+        "attention FLOPs per JVP call (B = 1, non-causal; GFLOP): two-pass incl. its forward | two-pass after "
+        "linearize (forward cached) | one tangent per call (baseline) | former shared-p 3-D kernel | ratio "
+        "two-pass (incl. forward) / baseline"
+    )
     for r in rows:
-        print(f"  S={r['S']:<5d} D={r['D']:<4d} H={r['H']} k={r['k']:<3d} BV={r['BV']:<3d} "
-              f"{r['two_pass'] / 1e9:10.2f} | {r['two_pass_cached_forward'] / 1e9:10.2f} | "
-              f"{r['one_tangent_per_call'] / 1e9:10.2f} | {r['shared_softmax_3d'] / 1e9:10.2f} | "
-              f"{r['ratio_vs_baseline']:.3f}")
+        print(
+            f"  S={r['S']:<5d} D={r['D']:<4d} H={r['H']} k={r['k']:<3d} BV={r['BV']:<3d} "
+            f"{r['two_pass'] / 1e9:10.2f} | {r['two_pass_cached_forward'] / 1e9:10.2f} | "
+            f"{r['one_tangent_per_call'] / 1e9:10.2f} | {r['shared_softmax_3d'] / 1e9:10.2f} | "
+            f"{r['ratio_vs_baseline']:.3f}"
+        )
 
 
 def jvp_bytes(S, D, H, dh, dv, k, B=1, es=4):
@@ -158,8 +167,10 @@ def dense_bytes(S, D, B=1, es=4):
 
 
 def bench_jvp(cfg, k, timer, cuda, device, notes):
-    import fastjac as fj
     from baselines import k_single_tangent_jvps, vmap_jvp
+
+    import fastjac as fj
+
     S, D, H = cfg["S"], cfg["D"], cfg["H"]
     model, X, C, T = setup(S, D, H, k, device)
     dh = dv = model.head_dim
@@ -191,15 +202,23 @@ def bench_jvp(cfg, k, timer, cuda, device, notes):
     row["fastjac_peak_mb"] = peak_mb(lambda: f(T), cuda)
     from fastjac.ops import _launch
     from fastjac.ops._utils import pow2
+
     arch = _launch.arch_of(device)
     bv = _launch.config("attn_jvp", arch, "fp32", pow2(dh))[1]["BV"] if arch else None
     fl, by = jvp_flops(S, D, H, dh, dv, k, BV=bv), jvp_bytes(S, D, H, dh, dv, k)
-    row["flop_formula"] = ("B H S^2 (2(dh+dv) + k 2(3 dh nv + 2 dv)) + 2 k B S D H (2dh + 2dv), nv = cdiv(dv, BV) "
-                           "(two-pass: q.k^T recomputed per tangent and value tile)")
+    row["flop_formula"] = (
+        "B H S^2 (2(dh+dv) + k 2(3 dh nv + 2 dv)) + 2 k B S D H (2dh + 2dv), nv = cdiv(dv, BV) "
+        "(two-pass: q.k^T recomputed per tangent and value tile)"
+    )
     if arch:
-        row["launch"] = {kind: dict(arch=arch, **dict(_launch.config(kind, arch, "fp32", pow2(dh))[1].tiles),
-                                    **_launch.config(kind, arch, "fp32", pow2(dh))[1].options())
-                         for kind in ("attn_fwd", "attn_jvp")}
+        row["launch"] = {
+            kind: dict(
+                arch=arch,
+                **dict(_launch.config(kind, arch, "fp32", pow2(dh))[1].tiles),
+                **_launch.config(kind, arch, "fp32", pow2(dh))[1].options(),
+            )
+            for kind in ("attn_fwd", "attn_jvp")
+        }
     row["byte_formula"] = "4 (2 k B S D + 3 B H S (dh+dv) + 2 k B H S (2dh + 2dv))"
     row["tflops"], row["gbps"] = fl / t_ours / 1e12, by / t_ours / 1e9
     t_single = timer(lambda: k_single_tangent_jvps(f, T))
@@ -229,8 +248,10 @@ def bench_jvp(cfg, k, timer, cuda, device, notes):
 
 
 def bench_dense(cfg, timer, cuda, device, notes, chunk_size):
-    import fastjac as fj
     from baselines import jacrev_dense, write_output
+
+    import fastjac as fj
+
     S, D, H = cfg["S"], cfg["D"], cfg["H"]
     n = S * D
     out_bytes = n * n * 4
@@ -259,7 +280,7 @@ def bench_dense(cfg, timer, cuda, device, notes, chunk_size):
     row["byte_formula"] = "4 (S D)^2 (one write per element)"
     row["flop_formula"] = "(S D)^2 4H (rank-2H expansion per element)"
     row["fastjac_peak_mb"] = peak_mb(lambda: lin.dense(out=out), cuda)  # beyond the preallocated output
-    del out
+    out = None  # frees the output (not `del`: the timing lambdas above close over the name)
     t_base = timer(lambda: jacrev_dense(model, X[0], C[0], chunk_size=chunk_size))
     row["jacrev_s"] = t_base
     row["jacrev_peak_mb"] = peak_mb(lambda: jacrev_dense(model, X[0], C[0], chunk_size=chunk_size), cuda)
@@ -274,28 +295,38 @@ def bench_dense(cfg, timer, cuda, device, notes, chunk_size):
 def fmt(row) -> str:
     def g(key, spec="{:.3g}"):
         return spec.format(row[key]) if row.get(key) is not None else "-"
-    head = f"{row['op']:5s} S={row['S']:<5d} D={row['D']:<4d} H={row['H']}" + (f" k={row['k']:<3d}" if "k" in row else "")
+
+    head = f"{row['op']:5s} S={row['S']:<5d} D={row['D']:<4d} H={row['H']}" + (
+        f" k={row['k']:<3d}" if "k" in row else ""
+    )
     if "skipped" in row:
         return head + "  skipped: " + row["skipped"]
     chk = row["check"]
     s = f"{head}  match={row['match']} (err {chk['rel_err']:.1e} vs {chk['against']})  fastjac {g('fastjac_s')} s"
     if row["op"] == "jvp":
-        s += (f", vmap(jvp) {g('vmap_jvp_s')} s (x{g('speedup_vs_vmap_jvp')}), k single passes "
-              f"{g('k_single_passes_s')} s (x{g('speedup_vs_k_single')}), {g('tflops')} TFLOP/s, {g('gbps')} GB/s, "
-              f"peak {g('fastjac_peak_mb', '{:.0f}')} MB vs {g('vmap_jvp_peak_mb', '{:.0f}')} MB; tf32 err "
-              f"{g('tf32_rel_err_vs_f64', '{:.1e}')} (ieee {g('ieee_rel_err_vs_f64', '{:.1e}')}), tf32 {g('tf32_s')} s")
+        s += (
+            f", vmap(jvp) {g('vmap_jvp_s')} s (x{g('speedup_vs_vmap_jvp')}), k single passes "
+            f"{g('k_single_passes_s')} s (x{g('speedup_vs_k_single')}), {g('tflops')} TFLOP/s, {g('gbps')} GB/s, "
+            f"peak {g('fastjac_peak_mb', '{:.0f}')} MB vs {g('vmap_jvp_peak_mb', '{:.0f}')} MB; tf32 err "
+            f"{g('tf32_rel_err_vs_f64', '{:.1e}')} (ieee {g('ieee_rel_err_vs_f64', '{:.1e}')}), tf32 {g('tf32_s')} s"
+        )
     else:
-        s += (f", write {g('write_s')} s ({g('write_gbps')} GB/s; fastjac/write = {g('fastjac_over_write')}), "
-              f"jacrev {g('jacrev_s')} s (x{g('speedup_vs_jacrev')}), {g('gbps')} GB/s, {g('tflops')} TFLOP/s, "
-              f"peak {g('fastjac_peak_mb', '{:.0f}')} MB vs jacrev {g('jacrev_peak_mb', '{:.0f}')} MB")
+        s += (
+            f", write {g('write_s')} s ({g('write_gbps')} GB/s; fastjac/write = {g('fastjac_over_write')}), "
+            f"jacrev {g('jacrev_s')} s (x{g('speedup_vs_jacrev')}), {g('gbps')} GB/s, {g('tflops')} TFLOP/s, "
+            f"peak {g('fastjac_peak_mb', '{:.0f}')} MB vs jacrev {g('jacrev_peak_mb', '{:.0f}')} MB"
+        )
     return s
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="the Sudoku model (S=81, D=512, H=8) only")
-    ap.add_argument("--cpu-smoke", action="store_true",
-                    help="tiny sizes on the CPU under TRITON_INTERPRET=1, to check this script without a GPU")
+    ap.add_argument(
+        "--cpu-smoke",
+        action="store_true",
+        help="tiny sizes on the CPU under TRITON_INTERPRET=1, to check this script without a GPU",
+    )
     ap.add_argument("--chunk-size", type=int, default=2048, help="jacrev's chunk_size (rows per reverse pass)")
     ap.add_argument("--out", default=None, help="JSON path (default bench/results/gpu_triton_<device>.json)")
     args = ap.parse_args(argv)
@@ -307,8 +338,10 @@ def main(argv=None) -> int:
         cuda, device = False, "cpu"
         sizes, ks, chunk = [dict(S=9, D=16, H=2)], (2, 4), 64
     elif not cuda:
-        print("bench_gpu_triton.py: no CUDA device found; this benchmark needs a GPU (nothing was measured). "
-              "For a CPU check of the script: TRITON_INTERPRET=1 python bench/bench_gpu_triton.py --cpu-smoke")
+        print(
+            "bench_gpu_triton.py: no CUDA device found; this benchmark needs a GPU (nothing was measured). "
+            "For a CPU check of the script: TRITON_INTERPRET=1 python bench/bench_gpu_triton.py --cpu-smoke"
+        )
         print_flop_table(flop_table([SUDOKU] + LARGE, (1,) + KS))
         return 0
     else:
@@ -317,7 +350,9 @@ def main(argv=None) -> int:
         torch.backends.cuda.matmul.allow_tf32 = False  # float32 baselines in IEEE float32, as fastjac's default
         torch.backends.cudnn.allow_tf32 = False
     from machine import machine_info
+
     import fastjac as fj
+
     flops = flop_table([SUDOKU] + LARGE, (1,) + KS)
     print_flop_table(flops)
     timer = Timer(cuda)
@@ -341,8 +376,14 @@ def main(argv=None) -> int:
     if cuda:
         p = torch.cuda.get_device_properties(0)
         info.update(gpu_memory_gb=p.total_memory / 1e9, cuda=torch.version.cuda)
-    result = dict(machine=info, match_tol=MATCH_TOL, rows=rows, notes=notes, smoke=bool(args.cpu_smoke),
-                  attention_flops_per_call=flops)
+    result = dict(
+        machine=info,
+        match_tol=MATCH_TOL,
+        rows=rows,
+        notes=notes,
+        smoke=bool(args.cpu_smoke),
+        attention_flops_per_call=flops,
+    )
     name = re.sub(r"[^A-Za-z0-9]+", "_", info["device"]).strip("_").lower()
     path = args.out or os.path.join(HERE, "results", f"gpu_triton_{name}.json")
     os.makedirs(os.path.dirname(path), exist_ok=True)

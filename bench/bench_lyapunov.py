@@ -11,6 +11,7 @@ float32, 1e-8 in float64). On CUDA the script also times ``fastjac.ops.qr`` (fus
 ``torch.linalg.qr`` on tall-skinny [S*D, k] matrices, with achieved GB/s (bytes = 3 reads of M + 1 write of Q, the
 minimum of this algorithm). Results go to bench/results/lyapunov_<device>.json with the machine and versions.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,9 +26,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
 
-import fastjac as fj  # noqa: E402
 from baselines import lyapunov_autograd  # noqa: E402
 from machine import machine_info  # noqa: E402
+
+import fastjac as fj  # noqa: E402
 
 CPU_SIZES = "64x64x4,81x64x4"
 GPU_SIZES = "81x256x8,81x512x8,1024x256x8,1024x512x8,4096x256x8,4096x512x8"
@@ -63,9 +65,15 @@ def bench_size(S, D, H, k, steps, dtype, device):
         return row
     err = (res.exponents.cpu() - ex_base.cpu()).abs().max().item()
     ok = err < (1e-3 if dtype == torch.float32 else 1e-8)
-    row.update(fastjac_step_s=t_fast, fastjac_steps_per_s=1 / t_fast, baseline_step_s=t_base,
-               baseline_steps_per_s=1 / t_base, max_abs_diff_exponents=err, results_match=ok,
-               speedup=(t_base / t_fast) if ok else None)
+    row.update(
+        fastjac_step_s=t_fast,
+        fastjac_steps_per_s=1 / t_fast,
+        baseline_step_s=t_base,
+        baseline_steps_per_s=1 / t_base,
+        max_abs_diff_exponents=err,
+        results_match=ok,
+        speedup=(t_base / t_fast) if ok else None,
+    )
     return row
 
 
@@ -79,9 +87,17 @@ def bench_qr(n, k, dtype):
     Qh, R = torch.linalg.qr(M.double())
     err = (logd - R.diagonal().abs().log()).abs().max().item()
     byts = 4 * n * k * M.element_size()
-    return dict(n=n, k=k, dtype=str(dtype).replace("torch.", ""), fastjac_qr_s=t_fj, torch_linalg_qr_s=t_hh,
-                speedup=t_hh / t_fj, fastjac_GBps=byts / t_fj / 1e9, bytes_formula="4*n*k*elsize",
-                max_abs_err_logdiag=err)
+    return dict(
+        n=n,
+        k=k,
+        dtype=str(dtype).replace("torch.", ""),
+        fastjac_qr_s=t_fj,
+        torch_linalg_qr_s=t_hh,
+        speedup=t_hh / t_fj,
+        fastjac_GBps=byts / t_fj / 1e9,
+        bytes_formula="4*n*k*elsize",
+        max_abs_err_logdiag=err,
+    )
 
 
 def main():
@@ -103,26 +119,40 @@ def main():
             row = bench_size(S, D, H, k, args.steps, dtype, device)
             rows.append(row)
             sp = row.get("speedup")
-            print(f"S={S:5d} D={D:4d} H={H} k={k:3d}: fastjac {1 / row['fastjac_step_s']:8.2f} steps/s, "
-                  f"baseline {row.get('baseline_steps_per_s', float('nan')):8.2f} steps/s, "
-                  + (f"x{sp:.1f}" if sp else f"NO SPEEDUP REPORTED (results differ: {row.get('baseline')})")
-                  + f" | max |diff| of exponents {row.get('max_abs_diff_exponents', float('nan')):.1e}",
-                  flush=True)
+            print(
+                f"S={S:5d} D={D:4d} H={H} k={k:3d}: fastjac {1 / row['fastjac_step_s']:8.2f} steps/s, "
+                f"baseline {row.get('baseline_steps_per_s', float('nan')):8.2f} steps/s, "
+                + (f"x{sp:.1f}" if sp else f"NO SPEEDUP REPORTED (results differ: {row.get('baseline')})")
+                + f" | max |diff| of exponents {row.get('max_abs_diff_exponents', float('nan')):.1e}",
+                flush=True,
+            )
     if cuda:
         for size in args.sizes.split(","):
             S, D, _ = (int(v) for v in size.split("x"))
             for k in (int(v) for v in args.k.split(",")):
                 r = bench_qr(S * D, k, dtype)
                 qr_rows.append(r)
-                print(f"QR n={r['n']:8d} k={k:3d}: fastjac {r['fastjac_qr_s'] * 1e6:8.1f} us "
-                      f"({r['fastjac_GBps']:.0f} GB/s), torch.linalg.qr {r['torch_linalg_qr_s'] * 1e6:8.1f} us: "
-                      f"x{r['speedup']:.1f}", flush=True)
+                print(
+                    f"QR n={r['n']:8d} k={k:3d}: fastjac {r['fastjac_qr_s'] * 1e6:8.1f} us "
+                    f"({r['fastjac_GBps']:.0f} GB/s), torch.linalg.qr {r['torch_linalg_qr_s'] * 1e6:8.1f} us: "
+                    f"x{r['speedup']:.1f}",
+                    flush=True,
+                )
     dev = info["device"].replace(" ", "_")
     out = args.out or os.path.join(HERE, "results", f"lyapunov_{dev}.json")
     os.makedirs(os.path.dirname(out), exist_ok=True)
     with open(out, "w") as f:
-        json.dump(dict(benchmark="lyapunov", baseline="vmap(jvp) + torch.linalg.qr every step (bench/baselines.py)",
-                       machine=info, rows=rows, qr=qr_rows), f, indent=1)
+        json.dump(
+            dict(
+                benchmark="lyapunov",
+                baseline="vmap(jvp) + torch.linalg.qr every step (bench/baselines.py)",
+                machine=info,
+                rows=rows,
+                qr=qr_rows,
+            ),
+            f,
+            indent=1,
+        )
     print(f"wrote {out}")
 
 

@@ -25,6 +25,7 @@ kernel calls (inside the step's JVP) is measured separately: "attention JVP" vs 
 under vmap(jvp), the forward, the QR). Exponents of both methods are compared (same initial tangents); a speedup is
 printed only where they agree (max difference below 1e-3, float32). Results: bench/results/own_model_cpu.json.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -52,10 +53,10 @@ def _layer(ff: int):
 
 def worker(S: int, k: int, method: str, steps: int, ff: int) -> dict:
     import torch
+    from baselines import lyapunov_autograd
 
     import fastjac as fj
     import fastjac.nn.functional as nnf
-    from baselines import lyapunov_autograd
 
     layer = _layer(ff)
     X = torch.randn(S, D, generator=torch.Generator().manual_seed(1))
@@ -92,8 +93,12 @@ def worker(S: int, k: int, method: str, steps: int, ff: int) -> dict:
             ex = lyapunov_autograd(layer, X, None, k, steps)
             wall = time.perf_counter() - t0
         out["kernel"] = "torch math SDPA (vmap materialises k x H x S x S)"
-    out.update(s_per_step=wall / steps, steps_per_s=steps / wall, exponents=[float(e) for e in ex],
-               peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    out.update(
+        s_per_step=wall / steps,
+        steps_per_s=steps / wall,
+        exponents=[float(e) for e in ex],
+        peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    )
     return out
 
 
@@ -102,7 +107,7 @@ def _mem_available_gb() -> float:
         with open("/proc/meminfo") as f:
             for line in f:
                 if line.startswith("MemAvailable"):
-                    return int(line.split()[1]) / 2 ** 20
+                    return int(line.split()[1]) / 2**20
     except OSError:
         pass
     return float("inf")
@@ -124,7 +129,6 @@ def main(argv=None) -> int:
         return 0
 
     import torch
-
     from machine import machine_info
 
     avail = _mem_available_gb()
@@ -134,9 +138,11 @@ def main(argv=None) -> int:
     info["mem_available_gb"] = round(avail, 1)
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     rows = []
-    print(f"looped nn.TransformerEncoderLayer(D={D}, H={H}, ff={a.ff}) float32, Lyapunov steps: fastjac vs "
-          f"torch.func + math SDPA; {torch.get_num_threads()} threads, load {' '.join(info['loadavg_start'])}, "
-          f"baseline memory limit {limit:.1f} GB")
+    print(
+        f"looped nn.TransformerEncoderLayer(D={D}, H={H}, ff={a.ff}) float32, Lyapunov steps: fastjac vs "
+        f"torch.func + math SDPA; {torch.get_num_threads()} threads, load {' '.join(info['loadavg_start'])}, "
+        f"baseline memory limit {limit:.1f} GB"
+    )
     for S in [int(s) for s in a.sizes.split(",")]:
         for k in [int(x) for x in a.k.split(",")]:
             res = {}
@@ -145,8 +151,18 @@ def main(argv=None) -> int:
                 if method == "math" and est > limit:
                     res[method] = {"skipped": f"estimated peak {est:.1f} GB > limit {limit:.1f} GB"}
                     continue
-                cmd = [sys.executable, os.path.abspath(__file__), "--worker", str(S), str(k), method,
-                       "--steps", str(a.steps), "--ff", str(a.ff)]
+                cmd = [
+                    sys.executable,
+                    os.path.abspath(__file__),
+                    "--worker",
+                    str(S),
+                    str(k),
+                    method,
+                    "--steps",
+                    str(a.steps),
+                    "--ff",
+                    str(a.ff),
+                ]
                 try:
                     p = subprocess.run(cmd, capture_output=True, text=True, timeout=a.timeout, env=env)
                     line = next((ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")), None)
@@ -157,19 +173,23 @@ def main(argv=None) -> int:
             row = {"S": S, "k": k, "fastjac": f, "math": m}
             if "s_per_step" in f:
                 rest = f["s_per_step"] - f["attention_jvp_s_per_step"]
-                msg = (f"S={S:5d} k={k:3d}  fastjac [{f['kernel']}] {f['steps_per_s']:.3f} steps/s, peak "
-                       f"{f['peak_rss_mb']:.0f} MB (setup {f['rss_setup_mb']:.0f}); time/step {f['s_per_step']:.3f} s "
-                       f"= attention JVP {f['attention_jvp_s_per_step']:.3f} s ({f['attention_jvp_calls_per_step']:.0f} "
-                       f"call/step) + rest {rest:.3f} s")
+                msg = (
+                    f"S={S:5d} k={k:3d}  fastjac [{f['kernel']}] {f['steps_per_s']:.3f} steps/s, peak "
+                    f"{f['peak_rss_mb']:.0f} MB (setup {f['rss_setup_mb']:.0f}); time/step {f['s_per_step']:.3f} s "
+                    f"= attention JVP {f['attention_jvp_s_per_step']:.3f} s ({f['attention_jvp_calls_per_step']:.0f} "
+                    f"call/step) + rest {rest:.3f} s"
+                )
                 if "s_per_step" in m:
                     diff = max(abs(x - y) for x, y in zip(f["exponents"], m["exponents"]))
                     row["max_exponent_diff"] = diff
                     if diff < 1e-3:
                         row["speedup"] = m["s_per_step"] / f["s_per_step"]
                         row["memory_ratio"] = m["peak_rss_mb"] / f["peak_rss_mb"]
-                        msg += (f"\n             math {m['steps_per_s']:.3f} steps/s, peak {m['peak_rss_mb']:.0f} MB"
-                                f"  ->  {row['speedup']:.2f}x faster, {row['memory_ratio']:.1f}x less peak memory "
-                                f"(exponents agree to {diff:.1e})")
+                        msg += (
+                            f"\n             math {m['steps_per_s']:.3f} steps/s, peak {m['peak_rss_mb']:.0f} MB"
+                            f"  ->  {row['speedup']:.2f}x faster, {row['memory_ratio']:.1f}x less peak memory "
+                            f"(exponents agree to {diff:.1e})"
+                        )
                     else:
                         msg += f"\n             math: exponents differ by {diff:.1e}: no speedup reported"
                 else:
@@ -179,11 +199,17 @@ def main(argv=None) -> int:
             print(msg, flush=True)
             rows.append(row)
     info["loadavg_end"] = open("/proc/loadavg").read().split()[:3]
-    doc = {"benchmark": "bench_own_model", "layer": f"nn.TransformerEncoderLayer({D}, {H}, dim_feedforward={a.ff}, "
-           f"dropout=0.0, batch_first=True).eval()", "dtype": "float32", "steps": a.steps,
-           "baseline": "bench/baselines.py lyapunov_autograd under sdpa_kernel(SDPBackend.MATH), MHA fast path off",
-           "memory": "ru_maxrss of a fresh subprocess per configuration", "mem_limit_gb": limit,
-           "machine": info, "results": rows}
+    doc = {
+        "benchmark": "bench_own_model",
+        "layer": f"nn.TransformerEncoderLayer({D}, {H}, dim_feedforward={a.ff}, dropout=0.0, batch_first=True).eval()",
+        "dtype": "float32",
+        "steps": a.steps,
+        "baseline": "bench/baselines.py lyapunov_autograd under sdpa_kernel(SDPBackend.MATH), MHA fast path off",
+        "memory": "ru_maxrss of a fresh subprocess per configuration",
+        "mem_limit_gb": limit,
+        "machine": info,
+        "results": rows,
+    }
     os.makedirs(os.path.dirname(a.out), exist_ok=True)
     with open(a.out, "w") as fh:
         json.dump(doc, fh, indent=1, allow_nan=False)

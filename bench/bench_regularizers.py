@@ -14,6 +14,7 @@ QR per step; value + backward, timed against fastjac's analytic version in the s
 only if both give the same value (relative difference below 1e-4 in float32).
 Results: bench/results/regularizers_cpu.json with the machine and versions.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -53,6 +54,7 @@ def timeit(fn, min_time=1.0, min_reps=3):
 def make_step(cfg, net, opt, P, S):
     """``cfg.reg_every`` consecutive training steps as the loop takes them (the terms on every reg_every-th), so
     the time per call / reg_every is the amortised step time."""
+
     def run():
         for step in range(cfg.reg_every):
             logits, xs, C = net(P, return_states=True)
@@ -62,13 +64,14 @@ def make_step(cfg, net, opt, P, S):
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+
     return run
 
 
 def torchfunc_hutchinson(core, X, C, V):
-    f = lambda x: core(x, C)  # noqa: E731
-    return torch.stack([vmap_jvp(core, X[b], V[:, b], C=C[b]).pow(2).sum(dim=(-2, -1)).mean(0)
-                        for b in range(X.shape[0])]).mean()
+    return torch.stack(
+        [vmap_jvp(core, X[b], V[:, b], C=C[b]).pow(2).sum(dim=(-2, -1)).mean(0) for b in range(X.shape[0])]
+    ).mean()
 
 
 def torchfunc_lyapunov(core, X0, C, k, horizon, seed):
@@ -76,8 +79,9 @@ def torchfunc_lyapunov(core, X0, C, k, horizon, seed):
     n = S * D
     out = []
     for b in range(B):
-        Q = torch.linalg.qr(torch.randn(n, k, generator=torch.Generator().manual_seed(seed + b),
-                                        dtype=torch.float64))[0].to(X0.dtype)
+        Q = torch.linalg.qr(torch.randn(n, k, generator=torch.Generator().manual_seed(seed + b), dtype=torch.float64))[
+            0
+        ].to(X0.dtype)
         Rp, X = None, X0[b]
         for _ in range(horizon):
             W = vmap_jvp(core, X, Q.T.reshape(k, S, D), C=C[b]).reshape(k, n).T
@@ -95,20 +99,30 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: steadier on a shared machine)")
-    ap.add_argument("--lyap-only", action="store_true", help="only the Lyapunov cases (plain step timed before "
-                    "and after them; results/regularizers_lyap_cpu.json)")
+    ap.add_argument(
+        "--lyap-only",
+        action="store_true",
+        help="only the Lyapunov cases (plain step timed before and after them; results/regularizers_lyap_cpu.json)",
+    )
     ap.add_argument("--out", default="")
     args = ap.parse_args(argv)
-    args.out = args.out or os.path.join(HERE, "results", "regularizers_lyap_cpu.json" if args.lyap_only
-                                        else "regularizers_cpu.json")
+    args.out = args.out or os.path.join(
+        HERE, "results", "regularizers_lyap_cpu.json" if args.lyap_only else "regularizers_cpu.json"
+    )
     torch.set_num_threads(args.threads)
     mt = 0.3 if args.quick else 1.5
     base = TrainConfig.preset("cpu")
     P, S = sudoku.generate(base.batch_size, size=base.size, seed=0, cache=False)
     P, S = torch.from_numpy(P), torch.from_numpy(S)
-    results = dict(machine=machine_info(), load_average_at_start=os.getloadavg(), model=dict(kind=base.kind, size=base.size, dim=base.dim,
-                                                      heads=base.heads, steps=base.steps, batch=base.batch_size),
-                   step_ratios={}, torch_func={})
+    results = dict(
+        machine=machine_info(),
+        load_average_at_start=os.getloadavg(),
+        model=dict(
+            kind=base.kind, size=base.size, dim=base.dim, heads=base.heads, steps=base.steps, batch=base.batch_size
+        ),
+        step_ratios={},
+        torch_func={},
+    )
 
     def step_time(**kw):
         cfg = TrainConfig.preset("cpu", **kw)
@@ -122,14 +136,18 @@ def main(argv=None):
     plain = step_time()
     results["plain_step_s"] = plain
     print(f"plain training step (batch {base.batch_size}, T={base.steps}): {plain * 1e3:.1f} ms")
-    cases = [("spec", dict(spec=1e-4)), ("e_single", dict(e_single=1e-3)), ("e_multi", dict(e_multi=1e-3)),
-             ("e_multi_hard", dict(e_multi_hard=True)),
-             ("jac_frob k=4, 8 boards", dict(jac_frob=1e-2, probes=4)),
-             ("jac_frob k=4, all 64 boards", dict(jac_frob=1e-2, probes=4, reg_samples=64)),
-             ("jac_spec 2 iters, 8 boards", dict(jac_spec=1e-2, jac_iters=2)),
-             ("jac_spec 2 iters, all 64 boards", dict(jac_spec=1e-2, jac_iters=2, reg_samples=64)),
-             ("lyap k=4 T=16, 8 boards", dict(lyap=1e-1, lyap_k=4)),
-             ("lyap k=4 T=16, 2 boards", dict(lyap=1e-1, lyap_k=4, reg_samples=2))]
+    cases = [
+        ("spec", dict(spec=1e-4)),
+        ("e_single", dict(e_single=1e-3)),
+        ("e_multi", dict(e_multi=1e-3)),
+        ("e_multi_hard", dict(e_multi_hard=True)),
+        ("jac_frob k=4, 8 boards", dict(jac_frob=1e-2, probes=4)),
+        ("jac_frob k=4, all 64 boards", dict(jac_frob=1e-2, probes=4, reg_samples=64)),
+        ("jac_spec 2 iters, 8 boards", dict(jac_spec=1e-2, jac_iters=2)),
+        ("jac_spec 2 iters, all 64 boards", dict(jac_spec=1e-2, jac_iters=2, reg_samples=64)),
+        ("lyap k=4 T=16, 8 boards", dict(lyap=1e-1, lyap_k=4)),
+        ("lyap k=4 T=16, 2 boards", dict(lyap=1e-1, lyap_k=4, reg_samples=2)),
+    ]
     for name, kw in cases:
         t = step_time(**kw)
         results["step_ratios"][name] = dict(seconds=t, ratio=t / plain)
@@ -156,10 +174,13 @@ def main(argv=None):
     b = torchfunc_hutchinson(core, X, C, V).item()
     ok = abs(a - b) / abs(b) < 1e-4
     th, tr = timeit(ours_h, mt), timeit(ref_h, mt)
-    results["torch_func"]["hutchinson k=4, 8 boards"] = dict(fastjac_s=th, torch_func_s=tr, agree=ok,
-                                                             speedup=tr / th if ok else None, values=[a, b])
-    print(f"Hutchinson (value + backward): fastjac {th * 1e3:.1f} ms, vmap(jvp) {tr * 1e3:.1f} ms" +
-          (f", {tr / th:.2f}x" if ok else " (values differ: no speedup reported)"))
+    results["torch_func"]["hutchinson k=4, 8 boards"] = dict(
+        fastjac_s=th, torch_func_s=tr, agree=ok, speedup=tr / th if ok else None, values=[a, b]
+    )
+    print(
+        f"Hutchinson (value + backward): fastjac {th * 1e3:.1f} ms, vmap(jvp) {tr * 1e3:.1f} ms"
+        + (f", {tr / th:.2f}x" if ok else " (values differ: no speedup reported)")
+    )
 
     def ours_l():
         core.zero_grad(set_to_none=True)
@@ -173,10 +194,13 @@ def main(argv=None):
     b = torchfunc_lyapunov(core, X0, C, 4, 16, 0).detach()
     ok = bool(((a - b).abs() / b.abs().clamp_min(1e-3)).max() < 1e-3)
     tl, trl = timeit(ours_l, mt), timeit(ref_l, mt)
-    results["torch_func"]["lyapunov k=4 T=16, 8 boards"] = dict(fastjac_s=tl, torch_func_s=trl, agree=ok,
-                                                                speedup=trl / tl if ok else None)
-    print(f"Lyapunov k=4, T=16 (value + backward): fastjac {tl * 1e3:.1f} ms, vmap(jvp)+QR {trl * 1e3:.1f} ms" +
-          (f", {trl / tl:.2f}x" if ok else " (values differ: no speedup reported)"))
+    results["torch_func"]["lyapunov k=4 T=16, 8 boards"] = dict(
+        fastjac_s=tl, torch_func_s=trl, agree=ok, speedup=trl / tl if ok else None
+    )
+    print(
+        f"Lyapunov k=4, T=16 (value + backward): fastjac {tl * 1e3:.1f} ms, vmap(jvp)+QR {trl * 1e3:.1f} ms"
+        + (f", {trl / tl:.2f}x" if ok else " (values differ: no speedup reported)")
+    )
     results["load_average_at_end"] = os.getloadavg()
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
@@ -189,8 +213,10 @@ LYAP_CASES = [  # (name, TrainConfig overrides): lyap k=4, T=16 on lyap_boards b
     ("lyap k=4 iters=1, 4 boards (default iters)", dict(lyap=1.0, lyap_k=4, lyap_iters=1, lyap_boards=4)),
     ("lyap k=4 iters=1, 8 boards", dict(lyap=1.0, lyap_k=4, lyap_iters=1, lyap_boards=8)),
     ("lyap k=4 iters=1, 1 board", dict(lyap=1.0, lyap_k=4, lyap_iters=1, lyap_boards=1)),
-    ("lyap k=4 iters=1, 4 boards, reg_every 2 (Fig. 3 runs)", dict(lyap=1.0, lyap_k=4, lyap_iters=1, lyap_boards=4,
-                                                                   reg_every=2)),
+    (
+        "lyap k=4 iters=1, 4 boards, reg_every 2 (Fig. 3 runs)",
+        dict(lyap=1.0, lyap_k=4, lyap_iters=1, lyap_boards=4, reg_every=2),
+    ),
     ("lyap k=4 iters=1, 4 boards, reg_every 4", dict(lyap=1.0, lyap_k=4, lyap_iters=1, lyap_boards=4, reg_every=4)),
 ]
 

@@ -20,6 +20,7 @@ A baseline whose estimated memory exceeds ``--baseline-gb`` (default 3 GB: the m
 the row says so. Results are checked against backend="torch" (or vmap(jvp)) wherever one ran; speedups are only
 printed for matching results.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -56,7 +57,7 @@ def timeit(f, min_time=1.0, min_runs=2, max_runs=50):
 
 def gemm_gflops(dtype, n=2048):
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    return 2 * n ** 3 / timeit(lambda: a @ b, min_time=1.0) / 1e9
+    return 2 * n**3 / timeit(lambda: a @ b, min_time=1.0) / 1e9
 
 
 def _dt(name):
@@ -65,6 +66,7 @@ def _dt(name):
 
 def _model(S, D, H, dtype, seed=0):
     import fastjac as fj
+
     torch.manual_seed(seed)
     m = fj.ItrSA(D, H, norm="l2", dtype=dtype).requires_grad_(False)
     return m, torch.randn(S, D, dtype=dtype), torch.randn(S, D, dtype=dtype)
@@ -77,10 +79,13 @@ def _attn_bytes(S, H, k, elem, copies=4):
 
 # ------------------------------------------------------------------------------------------------ workers
 
+
 def work_jvp(S, k, dtype, D, H, baseline_gb):
-    import fastjac as fj
     from baselines import vmap_jvp
     from bench_cpp import jvp_flops
+
+    import fastjac as fj
+
     dt = _dt(dtype)
     m, X, C = _model(S, D, H, dt)
     T = torch.randn(k, S, D, dtype=dt)
@@ -95,8 +100,10 @@ def work_jvp(S, k, dtype, D, H, baseline_gb):
         rss0 = _rss_mb()
         for be in ("cpp", "torch", "vmap_jvp"):
             if be != "cpp" and not fits:
-                out[f"{be}_skipped"] = (f"needs ~{_attn_bytes(S, H, k, X.element_size()) / 1e9:.1f} GB of "
-                                        f"[k, H, S, S] temporaries (> {baseline_gb} GB)")
+                out[f"{be}_skipped"] = (
+                    f"needs ~{_attn_bytes(S, H, k, X.element_size()) / 1e9:.1f} GB of "
+                    f"[k, H, S, S] temporaries (> {baseline_gb} GB)"
+                )
                 continue
             if be == "vmap_jvp":
                 f = lambda: vmap_jvp(m, X, T, C)  # noqa: E731
@@ -120,8 +127,10 @@ def work_jvp(S, k, dtype, D, H, baseline_gb):
 
 
 def work_lyap(S, k, dtype, D, H, steps, baseline_gb):
-    import fastjac as fj
     from bench_cpp import jvp_flops
+
+    import fastjac as fj
+
     dt = _dt(dtype)
     m, X, C = _model(S, D, H, dt)
     elem = X.element_size()
@@ -157,6 +166,7 @@ def work_lyap(S, k, dtype, D, H, steps, baseline_gb):
 def work_dense(S, dtype, D, H):
     import fastjac as fj
     from fastjac.ops.step.cpp import step_dense_factored
+
     dt = _dt(dtype)
     m, X, C = _model(S, D, H, dt)
     out = dict(S=S, D=D, H=H, dtype=dtype, SD=S * D)
@@ -165,8 +175,11 @@ def work_dense(S, dtype, D, H):
     with torch.no_grad():
         for be in ("cpp", "cpp_factored", "torch"):
             lin = fj.backends.get("torch" if be == "torch" else "cpp").linearize(m, X[None], C[None], True)
-            f = (lambda lin=lin: step_dense_factored(lin, buf)) if be == "cpp_factored" else \
-                (lambda lin=lin: lin.dense(out=buf))
+            f = (
+                (lambda lin=lin: step_dense_factored(lin, buf))
+                if be == "cpp_factored"
+                else (lambda lin=lin: lin.dense(out=buf))
+            )
             J[be] = f().clone()
             # the linearisation (forward) is shared by all dense calls; time the writer as a user calls dense()
             out[f"{be}_s"] = timeit(f)
@@ -191,6 +204,7 @@ def _worker(spec: dict) -> dict:
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
     from fastjac.backends import cpp as cppb
+
     cppb.load(build=False)
     kind = spec.pop("kind")
     spec.pop("threads", None)
@@ -203,8 +217,12 @@ def _worker(spec: dict) -> dict:
 
 def _run(spec: dict, timeout: float) -> dict:
     try:
-        p = subprocess.run([sys.executable, os.path.abspath(__file__), "--one", json.dumps(spec)],
-                           capture_output=True, text=True, timeout=timeout)
+        p = subprocess.run(
+            [sys.executable, os.path.abspath(__file__), "--one", json.dumps(spec)],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
     except subprocess.TimeoutExpired:
         return dict(spec, error=f"timed out after {timeout:.0f} s")
     if p.returncode != 0:
@@ -231,29 +249,49 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     from machine import machine_info
+
     from fastjac.backends import cpp as cppb
+
     cppb.load()
     what = args.what.split(",")
     load_before = os.getloadavg()
     peak = {d: gemm_gflops(_dt(d)) for d in ("float32", "float64")}
-    print(f"GEMM peak (torch.mm 2048^3, {torch.get_num_threads()} threads): " +
-          ", ".join(f"{k} {v:.1f} GFLOP/s" for k, v in peak.items()) + f"; load {load_before}", flush=True)
+    print(
+        f"GEMM peak (torch.mm 2048^3, {torch.get_num_threads()} threads): "
+        + ", ".join(f"{k} {v:.1f} GFLOP/s" for k, v in peak.items())
+        + f"; load {load_before}",
+        flush=True,
+    )
     rows = []
     base = dict(threads=args.threads)
     for dtype in args.dtypes.split(","):
         for S in map(int, args.sizes.split(",")):
             for k in map(int, args.ks.split(",")):
                 if "jvp" in what:
-                    r = _run(dict(base, kind="jvp", S=S, k=k, dtype=dtype, D=64, H=4,
-                                  baseline_gb=args.baseline_gb), args.timeout)
+                    r = _run(
+                        dict(base, kind="jvp", S=S, k=k, dtype=dtype, D=64, H=4, baseline_gb=args.baseline_gb),
+                        args.timeout,
+                    )
                     if "cpp_gflops" in r:
                         r["cpp_share_of_peak"] = r["cpp_gflops"] / peak[dtype]
                     rows.append(r)
                     print("jvp  ", _fmt(r), flush=True)
                 if "lyap" in what:
                     steps = 3 if S <= 1024 else 1
-                    r = _run(dict(base, kind="lyap", S=S, k=k, dtype=dtype, D=64, H=4, steps=steps,
-                                  baseline_gb=args.baseline_gb), args.timeout)
+                    r = _run(
+                        dict(
+                            base,
+                            kind="lyap",
+                            S=S,
+                            k=k,
+                            dtype=dtype,
+                            D=64,
+                            H=4,
+                            steps=steps,
+                            baseline_gb=args.baseline_gb,
+                        ),
+                        args.timeout,
+                    )
                     if "cpp_gflops" in r:
                         r["cpp_share_of_peak"] = r["cpp_gflops"] / peak[dtype]
                     rows.append(r)
@@ -264,10 +302,18 @@ def main(argv=None):
                 rows.append(r)
                 print("dense", _fmt(r), flush=True)
     peak_after = {d: gemm_gflops(_dt(d)) for d in ("float32", "float64")}
-    result = dict(benchmark="roofline", machine=machine_info(), threads=torch.get_num_threads(),
-                  gemm_peak_gflops_start=peak, gemm_peak_gflops_end=peak_after, loadavg_before=load_before,
-                  loadavg_after=os.getloadavg(), build=cppb.build_info(), rows=rows,
-                  flop_count="bench_cpp.jvp_flops (reference algorithm); Lyapunov adds 2 S D k^2 for the QR")
+    result = dict(
+        benchmark="roofline",
+        machine=machine_info(),
+        threads=torch.get_num_threads(),
+        gemm_peak_gflops_start=peak,
+        gemm_peak_gflops_end=peak_after,
+        loadavg_before=load_before,
+        loadavg_after=os.getloadavg(),
+        build=cppb.build_info(),
+        rows=rows,
+        flop_count="bench_cpp.jvp_flops (reference algorithm); Lyapunov adds 2 S D k^2 for the QR",
+    )
     print(f"GEMM peak at the end: {peak_after}; load {result['loadavg_after']}")
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
@@ -277,8 +323,11 @@ def main(argv=None):
 
 
 def _fmt(r):
-    keep = {k: (float(f"{v:.4g}") if isinstance(v, float) else v) for k, v in r.items()
-            if k not in ("D", "H", "threads", "baseline_gb")}
+    keep = {
+        k: (float(f"{v:.4g}") if isinstance(v, float) else v)
+        for k, v in r.items()
+        if k not in ("D", "H", "threads", "baseline_gb")
+    }
     return json.dumps(keep)
 
 

@@ -1,4 +1,5 @@
 """Machine and version facts recorded beside every benchmark result."""
+
 from __future__ import annotations
 
 import datetime
@@ -21,6 +22,7 @@ def machine_info() -> dict:
     }
     try:
         import triton
+
         info["triton"] = triton.__version__
     except Exception:  # triton is optional
         info["triton"] = None

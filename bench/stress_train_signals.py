@@ -8,6 +8,7 @@ Measured 2026-12-02 on the shared 2-core machine (load ~8-11): 15 trials (6 SIGI
 after the first logged step, --ema 0.9, --checkpoint-every 200): 15 interrupted (exit 130 / 143), 15 bit-exact,
 15 without repeated log lines.
 """
+
 import json
 import os
 import random
@@ -18,15 +19,46 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ARGS = ["--dim", "8", "--heads", "2", "--steps", "2", "--n-train", "64", "--n-test", "8", "--batch-size", "8",
-        "--epochs", "40", "--eval-steps", "2", "--lyap-samples", "0", "--quiet", "--ema", "0.9", "--threads", "1",
-        "--log-every", "1", "--checkpoint-every", "200"]
+ARGS = [
+    "--dim",
+    "8",
+    "--heads",
+    "2",
+    "--steps",
+    "2",
+    "--n-train",
+    "64",
+    "--n-test",
+    "8",
+    "--batch-size",
+    "8",
+    "--epochs",
+    "40",
+    "--eval-steps",
+    "2",
+    "--lyap-samples",
+    "0",
+    "--quiet",
+    "--ema",
+    "0.9",
+    "--threads",
+    "1",
+    "--log-every",
+    "1",
+    "--checkpoint-every",
+    "200",
+]
 
 
 def run(work: str, out: str, sig=None, delay=None):
     env = dict(os.environ, PYTHONPATH=ROOT)
-    p = subprocess.Popen([sys.executable, "-m", "fastjac", "train", *ARGS, "--cache-dir", work + "/cache",
-                          "--out", out], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    p = subprocess.Popen(
+        [sys.executable, "-m", "fastjac", "train", *ARGS, "--cache-dir", work + "/cache", "--out", out],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     if sig:  # once training runs (its first log line), after a random delay
         while not os.path.exists(out + "/log.jsonl") and p.poll() is None:
             time.sleep(0.01)

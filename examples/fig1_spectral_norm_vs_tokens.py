@@ -14,18 +14,17 @@ init; token norm 100 makes the rank-one softmax terms dominate); with "l2" norma
 
     python examples/fig1_spectral_norm_vs_tokens.py [--quick] [--out DIR]
 """
+
 from __future__ import annotations
 
-import copy
 import os
 import time
 
 import torch
+from _common import parser, write_json
 
 import fastjac as fj
 from fastjac.analysis.spectra import prop51_bound, spectral_norm
-
-from _common import parser, write_json
 
 
 def main(argv=None):
@@ -45,18 +44,38 @@ def main(argv=None):
         n_none = spectral_norm(base, X, tol=1e-8)
         n_msa = spectral_norm(base, X, part="msa", tol=1e-8)
         b = prop51_bound(normed, X, tol=1e-8)
-        rows.append(dict(S=S, norm_none=n_none, norm_l2=b.measured, msa_norm=n_msa, prop51_bound=b.bound,
-                         prop51_ratio=b.ratio, prop51_holds=bool(b.holds), R=b.R))
-        print(f"S={S:4d}  |J| none={n_none:10.3f}  l2={b.measured:7.4f}  |J_MSA|={n_msa:10.3f}  "
-              f"Prop5.1 bound={b.bound:9.4f} (ratio {b.ratio:.3f})  [{time.time() - t0:.1f}s]")
+        rows.append(
+            dict(
+                S=S,
+                norm_none=n_none,
+                norm_l2=b.measured,
+                msa_norm=n_msa,
+                prop51_bound=b.bound,
+                prop51_ratio=b.ratio,
+                prop51_holds=bool(b.holds),
+                R=b.R,
+            )
+        )
+        print(
+            f"S={S:4d}  |J| none={n_none:10.3f}  l2={b.measured:7.4f}  |J_MSA|={n_msa:10.3f}  "
+            f"Prop5.1 bound={b.bound:9.4f} (ratio {b.ratio:.3f})  [{time.time() - t0:.1f}s]"
+        )
     from fastjac.plot.spectra import plot_norm_vs_length
+
     png = os.path.join(args.out, "fig1_spectral_norm_vs_tokens.png")
-    plot_norm_vs_length(lengths, {"no normalisation": [r["norm_none"] for r in rows],
-                                  "l2 normalisation": [r["norm_l2"] for r in rows],
-                                  "Prop 5.1 bound (l2)": [r["prop51_bound"] for r in rows]},
-                        path=png, title=f"ItrSA, D={D}, H={H}, token norm {radius:g}")
-    write_json(os.path.join(args.out, "fig1.json"), dict(D=D, heads=H, token_norm=radius, rows=rows,
-                                                         seconds=time.time() - t0))
+    plot_norm_vs_length(
+        lengths,
+        {
+            "no normalisation": [r["norm_none"] for r in rows],
+            "l2 normalisation": [r["norm_l2"] for r in rows],
+            "Prop 5.1 bound (l2)": [r["prop51_bound"] for r in rows],
+        },
+        path=png,
+        title=f"ItrSA, D={D}, H={H}, token norm {radius:g}",
+    )
+    write_json(
+        os.path.join(args.out, "fig1.json"), dict(D=D, heads=H, token_norm=radius, rows=rows, seconds=time.time() - t0)
+    )
     print("wrote", png)
     return rows
 

@@ -13,17 +13,17 @@ group) the pull is only partial: 30 of 128 eigenvalues stay outside (max |λ| 1.
 
     python examples/fig2b_oscillator_eigenvalues.py [--quick] [--out DIR]
 """
+
 from __future__ import annotations
 
 import os
 import time
 
 import torch
+from _common import parser, write_json
 
 from fastjac.analysis.oscillation import OscillatorStep, random_antisymmetric, rotation_generator
 from fastjac.analysis.spectra import eigvals, spectral_norm
-
-from _common import parser, write_json
 
 
 def main(argv=None):
@@ -41,23 +41,40 @@ def main(argv=None):
     Xs = osc(X)  # on the oscillators' circles
     generic = OscillatorStep(random_antisymmetric(D, seed=g), eta=eta, normalize=True)
     Xg = generic(X)
-    lam = {"no normalisation": eigvals(free, Xs),
-           "normalised per oscillator (group=2)": eigvals(osc, Xs),
-           "generic Ω, token-wise norm": eigvals(generic, Xg)}
-    summary = {k: dict(max_modulus=v.abs().max().item(), min_modulus=v.abs().min().item(),
-                       outside_unit_circle=int((v.abs() > 1 + 1e-12).sum()), count=v.numel())
-               for k, v in lam.items()}
+    lam = {
+        "no normalisation": eigvals(free, Xs),
+        "normalised per oscillator (group=2)": eigvals(osc, Xs),
+        "generic Ω, token-wise norm": eigvals(generic, Xg),
+    }
+    summary = {
+        k: dict(
+            max_modulus=v.abs().max().item(),
+            min_modulus=v.abs().min().item(),
+            outside_unit_circle=int((v.abs() > 1 + 1e-12).sum()),
+            count=v.numel(),
+        )
+        for k, v in lam.items()
+    }
     summary["no normalisation"]["predicted_max_modulus"] = free.predicted_eigenvalues().abs().max().item()
     summary["normalised per oscillator (group=2)"]["spectral_norm"] = float(spectral_norm(osc, Xs, method="dense"))
     for k, v in summary.items():
         print(f"{k:38s} " + "  ".join(f"{a}={b:.4g}" if isinstance(b, float) else f"{a}={b}" for a, b in v.items()))
     from fastjac.plot.spectra import plot_eigenvalues
+
     png = os.path.join(args.out, "fig2b_oscillator_eigenvalues.png")
     plot_eigenvalues(lam, path=png, title=f"oscillator step, η={eta}, ω∈[{freqs[0]:.2g}, {freqs[-1]:.2g}]")
-    write_json(os.path.join(args.out, "fig2b.json"),
-               dict(eta=eta, freqs=freqs.tolist(), S=S, D=D, summary=summary,
-                    eigenvalues={k: [[z.real, z.imag] for z in v.tolist()] for k, v in lam.items()},
-                    seconds=time.time() - t0))
+    write_json(
+        os.path.join(args.out, "fig2b.json"),
+        dict(
+            eta=eta,
+            freqs=freqs.tolist(),
+            S=S,
+            D=D,
+            summary=summary,
+            eigenvalues={k: [[z.real, z.imag] for z in v.tolist()] for k, v in lam.items()},
+            seconds=time.time() - t0,
+        ),
+    )
     print("wrote", png)
     return summary
 

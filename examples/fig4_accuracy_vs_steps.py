@@ -12,6 +12,7 @@ The runs live in runs/sweep/<config>/seed<k>/ (shared with the other figures and
 every model is evaluated on the sweep's one common held-out test set. Writes examples/out/fig4_sweep.json and the
 PNGs (docs/training.md has the committed results, bench/results/sweep*.json).
 """
+
 import os
 import sys
 

@@ -15,17 +15,17 @@ a random direction), and the PV approximation misses ~67% of J_t x_t (err_PV ≈
 
     python examples/fig6_pseudo_energy.py [--quick] [--out DIR]
 """
+
 from __future__ import annotations
 
 import os
 import time
 
 import torch
+from _common import parser, write_json
 
 import fastjac as fj
 from fastjac.analysis.pseudo_energy import pseudo_energy_trace
-
-from _common import parser, write_json
 
 
 def main(argv=None):
@@ -35,20 +35,25 @@ def main(argv=None):
     S, D, H, steps = (8, 32, 4, 10) if args.quick else (16, 64, 4, 40)
     model = fj.ItrSA(D, H, norm="l2", dtype=torch.float64)
     with torch.no_grad():
-        model.gamma.fill_(D ** 0.5)  # tokens of norm sqrt(D), entries O(1): the paper's RMSNorm scale
+        model.gamma.fill_(D**0.5)  # tokens of norm sqrt(D), entries O(1): the paper's RMSNorm scale
     X0 = torch.randn(S, D, dtype=torch.float64)
     C = torch.randn(S, D, dtype=torch.float64)
     t0 = time.time()
     tr = pseudo_energy_trace(model, X0, C=C, steps=steps, top_frac=0.02)
     for t in range(0, steps + 1, max(1, steps // 10)):
-        print(f"t={t:3d}  E={tr.E_pseudo[t]:10.3f}  lin={tr.lin[t]:10.3f}  cos={tr.cos[t]:.4f}  "
-              f"CI={tr.ci[t]:.3f}  lin_PV={tr.lin_pv[t]:9.3f}  err_PV={tr.err_pv[t]:.3f}  "
-              f"err_PV(T=0)={tr.err_pv_t0[t]:.3f}")
+        print(
+            f"t={t:3d}  E={tr.E_pseudo[t]:10.3f}  lin={tr.lin[t]:10.3f}  cos={tr.cos[t]:.4f}  "
+            f"CI={tr.ci[t]:.3f}  lin_PV={tr.lin_pv[t]:9.3f}  err_PV={tr.err_pv[t]:.3f}  "
+            f"err_PV(T=0)={tr.err_pv_t0[t]:.3f}"
+        )
     from fastjac.plot.energy import plot_pseudo_energy
+
     png = os.path.join(args.out, "fig6_pseudo_energy.png")
     plot_pseudo_energy(tr, path=png, title=f"fresh ItrSA, S={S}, D={D}, H={H}, K={tr.top_k} ({tr.method})")
-    write_json(os.path.join(args.out, "fig6.json"), dict(S=S, D=D, heads=H, steps=steps, trace=tr.to_dict(),
-                                                         seconds=time.time() - t0))
+    write_json(
+        os.path.join(args.out, "fig6.json"),
+        dict(S=S, D=D, heads=H, steps=steps, trace=tr.to_dict(), seconds=time.time() - t0),
+    )
     print(f"wrote {png}  [{time.time() - t0:.1f}s]")
     return tr
 

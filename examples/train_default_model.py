@@ -9,6 +9,7 @@ examples/out/default_model/, then writes
 The held-out example board of ``fastjac.train.pretrained.load_default()`` is the first in-distribution test board.
 Training is deterministic given the seed on one machine (the result can differ in the last bits elsewhere).
 """
+
 import json
 import os
 import sys
@@ -35,9 +36,15 @@ def main():
     info = dict(
         what="ItrSA core (l2 norm, D=32, H=4, T=16) of a 4x4 Sudoku model trained by fastjac",
         trained_by="python examples/train_default_model.py (= python -m fastjac train --preset cpu --seed 0)",
-        config=res["config"], train_time_s=res["train_time_s"], eval=res["eval"], lyapunov=res["lyapunov"],
-        example_puzzle=puzzle.tolist(), example_solution=solution.tolist(), torch=torch.__version__,
-        date=res["date"])
+        config=res["config"],
+        train_time_s=res["train_time_s"],
+        eval=res["eval"],
+        lyapunov=res["lyapunov"],
+        example_puzzle=puzzle.tolist(),
+        example_solution=solution.tolist(),
+        torch=torch.__version__,
+        date=res["date"],
+    )
     os.makedirs(pretrained.WEIGHTS, exist_ok=True)
     net = load_net(os.path.join(out, "sudoku_net.safetensors"))
     core = fj.load_model(os.path.join(out, "model.safetensors")).double()

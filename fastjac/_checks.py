@@ -1,4 +1,5 @@
 """Input validation shared by the public functions. Every error names the argument and what was expected."""
+
 from __future__ import annotations
 
 import math
@@ -102,7 +103,8 @@ def check_tangent(name: str, T, X: Tensor) -> Tuple[Tensor, bool]:
     if T.dim() == X.dim() + 1 and T.shape[1:] == X.shape:
         return T, True
     raise ValueError(
-        f"{name}: expected shape {tuple(X.shape)} or (k,) + {tuple(X.shape)} for k tangents, got {tuple(T.shape)}")
+        f"{name}: expected shape {tuple(X.shape)} or (k,) + {tuple(X.shape)} for k tangents, got {tuple(T.shape)}"
+    )
 
 
 def check_dense_size(S: int, D: int, B: int, dtype: torch.dtype, max_gb: Optional[float]) -> None:
@@ -116,4 +118,5 @@ def check_dense_size(S: int, D: int, B: int, dtype: torch.dtype, max_gb: Optiona
         raise ValueError(
             f"X: the dense Jacobian would be {B} x [{n}, {n}] {dtype} = {gb:.2f} GB, over the limit of {limit:g} GB "
             f"(fastjac.config.set_dense_limit_gb or max_gb=). For large S*D use fastjac.jvp / fastjac.linearize "
-            f"(k tangents at once) or fastjac.vjp instead of a dense matrix.")
+            f"(k tangents at once) or fastjac.vjp instead of a dense matrix."
+        )

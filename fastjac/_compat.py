@@ -1,4 +1,5 @@
 """Argument helpers shared across the package (fastjac 0.3 removed the 0.2 spellings and their shims)."""
+
 from __future__ import annotations
 
 from typing import Optional, Union

@@ -13,6 +13,7 @@ folder check and THE strict-JSON writer every job uses.
 This module sits at the bottom layer (it imports nothing of fastjac but ``_checks``), so the analysis, the
 distributed runs and the command-line jobs all use it without an import circle.
 """
+
 from __future__ import annotations
 
 import functools
@@ -137,12 +138,14 @@ def _hash_obj(h, obj, depth: int = 0, seen: Optional[set] = None) -> None:
     elif isinstance(obj, types.FunctionType):
         _hash_function(h, obj, depth, seen)
     elif isinstance(obj, (types.BuiltinFunctionType, types.ModuleType, type)) or not hasattr(obj, "__dict__"):
-        h.update(f"<{type(obj).__qualname__} {getattr(obj, '__module__', '')}."
-                 f"{getattr(obj, '__qualname__', getattr(obj, '__name__', ''))}>".encode())
+        h.update(
+            f"<{type(obj).__qualname__} {getattr(obj, '__module__', '')}."
+            f"{getattr(obj, '__qualname__', getattr(obj, '__name__', ''))}>".encode()
+        )
     else:  # an instance of a Python class (e.g. a callable object): its class, __call__ and attributes
         cls = type(obj)
         h.update(f"<object {cls.__module__}.{cls.__qualname__}>".encode())
-        call = getattr(cls, "__call__", None)
+        call = getattr(cls, "__call__", None)  # noqa: B004 (the class's own __call__, not callable(obj))
         if isinstance(call, types.FunctionType):
             _hash_function(h, call, depth + 1, seen)
         for key in sorted(vars(obj)):
@@ -183,6 +186,7 @@ def fingerprint(step, X0: Tensor, C: Optional[Tensor], settings: Dict[str, Any])
 
 # ------------------------------------------------------------------------------------------------ checkpoint files
 
+
 def start_over_hint(path: str) -> str:
     return f"delete {path!r} to start over (CLI: --fresh), or pass another checkpoint path"
 
@@ -214,18 +218,28 @@ def load_checkpoint(path: str, device, fmt: str, keys=()) -> Dict[str, Any]:
         saved = torch.load(path, map_location=device, weights_only=True)
     except Exception as e:  # truncated / corrupt / a pickle with objects weights_only refuses
         why = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
-        raise ValueError(f"checkpoint: {path!r} is not a readable fastjac checkpoint (corrupt, truncated, or not "
-                         f"written by lyapunov_spectrum: {type(e).__name__}: {why}); nothing in it was run. "
-                         f"{start_over_hint(path)}") from None
-    ok = isinstance(saved, dict) and saved.get("format") == fmt and isinstance(saved.get("state"), dict) \
-        and all(k in saved["state"] for k in keys) and isinstance(saved.get("rng"), list)
+        raise ValueError(
+            f"checkpoint: {path!r} is not a readable fastjac checkpoint (corrupt, truncated, or not "
+            f"written by lyapunov_spectrum: {type(e).__name__}: {why}); nothing in it was run. "
+            f"{start_over_hint(path)}"
+        ) from None
+    ok = (
+        isinstance(saved, dict)
+        and saved.get("format") == fmt
+        and isinstance(saved.get("state"), dict)
+        and all(k in saved["state"] for k in keys)
+        and isinstance(saved.get("rng"), list)
+    )
     if not ok:
-        raise ValueError(f"checkpoint: {path!r} is not a lyapunov_spectrum checkpoint of this fastjac version; "
-                         f"{start_over_hint(path)}")
+        raise ValueError(
+            f"checkpoint: {path!r} is not a lyapunov_spectrum checkpoint of this fastjac version; "
+            f"{start_over_hint(path)}"
+        )
     return saved
 
 
 # ------------------------------------------------------------------------------------------------ job outputs
+
 
 def check_out_dir(out: str, flag: str = "--out") -> str:
     """Create the folder ``out`` and prove it writable (a probe file written and removed), or raise ValueError

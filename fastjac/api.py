@@ -3,6 +3,7 @@
 ``step`` is a fastjac model (ItrSA, AKOrN: analytic path) or any callable ``X -> X`` (torch.func path; called as
 ``step(X)``, or ``step(X, C)`` when C is given). X is [S, D] or [B, S, D]; samples of a batch are independent.
 """
+
 from __future__ import annotations
 
 from typing import Callable, Optional, Tuple
@@ -40,8 +41,9 @@ def jvp(step, X: Tensor, T: Tensor, *, C: Optional[Tensor] = None, backend: str 
     return lin.out, lin.jvp(T)
 
 
-def linearize(step, X: Tensor, *, C: Optional[Tensor] = None,
-              backend: str = "auto") -> Tuple[Tensor, Callable[[Tensor], Tensor]]:
+def linearize(
+    step, X: Tensor, *, C: Optional[Tensor] = None, backend: str = "auto"
+) -> Tuple[Tensor, Callable[[Tensor], Tensor]]:
     """Linearise one step at X: ``(step(X, C), jvp_fn)``; ``jvp_fn(T)`` reuses the cached forward pass.
 
     T is X's shape or [k, *X.shape]; jvp_fn returns T's shape. Use this in loops (Lyapunov, power iteration).
@@ -57,8 +59,9 @@ def linearize(step, X: Tensor, *, C: Optional[Tensor] = None,
     return lin.out, lin.jvp
 
 
-def vjp(step, X: Tensor, *, C: Optional[Tensor] = None,
-        backend: str = "auto") -> Tuple[Tensor, Callable[[Tensor], Tensor]]:
+def vjp(
+    step, X: Tensor, *, C: Optional[Tensor] = None, backend: str = "auto"
+) -> Tuple[Tensor, Callable[[Tensor], Tensor]]:
     """Vector-Jacobian products of one step: ``(step(X, C), vjp_fn)`` with ``vjp_fn(G) = Jᵀ G``.
 
     G is the output's shape or [k, *shape] for k cotangents; vjp_fn returns a tensor of G's shape (not a tuple as
@@ -75,8 +78,15 @@ def vjp(step, X: Tensor, *, C: Optional[Tensor] = None,
     return lin.out, lin.vjp
 
 
-def jacobian(step, X: Tensor, *, C: Optional[Tensor] = None, backend: str = "auto",
-             max_gb: Optional[float] = None, create_graph: bool = False) -> Tensor:
+def jacobian(
+    step,
+    X: Tensor,
+    *,
+    C: Optional[Tensor] = None,
+    backend: str = "auto",
+    max_gb: Optional[float] = None,
+    create_graph: bool = False,
+) -> Tensor:
     """The dense Jacobian of one step, token-major: entry [i*D + a, m*D + b] is dY[i, a] / dX[m, b].
 
     Returns [S*D, S*D], or [B, S*D, S*D] for a batched X. Refuses (ValueError, with the size in GB) an output over

@@ -11,6 +11,7 @@ one reduction and, on a GPU, a host sync; long trusted loops may switch it off.
 1e-3 relative error in JVPs; faster on Ampere and later GPUs). Environment variable ``FASTJAC_MATMUL_PRECISION``.
 float64 inputs always use "ieee"; the torch and autograd backends ignore it (they follow torch's own settings).
 """
+
 from __future__ import annotations
 
 import math
@@ -44,8 +45,9 @@ def _from_env(var: str, parse, default):
     try:
         return parse(var, raw)
     except (TypeError, ValueError) as e:
-        warnings.warn(f"fastjac.config: ignoring {var}={raw!r} ({e}); using the default {default!r}",
-                      RuntimeWarning, stacklevel=3)
+        warnings.warn(
+            f"fastjac.config: ignoring {var}={raw!r} ({e}); using the default {default!r}", RuntimeWarning, stacklevel=3
+        )
         return default
 
 
@@ -61,8 +63,9 @@ dense_limit_gb: float = _from_env("FASTJAC_DENSE_LIMIT_GB", _parse_gb, DEFAULT_D
 check_finite: bool = True
 # backend="autograd" routes F.scaled_dot_product_attention to fastjac.nn's forward-mode-capable one (docs/own_models.md)
 sdpa_forward_ad: bool = True
-matmul_precision: str = _from_env("FASTJAC_MATMUL_PRECISION", lambda var, raw: _valid_precision(var, raw.strip()),
-                                  "ieee")
+matmul_precision: str = _from_env(
+    "FASTJAC_MATMUL_PRECISION", lambda var, raw: _valid_precision(var, raw.strip()), "ieee"
+)
 
 
 def set_dense_limit_gb(gb: float) -> None:

@@ -23,6 +23,7 @@ cycle applies the operator to about ``(blocks − 1)·block_size`` new vectors.
 Everything is deterministic given ``generator`` (a ``torch.Generator`` for the random start block; with None a
 fixed seed 0 is used, so repeated calls agree).
 """
+
 from __future__ import annotations
 
 import math
@@ -31,15 +32,15 @@ from typing import Callable, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
-from ._compat import make_generator
-
 from ._checks import check_int as _check_int
+from ._compat import make_generator
 
 F64 = torch.float64
 Op = Callable[[Tensor], Tensor]
 
 
 # --------------------------------------------------------------------------------------------------- checks ----
+
 
 def _check_common(n, k, tol, maxiter, generator, matvecs: Sequence[Tuple[str, object]], shape):
     _check_int("n", n)
@@ -77,14 +78,17 @@ def _wrap(f: Op, n: int, dtype: torch.dtype, device, shape, name: str) -> Op:
         if not isinstance(out, Tensor):
             raise TypeError(f"{name}: must return a tensor, got {type(out).__name__}")
         if out.numel() != V.shape[0] * n:
-            raise ValueError(f"{name}: given {V.shape[0]} vectors of size {n}, returned shape {tuple(out.shape)}; "
-                             f"the convention is V [b, n] -> [b, n] (or [b, *shape] with shape=)")
+            raise ValueError(
+                f"{name}: given {V.shape[0]} vectors of size {n}, returned shape {tuple(out.shape)}; "
+                f"the convention is V [b, n] -> [b, n] (or [b, *shape] with shape=)"
+            )
         return out.detach().reshape(V.shape[0], n).to(device=V.device, dtype=F64)
 
     return apply
 
 
 # --------------------------------------------------------------------------------------------------- engine ----
+
 
 def _orth_against(W: Tensor, V: Optional[Tensor], rtol: float = 1e-13) -> Tensor:
     """Orthonormal rows spanning W's rows with V's row space removed (V orthonormal rows); rank-revealing.
@@ -155,9 +159,22 @@ def _sizes(k: int, n: int, block: Optional[int], ncv: Optional[int]) -> Tuple[in
 
 # ------------------------------------------------------------------------------------------------- public ----
 
-def svds(matvec: Op, rmatvec: Op, n: int, k: int, *, dtype: torch.dtype = F64, device=None, tol: float = 1e-8,
-         maxiter: int = 200, seed: Optional[Union[int, torch.Generator]] = None, shape: Optional[Sequence[int]] = None,
-         block: Optional[int] = None, ncv: Optional[int] = None) -> Tuple[Tensor, bool, int]:
+
+def svds(
+    matvec: Op,
+    rmatvec: Op,
+    n: int,
+    k: int,
+    *,
+    dtype: torch.dtype = F64,
+    device=None,
+    tol: float = 1e-8,
+    maxiter: int = 200,
+    seed: Optional[Union[int, torch.Generator]] = None,
+    shape: Optional[Sequence[int]] = None,
+    block: Optional[int] = None,
+    ncv: Optional[int] = None,
+) -> Tuple[Tensor, bool, int]:
     """Top-k singular values of an n×n operator from products with A and Aᵀ (block Lanczos on AᵀA).
 
     Ritz values come from the SVD of A·V (not from VᵀAᵀAV), so they keep their relative accuracy even far below
@@ -197,7 +214,7 @@ def svds(matvec: Op, rmatvec: Op, n: int, k: int, *, dtype: torch.dtype = F64, d
         Z, AV = P
         U, s, _ = torch.linalg.svd(AV, full_matrices=False)  # AV rows = (A V^T)^T; right vectors in V coords = U
         Y = U.T  # [r, p] coefficient rows, descending s
-        res = (Y @ Z - (s ** 2)[:, None] * (Y @ V)).norm(dim=1) / s.clamp_min(1e-300)
+        res = (Y @ Z - (s**2)[:, None] * (Y @ V)).norm(dim=1) / s.clamp_min(1e-300)
         kk = min(k, s.numel())
         done = bool((res[:kk] <= tol * s[0]).all()) or s[0] == 0
         return s, Y[:b], done
@@ -206,9 +223,18 @@ def svds(matvec: Op, rmatvec: Op, n: int, k: int, *, dtype: torch.dtype = F64, d
     return KrylovResult(_pad(s[:k], k), ok, it)
 
 
-def power_norm(matvec: Op, rmatvec: Op, n: int, *, dtype: torch.dtype = F64, device=None, tol: float = 1e-8,
-               maxiter: int = 200, seed: Optional[Union[int, torch.Generator]] = None,
-               shape: Optional[Sequence[int]] = None) -> Tuple[float, bool, int]:
+def power_norm(
+    matvec: Op,
+    rmatvec: Op,
+    n: int,
+    *,
+    dtype: torch.dtype = F64,
+    device=None,
+    tol: float = 1e-8,
+    maxiter: int = 200,
+    seed: Optional[Union[int, torch.Generator]] = None,
+    shape: Optional[Sequence[int]] = None,
+) -> Tuple[float, bool, int]:
     """Spectral norm ‖A‖₂ = σ_max by Lanczos on AᵀA (a power iteration accelerated by its Krylov space).
 
     Plain power iteration converges like (σ_2/σ_1)^(2t); Lanczos like its Chebyshev acceleration, which matters
@@ -226,8 +252,20 @@ def power_norm(matvec: Op, rmatvec: Op, n: int, *, dtype: torch.dtype = F64, dev
         (True, True)
     """
     generator = make_generator(seed)
-    s, ok, it = svds(matvec, rmatvec, n, 1, dtype=dtype, device=device, tol=tol, maxiter=maxiter,
-                     seed=generator, shape=shape, block=2, ncv=20)
+    s, ok, it = svds(
+        matvec,
+        rmatvec,
+        n,
+        1,
+        dtype=dtype,
+        device=device,
+        tol=tol,
+        maxiter=maxiter,
+        seed=generator,
+        shape=shape,
+        block=2,
+        ncv=20,
+    )
     return KrylovResult(float(s[0]), ok, it)
 
 
@@ -244,9 +282,22 @@ class KrylovResult(tuple):
         return self
 
 
-def eigsh(matvec: Op, n: int, k: int, *, which: str = "LA", vectors: bool = False, dtype: torch.dtype = F64,
-          device=None, tol: float = 1e-8, maxiter: int = 200, seed: Optional[Union[int, torch.Generator]] = None,
-          shape: Optional[Sequence[int]] = None, block: Optional[int] = None, ncv: Optional[int] = None):
+def eigsh(
+    matvec: Op,
+    n: int,
+    k: int,
+    *,
+    which: str = "LA",
+    vectors: bool = False,
+    dtype: torch.dtype = F64,
+    device=None,
+    tol: float = 1e-8,
+    maxiter: int = 200,
+    seed: Optional[Union[int, torch.Generator]] = None,
+    shape: Optional[Sequence[int]] = None,
+    block: Optional[int] = None,
+    ncv: Optional[int] = None,
+):
     """k extreme eigenvalues (and optionally eigenvectors) of a symmetric operator (block Lanczos, full reorth).
 
     Args:
@@ -280,8 +331,11 @@ def eigsh(matvec: Op, n: int, k: int, *, which: str = "LA", vectors: bool = Fals
         (AV,) = P
         H = V @ AV.T
         theta, w = torch.linalg.eigh(0.5 * (H + H.T))
-        order = {"LA": theta.argsort(descending=True), "SA": theta.argsort(),
-                 "LM": theta.abs().argsort(descending=True)}[which]
+        order = {
+            "LA": theta.argsort(descending=True),
+            "SA": theta.argsort(),
+            "LM": theta.abs().argsort(descending=True),
+        }[which]
         theta, Y = theta[order], w[:, order].T
         res = (Y @ AV - theta[:, None] * (Y @ V)).norm(dim=1)
         kk = min(k, theta.numel())
@@ -294,9 +348,20 @@ def eigsh(matvec: Op, n: int, k: int, *, which: str = "LA", vectors: bool = Fals
     return KrylovResult(vals, ok, it, out["vec"] if vectors else None)
 
 
-def eigs(matvec: Op, n: int, k: int, *, dtype: torch.dtype = F64, device=None, tol: float = 1e-8,
-         maxiter: int = 200, seed: Optional[Union[int, torch.Generator]] = None, shape: Optional[Sequence[int]] = None,
-         block: Optional[int] = None, ncv: Optional[int] = None) -> Tuple[Tensor, bool, int]:
+def eigs(
+    matvec: Op,
+    n: int,
+    k: int,
+    *,
+    dtype: torch.dtype = F64,
+    device=None,
+    tol: float = 1e-8,
+    maxiter: int = 200,
+    seed: Optional[Union[int, torch.Generator]] = None,
+    shape: Optional[Sequence[int]] = None,
+    block: Optional[int] = None,
+    ncv: Optional[int] = None,
+) -> Tuple[Tensor, bool, int]:
     """k eigenvalues of largest modulus of a real non-symmetric operator (restarted block Arnoldi).
 
     Restarts keep the real and imaginary parts of the wanted Ritz vectors (a real basis of the same invariant

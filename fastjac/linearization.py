@@ -10,6 +10,7 @@
 (Lyapunov, spectra, pseudo-energy), training and distributed code reach a Jacobian only through it. Backends return
 a :class:`fastjac.ops.base.BatchedLinearization` (always batched shapes); this class handles the user's shapes.
 """
+
 from __future__ import annotations
 
 from typing import Optional, Tuple
@@ -101,8 +102,9 @@ class Linearization:
         return f"Linearization(backend={self.backend!r}, X={tuple(self.X.shape)}, {self.X.dtype})"
 
 
-def linearization(step, X: Tensor, *, C: Optional[Tensor] = None, backend: str = "auto", part: str = "step",
-                  check: bool = True) -> Linearization:
+def linearization(
+    step, X: Tensor, *, C: Optional[Tensor] = None, backend: str = "auto", part: str = "step", check: bool = True
+) -> Linearization:
     """Linearise one step at X: one forward pass, then any number of JVPs, VJPs and a dense Jacobian.
 
     Args:
@@ -134,17 +136,22 @@ def linearization(step, X: Tensor, *, C: Optional[Tensor] = None, backend: str =
     if part == "msa":
         if not callable(getattr(step, "msa_linearization", None)):
             if callable(getattr(step, "msa", None)):
-                return Linearization(backends.autograd_linearization(step.msa, X3, None, True, with_c=False), X,
-                                     batched, "autograd")
-            raise TypeError(f"step: part='msa' needs a fastjac attention model or an object with a callable "
-                            f".msa(X); got {type(step).__name__}")
+                return Linearization(
+                    backends.autograd_linearization(step.msa, X3, None, True, with_c=False), X, batched, "autograd"
+                )
+            raise TypeError(
+                f"step: part='msa' needs a fastjac attention model or an object with a callable "
+                f".msa(X); got {type(step).__name__}"
+            )
         return Linearization(step.msa_linearization(X3), X, batched, "torch")
     be = backends.select(step, X3, backend)
     core = be.linearize(step, X3, C3, batched)
     if check and config.check_finite and not bool(torch.isfinite(core.out).all()):
-        raise NonFiniteError(f"X: step(X) has inf/NaN entries although X, C and the weights are finite: the step "
-                             f"overflowed (largest |X| = {X3.abs().max().item():.3g}, {X3.dtype}); rescale X"
-                             + (" or use float64" if X3.dtype != torch.float64 else ""))
+        raise NonFiniteError(
+            f"X: step(X) has inf/NaN entries although X, C and the weights are finite: the step "
+            f"overflowed (largest |X| = {X3.abs().max().item():.3g}, {X3.dtype}); rescale X"
+            + (" or use float64" if X3.dtype != torch.float64 else "")
+        )
     return Linearization(core, X, batched, be.name, check)
 
 

@@ -5,6 +5,7 @@ model (its analytic linearisation, trivial-exponent count, radial basis, config)
 its op files: subclass :class:`RecurrentStep`, and every fastjac function takes its analytic path. Any other
 callable ``X -> X`` goes through torch.func.
 """
+
 from __future__ import annotations
 
 import json
@@ -16,11 +17,12 @@ from typing import Any, Dict, Optional
 import torch
 from torch import Tensor, nn
 
-from ._checks import check_int as _check_int, check_number, check_tensor
+from ._checks import check_int as _check_int
+from ._checks import check_number, check_tensor
 from .ops._utils import group
-from .ops.base import BatchedLinearization
 from .ops.akorn import omega_apply, proj_forward
 from .ops.attention import AttnParams, msa_cache, msa_forward, msa_jacobian_rows, msa_jvp, msa_vjp
+from .ops.base import BatchedLinearization
 from .ops.norm import NORMS, NormParams, norm_forward
 from .ops.step import AKOrNLinearization, AKOrNParams, ItrSALinearization, ItrSAParams
 
@@ -77,8 +79,10 @@ class RecurrentStep(nn.Module):
         if X.shape[-1] != self.dim:
             raise ValueError(f"{name}: last dimension {X.shape[-1]} does not match the model's dim={self.dim}")
         if X.dtype != self.dtype:
-            raise TypeError(f"{name}: dtype {X.dtype} does not match the model's {self.dtype}; use "
-                            f"model.to({X.dtype}) or {name}.to({self.dtype})")
+            raise TypeError(
+                f"{name}: dtype {X.dtype} does not match the model's {self.dtype}; use "
+                f"model.to({X.dtype}) or {name}.to({self.dtype})"
+            )
         if X.device != self.device:
             raise ValueError(f"{name}: device {X.device} does not match the model's {self.device}; move one of them")
 
@@ -132,8 +136,21 @@ def _check_device(device):
 class _RecurrentAttention(RecurrentStep):
     """Multi-head attention weights shared by ItrSA and AKOrN, plus the learnable step size eta."""
 
-    def __init__(self, dim, heads, *, head_dim=None, value_dim=None, out_proj=True, bias=False, eta=1.0,
-                 beta=None, causal=False, dtype=None, device=None):
+    def __init__(
+        self,
+        dim,
+        heads,
+        *,
+        head_dim=None,
+        value_dim=None,
+        out_proj=True,
+        bias=False,
+        eta=1.0,
+        beta=None,
+        causal=False,
+        dtype=None,
+        device=None,
+    ):
         super().__init__()
         D, H = _check_int("dim", dim), _check_int("heads", heads)
         dh = _check_int("head_dim", head_dim) if head_dim is not None else max(1, D // H)
@@ -166,17 +183,25 @@ class _RecurrentAttention(RecurrentStep):
         self.beta = float(beta) if beta is not None else 1.0 / math.sqrt(dh)
         self.causal = bool(causal)
         # what rebuilds this model (save_model / load_model, checkpoint fingerprints); subclasses add their own
-        self._config: Dict[str, Any] = dict(dim=D, heads=H, head_dim=dh, value_dim=dv if out_proj else None,
-                                            out_proj=bool(out_proj), bias=bool(bias), beta=self.beta,
-                                            causal=self.causal)
+        self._config: Dict[str, Any] = dict(
+            dim=D,
+            heads=H,
+            head_dim=dh,
+            value_dim=dv if out_proj else None,
+            out_proj=bool(out_proj),
+            bias=bool(bias),
+            beta=self.beta,
+            causal=self.causal,
+        )
 
     def config(self) -> Dict[str, Any]:
         """The constructor arguments that rebuild this model's structure (JSON-ready; the weights are separate)."""
         return dict(self._config)
 
     def attn_params(self) -> AttnParams:
-        return AttnParams(self.wq, self.wk, self.wv, self.wo, self.bq, self.bk, self.bv, self.bo, self.beta,
-                          self.causal)
+        return AttnParams(
+            self.wq, self.wk, self.wv, self.wo, self.bq, self.bk, self.bv, self.bo, self.beta, self.causal
+        )
 
     def msa(self, X: Tensor) -> Tensor:
         """MSA(X) alone. X: [S, D] or [B, S, D]."""
@@ -217,10 +242,37 @@ class ItrSA(_RecurrentAttention):
         (torch.Size([2, 7, 24]), torch.Size([2, 168, 168]))
     """
 
-    def __init__(self, dim, heads, *, head_dim=None, value_dim=None, out_proj=True, bias=False, norm="l2",
-                 norm_group=None, eps=1e-6, eta=1.0, beta=None, causal=False, dtype=None, device=None):
-        super().__init__(dim, heads, head_dim=head_dim, value_dim=value_dim, out_proj=out_proj, bias=bias, eta=eta,
-                         beta=beta, causal=causal, dtype=dtype, device=device)
+    def __init__(
+        self,
+        dim,
+        heads,
+        *,
+        head_dim=None,
+        value_dim=None,
+        out_proj=True,
+        bias=False,
+        norm="l2",
+        norm_group=None,
+        eps=1e-6,
+        eta=1.0,
+        beta=None,
+        causal=False,
+        dtype=None,
+        device=None,
+    ):
+        super().__init__(
+            dim,
+            heads,
+            head_dim=head_dim,
+            value_dim=value_dim,
+            out_proj=out_proj,
+            bias=bias,
+            eta=eta,
+            beta=beta,
+            causal=causal,
+            dtype=dtype,
+            device=device,
+        )
         if norm not in NORMS:
             raise ValueError(f"norm: expected one of {NORMS}, got {norm!r}")
         N = _check_int("norm_group", norm_group) if norm_group is not None else dim
@@ -261,9 +313,11 @@ class ItrSA(_RecurrentAttention):
         return _radial_basis(X, self.norm_group, self.gamma, self.norm_bias, self.norm)
 
     def extra_repr(self) -> str:
-        return (f"dim={self.dim}, heads={self.heads}, head_dim={self.head_dim}, value_dim={self.value_dim}, "
-                f"out_proj={self.wo is not None}, bias={self.bq is not None}, norm={self.norm!r}, "
-                f"norm_group={self.norm_group}, beta={self.beta:.4g}, causal={self.causal}")
+        return (
+            f"dim={self.dim}, heads={self.heads}, head_dim={self.head_dim}, value_dim={self.value_dim}, "
+            f"out_proj={self.wo is not None}, bias={self.bq is not None}, norm={self.norm!r}, "
+            f"norm_group={self.norm_group}, beta={self.beta:.4g}, causal={self.causal}"
+        )
 
 
 class AKOrN(_RecurrentAttention):
@@ -285,10 +339,36 @@ class AKOrN(_RecurrentAttention):
         torch.Size([3, 5, 16])
     """
 
-    def __init__(self, dim, heads, *, osc_dim=4, head_dim=None, value_dim=None, out_proj=True, bias=False, eta=1.0,
-                 beta=None, causal=False, omega_std=1.0, dtype=None, device=None):
-        super().__init__(dim, heads, head_dim=head_dim, value_dim=value_dim, out_proj=out_proj, bias=bias, eta=eta,
-                         beta=beta, causal=causal, dtype=dtype, device=device)
+    def __init__(
+        self,
+        dim,
+        heads,
+        *,
+        osc_dim=4,
+        head_dim=None,
+        value_dim=None,
+        out_proj=True,
+        bias=False,
+        eta=1.0,
+        beta=None,
+        causal=False,
+        omega_std=1.0,
+        dtype=None,
+        device=None,
+    ):
+        super().__init__(
+            dim,
+            heads,
+            head_dim=head_dim,
+            value_dim=value_dim,
+            out_proj=out_proj,
+            bias=bias,
+            eta=eta,
+            beta=beta,
+            causal=causal,
+            dtype=dtype,
+            device=device,
+        )
         N = _check_int("osc_dim", osc_dim)
         if dim % N:
             raise ValueError(f"osc_dim: must divide dim={dim}, got {N}")
@@ -326,9 +406,11 @@ class AKOrN(_RecurrentAttention):
         return _radial_basis(X, self.osc_dim, None, None, "l2")
 
     def extra_repr(self) -> str:
-        return (f"dim={self.dim}, heads={self.heads}, osc_dim={self.osc_dim}, head_dim={self.head_dim}, "
-                f"value_dim={self.value_dim}, out_proj={self.wo is not None}, bias={self.bq is not None}, "
-                f"beta={self.beta:.4g}, causal={self.causal}")
+        return (
+            f"dim={self.dim}, heads={self.heads}, osc_dim={self.osc_dim}, head_dim={self.head_dim}, "
+            f"value_dim={self.value_dim}, out_proj={self.wo is not None}, bias={self.bq is not None}, "
+            f"beta={self.beta:.4g}, causal={self.causal}"
+        )
 
 
 def _radial_basis(X: Tensor, N: int, gamma: Optional[Tensor], bias: Optional[Tensor], kind: str) -> Tensor:
@@ -340,9 +422,10 @@ def _radial_basis(X: Tensor, N: int, gamma: Optional[Tensor], bias: Optional[Ten
     Y = X if bias is None else X - bias
     if gamma is not None:
         if bool((gamma == 0).any()):
-            raise ValueError("project_radial: the norm weight gamma has zero entries; the state's tangent space is "
-                             "degenerate there")
-        vecs = [group(Y / gamma ** 2, N)]
+            raise ValueError(
+                "project_radial: the norm weight gamma has zero entries; the state's tangent space is degenerate there"
+            )
+        vecs = [group(Y / gamma**2, N)]
         if kind == "layer":
             vecs.insert(0, group((1 / gamma).expand_as(Y), N))
     else:
@@ -377,7 +460,7 @@ class MSALinearization(BatchedLinearization):
             out = torch.empty(B, S * D, S * D, dtype=self.X.dtype, device=self.X.device)
         rows = out.view(B, S, D, S, D)
         for b in range(B):
-            msa_jacobian_rows(self.attn, 0, S, batch=slice(b, b + 1), out=rows[b:b + 1])
+            msa_jacobian_rows(self.attn, 0, S, batch=slice(b, b + 1), out=rows[b : b + 1])
         return out
 
 
@@ -410,8 +493,10 @@ def save_model(model: nn.Module, path: str, *, metadata: Optional[Dict[str, str]
         raise TypeError(f"model: expected a fastjac model (one of {sorted(MODEL_CLASSES)}), got {type(model).__name__}")
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"path: expected a file path, got {type(path).__name__}")
-    if metadata is not None and (not isinstance(metadata, dict) or not all(
-            isinstance(k, str) and isinstance(v, str) for k, v in metadata.items())):
+    if metadata is not None and (
+        not isinstance(metadata, dict)
+        or not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items())
+    ):
         raise TypeError(f"metadata: expected a dict of str -> str, got {metadata!r:.80}")
     meta = dict(metadata or {})
     meta.update(fastjac_class=type(model).__name__, fastjac_config=json.dumps(model.config()))
@@ -467,9 +552,21 @@ def model_limit_gb() -> float:
     return v
 
 
-def check_model_size(dim, heads, *, head_dim=None, value_dim=None, out_proj=True, bias=False, norm="l2",
-                     osc_dim=None, dtype=torch.float64, limit_gb: Optional[float] = None, what: str = "model",
-                     **ignored) -> int:
+def check_model_size(
+    dim,
+    heads,
+    *,
+    head_dim=None,
+    value_dim=None,
+    out_proj=True,
+    bias=False,
+    norm="l2",
+    osc_dim=None,
+    dtype=torch.float64,
+    limit_gb: Optional[float] = None,
+    what: str = "model",
+    **ignored,
+) -> int:
     """The bytes of the parameters ``ItrSA(dim, heads, ...)`` (or, with ``osc_dim``, ``AKOrN``) would allocate,
     computed from the arguments alone (nothing is allocated); ValueError naming ``dim`` when they exceed
     ``limit_gb`` (default :func:`model_limit_gb`: 4 GB or ``FASTJAC_MODEL_LIMIT_GB``). Used by :func:`load_model`
@@ -494,9 +591,11 @@ def check_model_size(dim, heads, *, head_dim=None, value_dim=None, out_proj=True
     nbytes = n * torch.empty((), dtype=_check_dtype(dtype)).element_size()
     limit = check_number("limit_gb", limit_gb if limit_gb is not None else model_limit_gb(), positive=True)
     if nbytes > limit * 1e9:
-        raise ValueError(f"dim: a {what} with dim={D}, heads={H} (head_dim={dh}, value_dim={dv}) would hold {n:,} "
-                         f"parameters = {nbytes / 1e9:.2f} GB in {dtype}, over the limit of {limit:g} GB "
-                         f"(FASTJAC_MODEL_LIMIT_GB, or limit_gb=/max_gb=); pass a smaller dim or raise the limit")
+        raise ValueError(
+            f"dim: a {what} with dim={D}, heads={H} (head_dim={dh}, value_dim={dv}) would hold {n:,} "
+            f"parameters = {nbytes / 1e9:.2f} GB in {dtype}, over the limit of {limit:g} GB "
+            f"(FASTJAC_MODEL_LIMIT_GB, or limit_gb=/max_gb=); pass a smaller dim or raise the limit"
+        )
     return nbytes
 
 
@@ -543,8 +642,10 @@ def _tensor_infos(path: str, f) -> Dict[str, Any]:
         sl = f.get_slice(k)
         dt = names.get(sl.get_dtype())
         if dt is None:
-            raise ValueError(f"path: {path!r}: tensor {k!r} has dtype {sl.get_dtype()}; a fastjac model holds "
-                             f"floating-point tensors only")
+            raise ValueError(
+                f"path: {path!r}: tensor {k!r} has dtype {sl.get_dtype()}; a fastjac model holds "
+                f"floating-point tensors only"
+            )
         out[k] = (dt, tuple(sl.get_shape()))
     return out
 
@@ -564,13 +665,16 @@ def _file_dtype(path: str, infos: Dict[str, Any]) -> Optional[torch.dtype]:
     """The one floating dtype of a file's tensors (None for no tensors); mixed dtypes are refused."""
     dtypes = sorted({str(dt) for dt, _ in infos.values()})
     if len(dtypes) > 1:
-        raise ValueError(f"path: {path!r} mixes tensor dtypes {dtypes}; a model has one dtype (save it with "
-                         f"fastjac.save_model after model.to(dtype))")
+        raise ValueError(
+            f"path: {path!r} mixes tensor dtypes {dtypes}; a model has one dtype (save it with "
+            f"fastjac.save_model after model.to(dtype))"
+        )
     return getattr(torch, dtypes[0].split(".")[-1]) if dtypes else None
 
 
-def load_model(path: str, *, map_location="cpu", allow_pickle: bool = False,
-               max_gb: Optional[float] = None) -> nn.Module:
+def load_model(
+    path: str, *, map_location="cpu", allow_pickle: bool = False, max_gb: Optional[float] = None
+) -> nn.Module:
     """Load a model written by :func:`save_model` (safetensors + JSON config: no code in the file runs).
 
     A file written by ``torch.save(model, path)`` is a pickle, and unpickling runs whatever code the file holds:
@@ -600,21 +704,29 @@ def load_model(path: str, *, map_location="cpu", allow_pickle: bool = False,
             infos = _tensor_infos(path, f)
     except (SafetensorError, OSError) as e:
         if not allow_pickle:
-            raise ValueError(f"path: {path!r} is not a safetensors model file ({e}). Save models with "
-                             f"fastjac.save_model(model, path); a torch.save pickle is loaded only with "
-                             f"allow_pickle=True (CLI: --allow-pickle), because unpickling runs code from the file"
-                             ) from None
-        warnings.warn(f"load_model: unpickling {path!r} (allow_pickle=True): this runs any code the file holds; "
-                      f"load only files you made", UserWarning, stacklevel=2)
+            raise ValueError(
+                f"path: {path!r} is not a safetensors model file ({e}). Save models with "
+                f"fastjac.save_model(model, path); a torch.save pickle is loaded only with "
+                f"allow_pickle=True (CLI: --allow-pickle), because unpickling runs code from the file"
+            ) from None
+        warnings.warn(
+            f"load_model: unpickling {path!r} (allow_pickle=True): this runs any code the file holds; "
+            f"load only files you made",
+            UserWarning,
+            stacklevel=2,
+        )
         model = torch.load(path, map_location=map_location, weights_only=False)
         if type(model).__name__ not in MODEL_CLASSES or not isinstance(model, nn.Module):
-            raise ValueError(f"path: {path!r} holds a {type(model).__name__}, not a fastjac model "
-                             f"({sorted(MODEL_CLASSES)})")
+            raise ValueError(
+                f"path: {path!r} holds a {type(model).__name__}, not a fastjac model ({sorted(MODEL_CLASSES)})"
+            ) from None
         return model
     cls = MODEL_CLASSES.get(meta.get("fastjac_class", ""))
     if cls is None or "fastjac_config" not in meta:
-        raise ValueError(f"path: {path!r} is a safetensors file but not a fastjac model (metadata fastjac_class="
-                         f"{meta.get('fastjac_class')!r}; expected one of {sorted(MODEL_CLASSES)})")
+        raise ValueError(
+            f"path: {path!r} is a safetensors file but not a fastjac model (metadata fastjac_class="
+            f"{meta.get('fastjac_class')!r}; expected one of {sorted(MODEL_CLASSES)})"
+        )
     cfg = _constructor_config(path, cls, _flat_config(path, meta["fastjac_config"], "fastjac_config"))
     dtype = _file_dtype(path, infos)
     try:

@@ -12,12 +12,13 @@ wrong with a third-party layer, and what these two functions do about it:
   step may compute in float32 inside, dropout makes the step random. check_step compares one JVP against central
   finite differences (float64) and warns.
 """
+
 from __future__ import annotations
 
 import inspect
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, List, Optional
+from typing import Callable, List, Optional
 
 import torch
 from torch import Tensor, nn
@@ -40,8 +41,10 @@ class AsStep(nn.Module):
         elif not isinstance(y, Tensor) and hasattr(y, "__getitem__"):  # a ModelOutput-like mapping
             y = y[self.select]
         if not isinstance(y, Tensor):
-            raise TypeError(f"module: expected it to return a Tensor (or a tuple holding one at index "
-                            f"{self.select}), got {type(y).__name__}")
+            raise TypeError(
+                f"module: expected it to return a Tensor (or a tuple holding one at index "
+                f"{self.select}), got {type(y).__name__}"
+            )
         return y[0] if unbatched else y
 
     def trivial_count(self, S: int, D: int) -> int:
@@ -65,8 +68,7 @@ def _final_norm_trivial(module) -> int:
     return 0
 
 
-def as_step(module: Callable, *args, select: int = 0, trivial_per_token: Optional[int] = None,
-            **kwargs) -> AsStep:
+def as_step(module: Callable, *args, select: int = 0, trivial_per_token: Optional[int] = None, **kwargs) -> AsStep:
     """Wrap a layer as a step ``X -> X`` for fastjac: ``step(X) = module(X, *args, **kwargs)[select]``.
 
     For layers that need masks or position embeddings or return tuples (HF ``BertLayer``, ``LlamaDecoderLayer``).
@@ -106,6 +108,7 @@ def as_step(module: Callable, *args, select: int = 0, trivial_per_token: Optiona
 # check_step
 # ----------------------------------------------------------------------------------------------------------------
 
+
 @dataclass
 class StepCheck:
     """What :func:`check_step` found. ``ok``: the tiny JVP ran and no warning was raised."""
@@ -117,30 +120,47 @@ class StepCheck:
     fd_rel_error: Optional[float] = None
 
     def __str__(self) -> str:
-        lines = [f"check_step: {'ok' if self.ok else 'PROBLEMS'} (SDPA calls routed per step: {self.sdpa_calls}"
-                 + ("" if self.fd_rel_error is None else f"; JVP vs finite differences: {self.fd_rel_error:.1e}")
-                 + ")"]
+        lines = [
+            f"check_step: {'ok' if self.ok else 'PROBLEMS'} (SDPA calls routed per step: {self.sdpa_calls}"
+            + ("" if self.fd_rel_error is None else f"; JVP vs finite differences: {self.fd_rel_error:.1e}")
+            + ")"
+        ]
         lines += [f"  error: {e}" for e in self.errors] + [f"  warning: {w}" for w in self.warnings]
         return "\n".join(lines)
 
 
 _FIXES = [
-    ("_scaled_dot_product", "a fused SDPA kernel was reached without fastjac's routing: keep "
-                            "fastjac.config.sdpa_forward_ad=True (the default) or wrap the call in "
-                            "fastjac.nn.attention.forward_ad()"),
-    ("_transformer_encoder_layer_fwd", "the fused nn.TransformerEncoderLayer fast path was taken: "
-                                       "fastjac.nn.attention.forward_ad() (entered by backend='autograd') turns it off; "
-                                       "or torch.backends.mha.set_fastpath_enabled(False)"),
-    ("_native_multi_head_attention", "the fused nn.MultiheadAttention fast path was taken: "
-                                     "fastjac.nn.attention.forward_ad() turns it off"),
-    ("dropout_p", "the step applies attention dropout: call model.eval() (or set dropout to 0) before taking "
-                  "Jacobians"),
-    ("expected it to return a Tensor", "the step returns a tuple or a model output: wrap it with "
-                                       "fj.as_step(module, ..., select=0)"),
+    (
+        "_scaled_dot_product",
+        "a fused SDPA kernel was reached without fastjac's routing: keep "
+        "fastjac.config.sdpa_forward_ad=True (the default) or wrap the call in "
+        "fastjac.nn.attention.forward_ad()",
+    ),
+    (
+        "_transformer_encoder_layer_fwd",
+        "the fused nn.TransformerEncoderLayer fast path was taken: "
+        "fastjac.nn.attention.forward_ad() (entered by backend='autograd') turns it off; "
+        "or torch.backends.mha.set_fastpath_enabled(False)",
+    ),
+    (
+        "_native_multi_head_attention",
+        "the fused nn.MultiheadAttention fast path was taken: fastjac.nn.attention.forward_ad() turns it off",
+    ),
+    (
+        "dropout_p",
+        "the step applies attention dropout: call model.eval() (or set dropout to 0) before taking Jacobians",
+    ),
+    (
+        "expected it to return a Tensor",
+        "the step returns a tuple or a model output: wrap it with fj.as_step(module, ..., select=0)",
+    ),
     ("must map X to X's shape", "the step changes the shape: a step must map [S, D] to [S, D]"),
-    ("Trying to use forward AD with", "this op has no forward-mode derivative in PyTorch and fastjac does not "
-                                      "replace it (only SDPA and the MHA fast path are covered): write that part "
-                                      "with plain torch ops (attention written with softmax already works)"),
+    (
+        "Trying to use forward AD with",
+        "this op has no forward-mode derivative in PyTorch and fastjac does not "
+        "replace it (only SDPA and the MHA fast path are covered): write that part "
+        "with plain torch ops (attention written with softmax already works)",
+    ),
 ]
 
 
@@ -199,7 +219,7 @@ class _DtypeSpy:
         class Mode(TorchFunctionMode):
             def __torch_function__(self, func, types, args=(), kwargs=None):
                 out = func(*args, **(kwargs or {}))
-                for t in (out if isinstance(out, (tuple, list)) else (out,)):
+                for t in out if isinstance(out, (tuple, list)) else (out,):
                     if isinstance(t, Tensor) and t.is_floating_point():
                         spy.dtypes.add(t.dtype)
                 return out
@@ -207,8 +227,7 @@ class _DtypeSpy:
         self.mode = Mode()
 
 
-def check_step(step, X: Tensor, *, C: Optional[Tensor] = None, fd_tol: float = 1e-5,
-               seed: int = 0) -> StepCheck:
+def check_step(step, X: Tensor, *, C: Optional[Tensor] = None, fd_tol: float = 1e-5, seed: int = 0) -> StepCheck:
     """Run one tiny JVP of ``step`` at X through fastjac's callable path and report problems and their fixes.
 
     Errors (the JVP failed): the known forward-AD failures (a fused SDPA or MHA / encoder fast path reached, a
@@ -245,12 +264,16 @@ def check_step(step, X: Tensor, *, C: Optional[Tensor] = None, fd_tol: float = 1
             if p is None and isinstance(sub, nn.MultiheadAttention):
                 p = sub.dropout
             if sub.training and p:
-                res.warnings.append(f"dropout {p} is on in {type(sub).__name__} {name or '(the step)'!r} "
-                                    f"(training mode): the step is random, its Jacobian changes per call; call "
-                                    f".eval() or set dropout to 0")
+                res.warnings.append(
+                    f"dropout {p} is on in {type(sub).__name__} {name or '(the step)'!r} "
+                    f"(training mode): the step is random, its Jacobian changes per call; call "
+                    f".eval() or set dropout to 0"
+                )
     for n in _script_functions(mods, step):
-        res.warnings.append(f"{n}: TorchScript can return zero tangents under forward AD (a known PyTorch bug, "
-                            f"in grad mode); replace it by the plain Python function")
+        res.warnings.append(
+            f"{n}: TorchScript can return zero tangents under forward AD (a known PyTorch bug, "
+            f"in grad mode); replace it by the plain Python function"
+        )
     g = torch.Generator().manual_seed(seed)
     T = torch.randn(X.shape, generator=g, dtype=torch.float64).to(dtype=X.dtype, device=X.device)
     spy = _DtypeSpy()
@@ -273,8 +296,10 @@ def check_step(step, X: Tensor, *, C: Optional[Tensor] = None, fd_tol: float = 1
     if X.dtype == torch.float64:
         low = sorted(str(d) for d in spy.dtypes if d != torch.float64)
         if low:
-            res.warnings.append(f"X is float64 but the step computes in {', '.join(low)} inside: its Jacobian has "
-                                f"that precision (cast the module with .double())")
+            res.warnings.append(
+                f"X is float64 but the step computes in {', '.join(low)} inside: its Jacobian has "
+                f"that precision (cast the module with .double())"
+            )
         # one central difference in float64 catches silent zero tangents of any origin
         h = 1e-6 * max(1.0, float(X.abs().max()))
         with torch.no_grad(), A.forward_ad():
@@ -282,9 +307,12 @@ def check_step(step, X: Tensor, *, C: Optional[Tensor] = None, fd_tol: float = 1
         err = float((JT.detach() - fd).norm() / fd.norm().clamp_min(1e-300))
         res.fd_rel_error = err
         if not math.isfinite(err) or err > fd_tol:
-            why = ("the lower precision inside (above) makes the difference quotient noisy; fix that first" if low
-                   else "some part of the step returns wrong tangents under forward AD (a TorchScript helper, a "
-                        "custom autograd.Function without jvp, a detach)")
+            why = (
+                "the lower precision inside (above) makes the difference quotient noisy; fix that first"
+                if low
+                else "some part of the step returns wrong tangents under forward AD (a TorchScript helper, a "
+                "custom autograd.Function without jvp, a detach)"
+            )
             res.warnings.append(f"the JVP differs from central finite differences by {err:.1e} (relative): {why}")
     res.ok = not res.warnings
     return res

@@ -2,6 +2,7 @@
 
 Tests marked ``gpu`` are skipped, with the reason, when no CUDA device is present.
 """
+
 import pytest
 import torch
 

@@ -4,6 +4,7 @@ The oracle differentiates the model's own forward; the forward itself is checked
 `reference_step`, written here from docs/design.md section 1 with per-head loops and torch's own normalisation layers, so
 the two together pin the derivatives to the specification rather than to the implementation.
 """
+
 from __future__ import annotations
 
 import torch
@@ -50,7 +51,7 @@ def _reference_norm(Z, model):
     if model.norm == "none":
         return Z
     if model.norm == "l2":
-        Y = Zg / torch.sqrt((Zg ** 2).sum(-1, keepdim=True) + model.eps)
+        Y = Zg / torch.sqrt((Zg**2).sum(-1, keepdim=True) + model.eps)
     elif model.norm == "rms":
         Y = F.rms_norm(Zg, (N,), eps=model.eps)
     else:

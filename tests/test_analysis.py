@@ -5,17 +5,16 @@ Tolerances: dense analytic vs oracle Jacobians agree to ~1e-14 (test_foundation)
 compared at 1e-9. Matrix-free results stop at a residual tol of 1e-10 relative: 1e-8 on values. The order of
 eigenvalues of equal modulus (conjugate pairs) is arbitrary, so eigenvalues are compared as sets.
 """
-from __future__ import annotations
 
-import math
+from __future__ import annotations
 
 import pytest
 import torch
+from oracle import oracle_jacobian, randomize_
 
 import fastjac as fj
 from fastjac.analysis.pseudo_energy import pseudo_energy_trace
 from fastjac.analysis.spectra import eigvals, linear_operator, prop51_bound, spectral_norm
-from oracle import oracle_jacobian, randomize_
 
 F64 = torch.float64
 
@@ -65,8 +64,9 @@ def test_eigvals_and_norms_vs_oracle(case):
     assert spectral_norm(m, X, C=C, tol=1e-11) == pytest.approx(nrm, rel=1e-9)
     # MSA alone
     Jm = _msa_oracle(m, X)
-    assert spectral_norm(m, X, part="msa", tol=1e-11) == pytest.approx(torch.linalg.matrix_norm(Jm, ord=2).item(),
-                                                                       rel=1e-9)
+    assert spectral_norm(m, X, part="msa", tol=1e-11) == pytest.approx(
+        torch.linalg.matrix_norm(Jm, ord=2).item(), rel=1e-9
+    )
     refm = torch.linalg.eigvals(Jm)
     assert _set_dist(eigvals(m, X, part="msa"), refm) < 1e-8
 
@@ -83,6 +83,7 @@ def test_generic_callable_and_batch():
     for b in range(2):
         r = torch.linalg.eigvals(J[b])
         assert torch.allclose(lam[b].abs(), r.abs().sort(descending=True).values[:3], rtol=1e-8)
+
     # part="msa" on a non-model object with .msa goes through torch.func
     class Wrap:
         def __init__(self, m):
@@ -90,9 +91,11 @@ def test_generic_callable_and_batch():
 
         def __call__(self, x):
             return m(x)
+
     Jm = _msa_oracle(m, X[0])
     assert spectral_norm(Wrap(m), X[0], part="msa", tol=1e-11) == pytest.approx(
-        torch.linalg.matrix_norm(Jm, ord=2).item(), rel=1e-9)
+        torch.linalg.matrix_norm(Jm, ord=2).item(), rel=1e-9
+    )
 
 
 def test_linear_operator_dense_matches_oracle():
@@ -102,9 +105,16 @@ def test_linear_operator_dense_matches_oracle():
 
 
 @pytest.mark.parametrize("seed", range(4))
-@pytest.mark.parametrize("kw", [dict(norm="l2"), dict(norm="l2", norm_group=4, bias=True), dict(norm="rms"),
-                                dict(norm="rms", norm_group=3, causal=True, out_proj=False)],
-                         ids=["l2", "l2-group", "rms", "rms-group"])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(norm="l2"),
+        dict(norm="l2", norm_group=4, bias=True),
+        dict(norm="rms"),
+        dict(norm="rms", norm_group=3, causal=True, out_proj=False),
+    ],
+    ids=["l2", "l2-group", "rms", "rms-group"],
+)
 def test_prop51_bound_holds(seed, kw):
     m, X, C = _make("ItrSA", 7, 12, 3, kw, seed=seed)
     with torch.no_grad():
@@ -122,8 +132,13 @@ def test_prop51_bound_hypothesis():
     st = hyp.strategies
 
     @hyp.settings(max_examples=12, deadline=None, derandomize=True)
-    @hyp.given(S=st.integers(1, 6), H=st.integers(1, 3), seed=st.integers(0, 10 ** 6),
-               scale=st.floats(0.05, 20.0), group=st.sampled_from([None, 3]))
+    @hyp.given(
+        S=st.integers(1, 6),
+        H=st.integers(1, 3),
+        seed=st.integers(0, 10**6),
+        scale=st.floats(0.05, 20.0),
+        group=st.sampled_from([None, 3]),
+    )
     def prop(S, H, seed, scale, group):
         m, X, C = _make("ItrSA", S, 6, H, dict(norm="l2", norm_group=group), seed=seed)
         r = prop51_bound(m, X * scale, C=C)
@@ -163,8 +178,7 @@ def _dense_pseudo(m, X, C, frac):
 @pytest.mark.parametrize("method", ["dense", "lanczos"])
 def test_pseudo_energy_vs_dense(method):
     m, X, C = _make("ItrSA", 7, 12, 3, dict(norm="l2", bias=True), seed=3)
-    tr = pseudo_energy_trace(m, X, C=C, steps=3, top_frac=0.05, method=method, tol=1e-12,
-                             keep_trajectory=True)
+    tr = pseudo_energy_trace(m, X, C=C, steps=3, top_frac=0.05, method=method, tol=1e-12, keep_trajectory=True)
     assert tr.E_pseudo.shape == (4,) and tr.top_k == 4 and tr.method == method
     for t in range(4):
         E, lin, cos, ci = _dense_pseudo(m, tr.trajectory[t], C, 0.05)
@@ -194,8 +208,14 @@ def test_pseudo_energy_pv_variants():
 
 # ------------------------------------------------------------------------------------------ energy flows ----
 
-from fastjac.analysis.energy import (E_multi, E_single, integrate_flow, orthogonal_multi_head,  # noqa: E402
-                            random_counterexample, sa_heads, symmetric_single_head)
+from fastjac.analysis.energy import (  # noqa: E402
+    E_single,
+    integrate_flow,
+    orthogonal_multi_head,
+    random_counterexample,
+    sa_heads,
+    symmetric_single_head,
+)
 
 
 def _unit_tokens(S, D, seed):
@@ -278,10 +298,12 @@ def test_oscillator_eigenvalues():
 
 # --------------------------------------------------------------------------------------------------- plots ----
 
+
 def _is_png(path):
     with open(path, "rb") as f:
         head = f.read(8)
     import os
+
     return head == b"\x89PNG\r\n\x1a\n" and os.path.getsize(path) > 5000
 
 
@@ -289,6 +311,7 @@ def test_plots_render_png(tmp_path):
     pytest.importorskip("matplotlib")
     from fastjac.plot.energy import plot_energy_flow, plot_pseudo_energy
     from fastjac.plot.spectra import plot_eigenvalues, plot_norm_vs_length
+
     m, X, C = _make("ItrSA", 5, 8, 2, dict(norm="l2"))
     p1, p2, p3, p4 = (str(tmp_path / f"{n}.png") for n in ("eig", "norm", "pe", "flow"))
     plot_eigenvalues({"l2": eigvals(m, X, C=C)}, path=p1, title="eig")
@@ -305,6 +328,7 @@ def test_plots_render_png(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- bad input ----
+
 
 def test_bad_input_names_the_argument():
     m, X, C = _make("ItrSA", 5, 8, 2, dict(norm="l2"))

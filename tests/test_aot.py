@@ -7,6 +7,7 @@ triton version, the architecture and the full compile key: a configuration whose
 here (a few seconds each), never taken from a stale record. Two cached records are also recompiled every run and
 must reproduce their cached shared memory, registers, spills and tensor-core ops exactly.
 """
+
 from __future__ import annotations
 
 import json
@@ -20,8 +21,19 @@ pytest.importorskip("triton")
 from fastjac.ops import _aot, _launch  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FIELDS = ("kernel", "arch", "signature", "constexprs", "num_warps", "num_stages", "shared", "registers",
-          "spill_bytes", "tensor_cores", "fits")
+FIELDS = (
+    "kernel",
+    "arch",
+    "signature",
+    "constexprs",
+    "num_warps",
+    "num_stages",
+    "shared",
+    "registers",
+    "spill_bytes",
+    "tensor_cores",
+    "fits",
+)
 
 
 @pytest.fixture(scope="module")
@@ -29,8 +41,14 @@ def aot(tmp_path_factory):
     out = tmp_path_factory.mktemp("aot") / "records.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_DEFAULT_FP_FUSION"] = "1"
-    proc = subprocess.run([sys.executable, "-m", "fastjac.ops._aot", "--json", str(out), "--quiet", "--recheck",
-                           "2", "--jobs", "2"], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        [sys.executable, "-m", "fastjac.ops._aot", "--json", str(out), "--quiet", "--recheck", "2", "--jobs", "2"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     records = json.loads(out.read_text()) if out.exists() else None
     return proc, records
 
@@ -39,8 +57,11 @@ def test_every_launch_configuration_fits(aot):
     proc, records = aot
     print(proc.stdout[-3000:])
     assert records, f"no records written (rc {proc.returncode}): {proc.stderr[-3000:]}"
-    bad = [(r["arch"], r["kernel"].rsplit(".", 1)[1], r["constexprs"], r["num_warps"], r["num_stages"], r["why_not"])
-           for r in records if not r["fits"]]
+    bad = [
+        (r["arch"], r["kernel"].rsplit(".", 1)[1], r["constexprs"], r["num_warps"], r["num_stages"], r["why_not"])
+        for r in records
+        if not r["fits"]
+    ]
     assert not bad, f"{len(bad)} configurations do not fit: {bad[:10]}"
     assert "RECHECK MISMATCH" not in proc.stdout, proc.stdout[-3000:]
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -84,8 +105,7 @@ def test_launchers_use_exactly_their_table_entry(aot):
 def test_tensor_core_products_are_on_tensor_cores(aot):
     _, records = aot
     tc = [r for r in records if r["tensor_cores"] is not None]
-    kinds = {(_short(r), r["signature"].get("q_ptr", r["signature"].get("M")), r["constexprs"].get("PREC"))
-             for r in tc}
+    kinds = {(_short(r), r["signature"].get("q_ptr", r["signature"].get("M")), r["constexprs"].get("PREC")) for r in tc}
     assert ("attn_jvp", "*fp32", "tf32") in kinds and ("attn_jvp", "*bf16", "ieee") in kinds
     assert ("attn_fwd", "*fp16", "ieee") in kinds and ("qr_gram", "*fp64", None) in kinds
     assert all(r["tensor_cores"] for r in tc)
@@ -95,10 +115,22 @@ def test_tensor_core_products_are_on_tensor_cores(aot):
 
 # ------------------------------------------------------------------ the check itself can fail, and cannot go stale
 
+
 def _measured(**kw):
-    r = dict(short="attn_jvp", arch=80, signature={"q_ptr": "*bf16"}, constexprs={"PREC": "ieee", "F64": False},
-             num_warps=4, num_stages=2, shared=1024, registers=128, spill_stores=0, spill_loads=0, tc_ops=["HMMA"],
-             error=None)
+    r = dict(
+        short="attn_jvp",
+        arch=80,
+        signature={"q_ptr": "*bf16"},
+        constexprs={"PREC": "ieee", "F64": False},
+        num_warps=4,
+        num_stages=2,
+        shared=1024,
+        registers=128,
+        spill_stores=0,
+        spill_loads=0,
+        tc_ops=["HMMA"],
+        error=None,
+    )
     r.update(kw)
     return r
 
@@ -115,8 +147,15 @@ def test_verdict_rejects_what_a_gpu_would_reject():
 
 
 def test_cache_key_changes_with_the_kernel_source_and_toolchain():
-    r = dict(kernel="fastjac.ops.attention.triton._attn_jvp_fwd_kernel", arch=90, signature={"q_ptr": "*fp32"},
-             constexprs={"BM": 64}, attrs=[], num_warps=4, num_stages=2)
+    r = dict(
+        kernel="fastjac.ops.attention.triton._attn_jvp_fwd_kernel",
+        arch=90,
+        signature={"q_ptr": "*fp32"},
+        constexprs={"BM": 64},
+        attrs=[],
+        num_warps=4,
+        num_stages=2,
+    )
     src = {r["kernel"]: "hash-a"}
     k = _aot.cache_hash(r, src)
     assert _aot.cache_hash(r, {r["kernel"]: "hash-b"}) != k
@@ -130,11 +169,19 @@ def test_committed_cache_matches_the_committed_kernels():
         cached = json.load(fh)["records"]
     src = _aot.source_hashes()
     stale = [c["kernel"] for c in cached if _aot.cache_hash(c, src) != c["key"]]
-    assert not stale, f"bench/results/aot_records.json is stale for {sorted(set(stale))}: python -m fastjac aot --update"
+    assert not stale, (
+        f"bench/results/aot_records.json is stale for {sorted(set(stale))}: python -m fastjac aot --update"
+    )
 
 
 def test_cli_dispatch():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-m", "fastjac.ops._aot", "--help"], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "fastjac.ops._aot", "--help"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0 and "--json" in proc.stdout

@@ -11,6 +11,7 @@ result's max entry (observed ~1e-15). float32: unit roundoff 6e-8 grown by sums 
 3e-5 relative, and at most 2x the error of the torch backend in float32 (flash-attention's rule), with a 1e-6
 floor for results exact in both (observed ~5e-7).
 """
+
 from __future__ import annotations
 
 import copy
@@ -19,12 +20,12 @@ import time
 
 import pytest
 import torch
+from oracle import apply_dense, apply_dense_t, oracle_jacobian, randomize_
+from test_foundation import CASES, _ids, make, rel
 
 import fastjac as fj
 from fastjac import backends
 from fastjac.backends import cpp as cppb
-from oracle import apply_dense, apply_dense_t, oracle_jacobian, randomize_
-from test_foundation import CASES, _ids, make, rel
 
 F64, F32 = torch.float64, torch.float32
 TOL = {F64: 1e-10, F32: 3e-5}
@@ -55,6 +56,7 @@ def test_extension_builds_and_registers_the_ops(built):
 
 # ---------------------------------------------------------------------------------- the whole step, every option
 
+
 @pytest.fixture(scope="module")
 def oracle_cache():
     return {}
@@ -83,9 +85,14 @@ def _errors(m, X, C, J, T1, Tk, backend):
     with torch.no_grad():
         Y_ref = copy.deepcopy(m).double()(X64, C.double())
     d = lambda t: t.double()  # noqa: E731
-    return [rel(d(Y), Y_ref), rel(d(JTk), apply_dense(J, Tk.double(), X64)),
-            rel(d(f(Tk)), apply_dense(J, Tk.double(), X64)), rel(d(f(T1)), apply_dense(J, T1.double(), X64)),
-            rel(d(vf(Tk)), apply_dense_t(J, Tk.double(), X64)), rel(d(Jd), J)]
+    return [
+        rel(d(Y), Y_ref),
+        rel(d(JTk), apply_dense(J, Tk.double(), X64)),
+        rel(d(f(Tk)), apply_dense(J, Tk.double(), X64)),
+        rel(d(f(T1)), apply_dense(J, T1.double(), X64)),
+        rel(d(vf(Tk)), apply_dense_t(J, Tk.double(), X64)),
+        rel(d(Jd), J),
+    ]
 
 
 @pytest.mark.parametrize("dtype", [F64, F32], ids=["f64", "f32"])
@@ -129,6 +136,7 @@ def test_larger_sizes_match_torch_backend():
 
 def test_dense_row_chunks(monkeypatch, oracle_cache):
     import fastjac.ops.step.cpp as step_cpp
+
     name, c = CASES[2]  # S = 33, causal LayerNorm
     m, X, C, J = _setup(oracle_cache, name, c, F64)
     monkeypatch.setattr(step_cpp, "DENSE_FACTOR_BYTES", 1)  # one token row per call of the writer
@@ -139,6 +147,7 @@ def test_dense_row_chunks(monkeypatch, oracle_cache):
 
 def test_linearize_runs_the_forward_once(monkeypatch):
     import fastjac.ops.step.cpp as step_cpp  # the cpp path's forward is the flash forward (no msa_cache)
+
     m, X, C = make("ItrSA", CASES[0][1], 2, True)
     calls = []
     real = step_cpp.msa_forward_cpp
@@ -153,25 +162,29 @@ def test_linearize_runs_the_forward_once(monkeypatch):
 
 # ------------------------------------------------------------------------------------------------ the ops alone
 
+
 def _attn_inputs(dtype, B=2, H=3, S=9, dh=5, dv=7, K=4, causal=False):
     from fastjac.ops.attention.ref import attention_probs
+
     q, k = _rand(B, H, S, dh, dtype=dtype, seed=1), _rand(B, H, S, dh, dtype=dtype, seed=2)
     v = _rand(B, H, S, dv, dtype=dtype, seed=3)
     A = attention_probs(q, k, 0.6, causal)
     o = A @ v
     P = _rand(K, B, S, H, 2 * dh + dv, dtype=dtype, seed=4).permute(0, 1, 3, 2, 4)  # strided, as msa_jvp_cpp
-    return A, q, k, v, o, P[..., :dh], P[..., dh:2 * dh], P[..., 2 * dh:]
+    return A, q, k, v, o, P[..., :dh], P[..., dh : 2 * dh], P[..., 2 * dh :]
 
 
 @pytest.mark.parametrize("dtype", [F64, F32], ids=["f64", "f32"])
 @pytest.mark.parametrize("causal", [False, True])
 def test_attn_jvp_op_against_torch_func(dtype, causal):
     from fastjac.ops.attention.ref import attention_probs
+
     A, q, k, v, o, qd, kd, vd = _attn_inputs(dtype, causal=causal)
     f = lambda a, b, c: attention_probs(a, b, 0.6, causal) @ c  # noqa: E731
     d = lambda t: t.double()  # noqa: E731
-    ref = torch.stack([torch.func.jvp(f, (d(q), d(k), d(v)), (d(qd[t]), d(kd[t]), d(vd[t])))[1]
-                       for t in range(qd.shape[0])])  # [K, B, H, S, dv]
+    ref = torch.stack(
+        [torch.func.jvp(f, (d(q), d(k), d(v)), (d(qd[t]), d(kd[t]), d(vd[t])))[1] for t in range(qd.shape[0])]
+    )  # [K, B, H, S, dv]
     od = torch.ops.fastjac.attn_jvp(A, q, k, v, o, qd, kd, vd, 0.6, causal)  # [K, B, S, H, dv]
     assert od.dtype == dtype and rel(od.permute(0, 1, 3, 2, 4).double(), ref) < TOL[dtype]
 
@@ -179,23 +192,31 @@ def test_attn_jvp_op_against_torch_func(dtype, causal):
 @pytest.mark.parametrize("dtype", [F64, F32], ids=["f64", "f32"])
 def test_opcheck_attn_jvp(dtype):
     for causal in (False, True):
-        torch.library.opcheck(torch.ops.fastjac.attn_jvp.default,
-                              _attn_inputs(dtype, causal=causal) + (0.6, causal))
+        torch.library.opcheck(torch.ops.fastjac.attn_jvp.default, _attn_inputs(dtype, causal=causal) + (0.6, causal))
 
 
-@pytest.mark.parametrize("kind,group,gamma", [("l2", 12, True), ("rms", 4, True), ("layer", 3, True),
-                                              ("layer", 12, False), ("none", 12, False), ("l2", 5, False)])
+@pytest.mark.parametrize(
+    "kind,group,gamma",
+    [
+        ("l2", 12, True),
+        ("rms", 4, True),
+        ("layer", 3, True),
+        ("layer", 12, False),
+        ("none", 12, False),
+        ("l2", 5, False),
+    ],
+)
 @pytest.mark.parametrize("dtype", [F64, F32], ids=["f64", "f32"])
 def test_norm_residual_jvp_op(kind, group, gamma, dtype):
     from fastjac.ops.norm import NormParams, norm_cache, norm_forward
     from fastjac.ops.norm.cpp import norm_residual_jvp_cpp
+
     D = 15 if group == 5 else 12
     B, S, K = 2, 7, 3
     g = _rand(D, seed=1) if gamma else None
     p = NormParams(kind, g, None, 1e-3, group)
     Z, T, R = _rand(B, S, D, seed=2), _rand(K, B, S, D, seed=3), _rand(K, B, S, D, seed=4)
-    ref = torch.stack([torch.func.jvp(lambda z: norm_forward(z, p), (Z,), (T[t] + 0.7 * R[t],))[1]
-                       for t in range(K)])
+    ref = torch.stack([torch.func.jvp(lambda z: norm_forward(z, p), (Z,), (T[t] + 0.7 * R[t],))[1] for t in range(K)])
     cast = lambda x: None if x is None else x.to(dtype)  # noqa: E731
     c = norm_cache(cast(Z), NormParams(kind, cast(g), None, 1e-3, group))
     y = norm_residual_jvp_cpp(c, cast(T), cast(R), 0.7)
@@ -207,6 +228,7 @@ def test_norm_residual_jvp_op(kind, group, gamma, dtype):
 @pytest.mark.parametrize("dtype", [F64, F32], ids=["f64", "f32"])
 def test_opcheck_step_dense(dtype):
     from fastjac.ops.step.cpp import dense_factors
+
     m = randomize_(fj.ItrSA(10, 2, norm="l2", norm_group=5, dtype=F64), seed=1).to(dtype)
     X = _rand(1, 6, 10, dtype=dtype, seed=2)
     lin = backends.get("cpp").linearize(m, X, None, True)
@@ -220,10 +242,10 @@ def test_opcheck_step_dense(dtype):
 
 def test_ops_trace_under_torch_compile():
     A, q, k, v, o, qd, kd, vd = _attn_inputs(F32)
-    f = torch.compile(lambda *a: torch.ops.fastjac.attn_jvp(*a, 0.6, False) * 2, backend="aot_eager",
-                      fullgraph=True)
-    torch.testing.assert_close(f(A, q, k, v, o, qd, kd, vd),
-                               2 * torch.ops.fastjac.attn_jvp(A, q, k, v, o, qd, kd, vd, 0.6, False))
+    f = torch.compile(lambda *a: torch.ops.fastjac.attn_jvp(*a, 0.6, False) * 2, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(
+        f(A, q, k, v, o, qd, kd, vd), 2 * torch.ops.fastjac.attn_jvp(A, q, k, v, o, qd, kd, vd, 0.6, False)
+    )
 
 
 def test_ops_reject_bad_input_naming_the_argument():
@@ -235,8 +257,9 @@ def test_ops_reject_bad_input_naming_the_argument():
     with pytest.raises(RuntimeError, match="A: expected"):
         torch.ops.fastjac.attn_jvp(A[..., :4], q, k, v, o, qd, kd, vd, 0.6, False)
     with pytest.raises(RuntimeError, match="A: expected float32 or float64"):
-        torch.ops.fastjac.attn_jvp(A.half(), q.half(), k.half(), v.half(), o.half(), qd.half(), kd.half(),
-                                   vd.half(), 0.6, False)
+        torch.ops.fastjac.attn_jvp(
+            A.half(), q.half(), k.half(), v.half(), o.half(), qd.half(), kd.half(), vd.half(), 0.6, False
+        )
     T = torch.randn(2, 1, 3, 6, dtype=F64)
     with pytest.raises(RuntimeError, match="kind: expected"):
         torch.ops.fastjac.norm_residual_jvp(T, T, None, None, None, torch.tensor(1.0), "batch", 3)
@@ -246,12 +269,19 @@ def test_ops_reject_bad_input_naming_the_argument():
         torch.ops.fastjac.norm_residual_jvp(T, T, None, None, None, torch.tensor(1.0), "none", 4)
     out = torch.empty(10, 10, dtype=F64)
     with pytest.raises(RuntimeError, match="i0: rows"):
-        torch.ops.fastjac.step_dense_(torch.zeros(1, 2, 2, dtype=F64), torch.zeros(2, 1, 5, 5, dtype=F64),
-                                      torch.zeros(1, 2, 2, 5, dtype=F64), torch.zeros(2, 1, 5, dtype=F64),
-                                      torch.zeros(2, 5, 5, dtype=F64), out, 1)
+        torch.ops.fastjac.step_dense_(
+            torch.zeros(1, 2, 2, dtype=F64),
+            torch.zeros(2, 1, 5, 5, dtype=F64),
+            torch.zeros(1, 2, 2, 5, dtype=F64),
+            torch.zeros(2, 1, 5, dtype=F64),
+            torch.zeros(2, 5, 5, dtype=F64),
+            out,
+            1,
+        )
 
 
 # ------------------------------------------------------------------------------------------- "auto", fj.info
+
 
 def test_auto_picks_cpp_without_grad_and_declines_with_grad():
     m = fj.ItrSA(8, 2)
@@ -274,8 +304,9 @@ def test_auto_never_compiles(monkeypatch, tmp_path):
     monkeypatch.setattr(cppb, "_loaded", None)
     monkeypatch.setattr(cppb, "_lib_file", lambda: tmp_path / "missing.so")
     monkeypatch.setattr(cppb, "load", lambda *a, **k: pytest.fail("auto must not build"))
-    assert "not built yet" in be.auto_why_not(m, torch.zeros(1, 3, 8)) and "python -m fastjac build" in \
-        be.auto_why_not(m, torch.zeros(1, 3, 8))
+    assert "not built yet" in be.auto_why_not(m, torch.zeros(1, 3, 8)) and "python -m fastjac build" in be.auto_why_not(
+        m, torch.zeros(1, 3, 8)
+    )
     assert be.why_not(m, torch.zeros(1, 3, 8)) is None  # by name it would build
     monkeypatch.setattr(cppb, "toolchain_why_not", lambda: "no C++ compiler found (test)")
     assert "cannot be built: no C++ compiler found" in be.why_not(m, torch.zeros(1, 3, 8))
@@ -288,6 +319,7 @@ def test_build_command_finds_the_cached_build(capsys):
 
 
 # ---------------------------------------------------------------------------------- Lyapunov through backend="cpp"
+
 
 @pytest.mark.filterwarnings("ignore:lyapunov_spectrum. the state grew")
 def test_lyapunov_uniform_attention_is_affine_through_cpp():
@@ -302,9 +334,14 @@ def test_lyapunov_uniform_attention_is_affine_through_cpp():
     expected = sorted(mean_mode + [0.0] * ((S - 1) * D), reverse=True)
     steps = 300
     g = torch.Generator().manual_seed(0)
-    res = fj.lyapunov_spectrum(m, torch.randn(S, D, generator=g, dtype=F64),
-                               C=torch.randn(S, D, generator=g, dtype=F64), steps=steps, progress=False,
-                               backend="cpp")
+    res = fj.lyapunov_spectrum(
+        m,
+        torch.randn(S, D, generator=g, dtype=F64),
+        C=torch.randn(S, D, generator=g, dtype=F64),
+        steps=steps,
+        progress=False,
+        backend="cpp",
+    )
     torch.testing.assert_close(res.exponents, torch.tensor(expected, dtype=F64), rtol=0, atol=10 / steps)
 
 

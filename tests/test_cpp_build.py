@@ -5,6 +5,7 @@ The builds here replace ``torch.utils.cpp_extension.load`` by a stand-in that ta
 (``FileBaton``, as torch's JIT build does) and then copies the real library built by this test session (so no test
 compiles twice); everything else is the real code path in a fresh process with its own ``FASTJAC_CPP_CACHE``.
 """
+
 from __future__ import annotations
 
 import os
@@ -58,20 +59,35 @@ _BUILD = textwrap.dedent("""
 
 
 def _env(cache, **extra):
-    env = dict(os.environ, FASTJAC_CPP_CACHE=str(cache), PYTHONPATH=str(ROOT) + os.pathsep +
-               os.environ.get("PYTHONPATH", ""), **extra)
+    env = dict(
+        os.environ,
+        FASTJAC_CPP_CACHE=str(cache),
+        PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        **extra,
+    )
     return env
 
 
 def _run_build(cache, real_lib, mode="copy", timeout=120):
-    return subprocess.run([sys.executable, "-c", _BUILD], env=_env(cache, MODE=mode, REAL_LIB=real_lib),
-                          capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    return subprocess.run(
+        [sys.executable, "-c", _BUILD],
+        env=_env(cache, MODE=mode, REAL_LIB=real_lib),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+    )
 
 
 def test_a_killed_build_does_not_block_the_next(tmp_path, real_lib):
     out = tmp_path / cppb.build_key()
-    child = subprocess.Popen([sys.executable, "-c", _BUILD], env=_env(tmp_path, MODE="hang", REAL_LIB=real_lib),
-                             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    child = subprocess.Popen(
+        [sys.executable, "-c", _BUILD],
+        env=_env(tmp_path, MODE="hang", REAL_LIB=real_lib),
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         t0 = time.monotonic()
         while not (out / "started").exists():
@@ -106,14 +122,16 @@ def test_a_wrong_cached_library_is_refused_and_repaired(tmp_path, real_lib):
     if not foreign.is_file():
         foreign = Path(torch.__file__).parent / "lib" / "libc10.so"
     (out / f"{cppb.LIB_NAME}.so").write_bytes(foreign.read_bytes())  # loads fine, registers no fastjac op
-    r = subprocess.run([sys.executable, "-c", _INFO], env=_env(tmp_path), capture_output=True, text=True,
-                       timeout=120, cwd=ROOT)
+    r = subprocess.run(
+        [sys.executable, "-c", _INFO], env=_env(tmp_path), capture_output=True, text=True, timeout=120, cwd=ROOT
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     assert "-> cpp" not in r.stdout and "not a fastjac C++ library" in r.stdout, r.stdout
     r = _run_build(tmp_path, real_lib)  # `python -m fastjac build` repairs it
     assert r.returncode == 0 and "compiled" in r.stdout, (r.stdout, r.stderr[-2000:])
-    r = subprocess.run([sys.executable, "-c", _INFO], env=_env(tmp_path), capture_output=True, text=True,
-                       timeout=120, cwd=ROOT)
+    r = subprocess.run(
+        [sys.executable, "-c", _INFO], env=_env(tmp_path), capture_output=True, text=True, timeout=120, cwd=ROOT
+    )
     assert r.stdout.startswith("backend='auto' -> cpp"), (r.stdout, r.stderr[-2000:])
 
 
@@ -167,7 +185,11 @@ def test_auto_probes_the_toolchain_once_per_process(monkeypatch, tmp_path):
 def test_setup_ships_every_source_the_build_compiles():
     # setup.py copies csrc/ into a non-editable install by an explicit list: it must match the backend's
     import ast
+
     tree = ast.parse((ROOT / "setup.py").read_text())
-    shipped = next(ast.literal_eval(n.value) for n in ast.walk(tree) if isinstance(n, ast.Assign)
-                   and any(getattr(t, "id", None) == "CSRC_FILES" for t in n.targets))
+    shipped = next(
+        ast.literal_eval(n.value)
+        for n in ast.walk(tree)
+        if isinstance(n, ast.Assign) and any(getattr(t, "id", None) == "CSRC_FILES" for t in n.targets)
+    )
     assert set(shipped) == set(cppb.SOURCES + cppb.HEADERS)

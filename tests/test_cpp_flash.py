@@ -10,6 +10,7 @@ process's peak RSS).
 Tolerances as tests/test_cpp.py: float64 1e-10 relative to the result's max entry (observed ~1e-15); float32
 3e-5 (observed ~1e-6).
 """
+
 from __future__ import annotations
 
 import os
@@ -87,8 +88,7 @@ def _check(B, H, L, S, E, Ev, K, dtype, causal, bias_kind, tiles):
     d = lambda t: None if t is None else t.double()  # noqa: E731
     o_ref, lse_ref = oracle(d(q), d(k), d(v), 0.7, causal, d(bias))
     f = lambda a, b, c: oracle(a, b, c, 0.7, causal, d(bias))[0]  # noqa: E731
-    od_ref = torch.stack([torch.func.jvp(f, (d(q), d(k), d(v)), (d(qd[t]), d(kd[t]), d(vd[t])))[1]
-                          for t in range(K)])
+    od_ref = torch.stack([torch.func.jvp(f, (d(q), d(k), d(v)), (d(qd[t]), d(kd[t]), d(vd[t])))[1] for t in range(K)])
     bm, bn = tiles
     o, lse = flash_forward(q, k, v, scale=0.7, causal=causal, bias=bias, block_m=bm, block_n=bn)
     od = flash_jvp(q, k, v, o, lse, qd, kd, vd, scale=0.7, causal=causal, bias=bias, block_m=bm, block_n=bn)
@@ -160,8 +160,9 @@ def test_flash_accepts_strided_inputs_and_rejects_bad_ones():
     o2, lse2 = flash_forward(qt, k, v, scale=0.5, causal=False)
     torch.testing.assert_close(o2, o, rtol=0, atol=1e-14)
     od = flash_jvp(q, k, v, o, lse, qd, kd, vd, scale=0.5, causal=False)
-    od2 = flash_jvp(q, k, v, o, lse, qd.transpose(-1, -2).contiguous().transpose(-1, -2), kd, vd, scale=0.5,
-                    causal=False)
+    od2 = flash_jvp(
+        q, k, v, o, lse, qd.transpose(-1, -2).contiguous().transpose(-1, -2), kd, vd, scale=0.5, causal=False
+    )
     torch.testing.assert_close(od2, od, rtol=0, atol=1e-14)
     with pytest.raises(ValueError, match="kd: expected"):
         flash_jvp(q, k, v, o, lse, qd, kd[..., :2], vd, scale=0.5, causal=False)
@@ -181,8 +182,9 @@ def test_opcheck_flash_ops(dtype):
         for b in (None, bias):
             torch.library.opcheck(torch.ops.fastjac.flash_fwd.default, (q, k, v, 0.7, causal, b, 2, 3))
             o, lse = torch.ops.fastjac.flash_fwd(q, k, v, 0.7, causal, b, 2, 3)
-            torch.library.opcheck(torch.ops.fastjac.flash_jvp.default,
-                                  (q, k, v, o, lse, qd, kd, vd, 0.7, causal, b, 2, 3))
+            torch.library.opcheck(
+                torch.ops.fastjac.flash_jvp.default, (q, k, v, o, lse, qd, kd, vd, 0.7, causal, b, 2, 3)
+            )
 
 
 _MEMORY_SCRIPT = textwrap.dedent("""
@@ -224,8 +226,9 @@ def test_no_S_by_S_buffer_at_S_8192():
     # one [S, S] float32 buffer at S = 8192 is 256 MB (512 MB for the two heads); the cpp path needs O(K S D)
     # (observed: largest tensor 1.6 M elements = K S (2 dh + dv) H, peak RSS growth ~30 MB)
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    r = subprocess.run([sys.executable, "-c", _MEMORY_SCRIPT], capture_output=True, text=True, env=env,
-                       timeout=600, cwd=ROOT)
+    r = subprocess.run(
+        [sys.executable, "-c", _MEMORY_SCRIPT], capture_output=True, text=True, env=env, timeout=600, cwd=ROOT
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     largest, grew_mb = r.stdout.split()[-2:]
     S = 8192
@@ -236,18 +239,33 @@ def test_no_S_by_S_buffer_at_S_8192():
 @pytest.mark.parametrize("dtype", [F64, F32], ids=["f64", "f32"])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 def test_opcheck_step_dense_flash(dtype, causal):
+    from oracle import randomize_
+
     import fastjac as fj
     from fastjac import backends
     from fastjac.ops.attention.ref import _out_proj_h
-    from oracle import randomize_
+
     m = randomize_(fj.ItrSA(10, 2, norm="l2", norm_group=5, causal=causal, dtype=F64), seed=1).to(dtype)
     X = _rand(1, 6, 10, dtype=dtype, seed=2)
     lin = backends.get("cpp").linearize(m, X, None, True)
     c, p = lin._fc, lin._fc.params
     L, E = lin._row_factors()
     out = torch.full((1, 60, 60), float("nan"), dtype=dtype)
-    args = (c.q, c.k, _out_proj_h(c.v, p.wo), _out_proj_h(c.o, p.wo), L, E, (p.wv @ p.wo).transpose(-1, -2),
-            p.wq, p.wk, float(lin.p.eta.detach()), float(p.beta), causal, out)
+    args = (
+        c.q,
+        c.k,
+        _out_proj_h(c.v, p.wo),
+        _out_proj_h(c.o, p.wo),
+        L,
+        E,
+        (p.wv @ p.wo).transpose(-1, -2),
+        p.wq,
+        p.wk,
+        float(lin.p.eta.detach()),
+        float(p.beta),
+        causal,
+        out,
+    )
     torch.library.opcheck(torch.ops.fastjac.step_dense_flash_.default, args)
     torch.ops.fastjac.step_dense_flash_(*args)
     ref = fj.jacobian(m, X[0], backend="torch")

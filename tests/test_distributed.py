@@ -6,6 +6,7 @@ The test spawns its ranks as subprocesses of this file (``python test_distribute
 MASTER_ADDR=127.0.0.1 and a free port; every launch runs several cases and has a timeout. Each rank writes its
 results to a file; the test compares them with single-process runs computed here (no process group in pytest).
 """
+
 from __future__ import annotations
 
 import glob
@@ -28,6 +29,7 @@ LAUNCH_TIMEOUT = 150
 
 
 # ------------------------------------------------------------------------------------------------ the cases
+
 
 def _model(name):
     import fastjac as fj
@@ -66,8 +68,7 @@ CASES = {
     "tokens_uneven": ("itrsa", (2, 7, 8), dict(k=10, steps=12, burn_in=2, seed=1), "tokens"),
     "tokens_akorn_causal": ("akorn_causal", (5, 8), dict(k=6, steps=10, burn_in=1, project_radial=True), "tokens"),
     "tokens_k_gt_rows": ("small", (3, 4), dict(k=9, steps=10, burn_in=1), "tokens"),
-    "tokens_householder": ("itrsa_causal", (6, 8), dict(k=7, steps=8, burn_in=1, qr_backend="householder"),
-                           "tokens"),
+    "tokens_householder": ("itrsa_causal", (6, 8), dict(k=7, steps=8, burn_in=1, qr_backend="householder"), "tokens"),
     "kill_ref": ("itrsa", (9, 8), dict(k=6, steps=24, burn_in=2, seed=2), "tokens"),
     # issue 19.1: renorm_every=20 collapses the tangents; the single-process run redoes with 10, so must these
     "samples_collapse": ("eta2", (3, 5, 8), dict(k=35, steps=40, burn_in=2, renorm_every=20), "samples"),
@@ -104,6 +105,7 @@ try:
         def step_params(self):
             time.sleep(0.03)
             return super().step_params()
+
     class ShiftedItrSA(_fj.ItrSA):
         """An ItrSA whose forward adds a tanh of the state: ItrSA's analytic Jacobian is wrong for it."""
 
@@ -119,6 +121,7 @@ except Exception:  # pragma: no cover - fastjac not importable: the tests fail e
 
 
 # ------------------------------------------------------------------------------------------------ the worker
+
 
 def _worker(job: str, out: str) -> None:
     """One rank (RANK / WORLD_SIZE / MASTER_* from the environment)."""
@@ -143,8 +146,12 @@ def _worker(job: str, out: str) -> None:
             m = _model(name)
             X0, C = _inputs(m, shape)
             lr = fj.lyapunov_spectrum(m, X0, C=C, progress=False, parallel=mode, **kw)
-            res[key] = dict(exponents=lr.exponents, history=lr.history, trivial=lr.trivial,
-                            renorm_used=torch.tensor(lr.settings.get("renorm_every_used", -1)))
+            res[key] = dict(
+                exponents=lr.exponents,
+                history=lr.history,
+                trivial=lr.trivial,
+                renorm_used=torch.tensor(lr.settings.get("renorm_every_used", -1)),
+            )
         for key, (name, shape, kw, mode) in REFUSED.items():
             m = _model(name)
             X0, C = _inputs(m, shape)
@@ -160,7 +167,7 @@ def _worker(job: str, out: str) -> None:
         rows = [(p + 1) * 23 // P - p * 23 // P for p in range(P)]  # uneven: 11/12, 5/6 rows (k = 9)
         lo = sum(rows[:r])
         for kind in ("auto", "householder"):
-            Q, logd, fb = distributed_qr(M[:, lo:lo + rows[r]].clone(), rows, None, kind)
+            Q, logd, fb = distributed_qr(M[:, lo : lo + rows[r]].clone(), rows, None, kind)
             res[f"qr_{kind}"] = dict(Q=Q, logd=logd, fallback=fb, lo=lo)
         if job == "main2":
             m = _model("itrsa")
@@ -177,8 +184,9 @@ def _worker(job: str, out: str) -> None:
         engine.ShardCheckpoint.load = lambda self, t: (resumed.append(t), load(self, t))[1]
         m = _model("slow")
         X0, C = _inputs(m, shape)
-        lr = fj.lyapunov_spectrum(m, X0, C=C, progress=False, parallel=mode, checkpoint=os.path.join(out, "ck"),
-                                  checkpoint_every=3, **kw)
+        lr = fj.lyapunov_spectrum(
+            m, X0, C=C, progress=False, parallel=mode, checkpoint=os.path.join(out, "ck"), checkpoint_every=3, **kw
+        )
         res["kill"] = dict(exponents=lr.exponents, history=lr.history, resumed=torch.tensor(resumed or [-1]))
     torch.save(res, os.path.join(out, f"{job}.rank{r}.pt"))
     dist.barrier()
@@ -186,6 +194,7 @@ def _worker(job: str, out: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ launching
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -197,12 +206,26 @@ def _launch(job: str, P: int, out: str):
     port = _free_port()
     procs = []
     for r in range(P):
-        env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(r), WORLD_SIZE=str(P),
-                   LOCAL_RANK=str(r), GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1",
-                   PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        env = dict(
+            os.environ,
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(port),
+            RANK=str(r),
+            WORLD_SIZE=str(P),
+            LOCAL_RANK=str(r),
+            GLOO_SOCKET_IFNAME="lo",
+            OMP_NUM_THREADS="1",
+            PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        )
         env.pop("TRITON_INTERPRET", None)
-        procs.append(subprocess.Popen([sys.executable, os.path.abspath(__file__), "worker", job, out], env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, os.path.abspath(__file__), "worker", job, out],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+            )
+        )
     return procs
 
 
@@ -364,21 +387,58 @@ def test_errors_without_process_group():
 
 def test_cli_torchrun_tokens_then_refuse_other_world_size(tmp_path):
     out = str(tmp_path / "job")
-    env = dict(os.environ, GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1",
-               PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = dict(
+        os.environ,
+        GLOO_SOCKET_IFNAME="lo",
+        OMP_NUM_THREADS="1",
+        PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    )
     env.pop("TRITON_INTERPRET", None)
-    flags = ["--parallel", "tokens", "--tokens", "7", "--dim", "8", "--heads", "2", "--k", "4", "--steps", "6",
-             "--burn-in", "1", "--quiet", "--checkpoint-every", "3", "--out", out]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-           f"--master_port={_free_port()}", "-m", "fastjac"] + flags
+    flags = [
+        "--parallel",
+        "tokens",
+        "--tokens",
+        "7",
+        "--dim",
+        "8",
+        "--heads",
+        "2",
+        "--k",
+        "4",
+        "--steps",
+        "6",
+        "--burn-in",
+        "1",
+        "--quiet",
+        "--checkpoint-every",
+        "3",
+        "--out",
+        out,
+    ]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--master_addr=127.0.0.1",
+        f"--master_port={_free_port()}",
+        "-m",
+        "fastjac",
+    ] + flags
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT, cwd=ROOT)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
     with open(os.path.join(out, "lyapunov.json")) as f:
         js = json.load(f)
     assert js["world_size"] == 2 and js["parallel"] == "tokens" and len(js["exponents"]) == 4
     # the same job as one rank: the 2-rank checkpoint is refused, naming the argument
-    p1 = subprocess.run([sys.executable, "-m", "fastjac"] + flags, env=env, capture_output=True, text=True,
-                        timeout=LAUNCH_TIMEOUT, cwd=ROOT)
+    p1 = subprocess.run(
+        [sys.executable, "-m", "fastjac"] + flags,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=LAUNCH_TIMEOUT,
+        cwd=ROOT,
+    )
     assert p1.returncode == 2 and "checkpoint:" in p1.stderr and "world size 2" in p1.stderr, p1.stderr[-2000:]
 
 

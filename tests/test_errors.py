@@ -1,4 +1,5 @@
 """Bad input gets a clear error naming the argument."""
+
 from __future__ import annotations
 
 import pytest
@@ -66,6 +67,7 @@ def test_device_mismatch(m, X):
 def test_device_check_message():
     # the device check itself, runnable without a GPU: a 'meta' tensor is on another device
     from fastjac._checks import check_tensor
+
     with pytest.raises(ValueError, match=r"T: device meta does not match the state/model device cpu"):
         check_tensor("T", torch.empty(3, device="meta"), device="cpu")
 
@@ -101,8 +103,11 @@ def test_model_options():
 
 def test_dense_memory_limit(m):
     X = torch.randn(4, 100, 12, dtype=F64)  # 4 x [1200, 1200] float64 = 0.046 GB
-    with pytest.raises(ValueError, match=r"dense Jacobian would be 4 x \[1200, 1200\] torch.float64 = 0.05 GB, over the "
-                                         r"limit of 0.01 GB .*fastjac.jvp / fastjac.linearize"):
+    with pytest.raises(
+        ValueError,
+        match=r"dense Jacobian would be 4 x \[1200, 1200\] torch.float64 = 0.05 GB, over the "
+        r"limit of 0.01 GB .*fastjac.jvp / fastjac.linearize",
+    ):
         fj.jacobian(m, X, max_gb=0.01)
     old = fj.config.dense_limit_gb
     try:
@@ -116,8 +121,11 @@ def test_dense_memory_limit(m):
 
 
 def test_backend_names(m, X):
-    with pytest.raises(ValueError, match=r"backend: expected one of \['auto', 'torch', 'autograd', 'triton'.*\], "
-                                         r"got 'fast'"):
+    with pytest.raises(
+        ValueError,
+        match=r"backend: expected one of \['auto', 'torch', 'autograd', 'triton'.*\], "
+        r"got 'fast'",
+    ):
         fj.jvp(m, X, X, backend="fast")
     with pytest.raises(ValueError, match=r"backend: expected one of .*got 'cuda'"):  # no such backend
         fj.jvp(m, X, X, backend="cuda")

@@ -6,15 +6,16 @@ float32: unit roundoff 6e-8 grown by sums over S keys and D features (~100 terms
 relative; in addition the analytic path may be at most 2x worse than torch.func on the same float32 forward
 (flash-attention's rule), with a 1e-6 floor for results that are exact in both.
 """
+
 from __future__ import annotations
 
 import copy
 
 import pytest
 import torch
+from oracle import apply_dense, apply_dense_t, oracle_jacobian, randomize_, reference_step
 
 import fastjac as fj
-from oracle import apply_dense, apply_dense_t, oracle_jacobian, randomize_, reference_step
 
 F64 = torch.float64
 
@@ -139,6 +140,7 @@ def test_nan_poisoned_output_is_fully_written(oracle_cache):
 
 def test_dense_row_chunks_agree(monkeypatch, oracle_cache):
     import fastjac.ops.step.ref as step_ref
+
     name, c = CASES[2]
     m, X, C, J = _oracle(oracle_cache, name, c, 2, True)
     monkeypatch.setattr(step_ref, "DENSE_CHUNK_BYTES", 1)  # one token row per chunk
@@ -176,7 +178,7 @@ def test_analytic_path_is_differentiable_in_the_weights():
     for be in ("torch", "autograd"):
         m.zero_grad()
         _, JT = fj.jvp(m, X, T, C=C, backend=be)
-        (JT ** 2).sum().backward()
+        (JT**2).sum().backward()
         grads[be] = {n: p.grad.clone() for n, p in m.named_parameters()}
     # bk only shifts every logit of a row by q_i.bk, which softmax ignores: its gradient is 0 up to roundoff, so
     # errors are measured against the largest gradient entry of all parameters
@@ -204,6 +206,7 @@ def test_shared_input_broadcasts_over_batch():
 
 def test_norm_jacobian_blocks_match_autograd():
     from fastjac.ops import NormParams, norm_cache, norm_jacobian_blocks
+
     g = torch.Generator().manual_seed(0)
     Z = torch.randn(2, 3, 6, generator=g, dtype=F64)
     for kind in ("l2", "rms", "layer", "none"):
@@ -216,8 +219,21 @@ def test_norm_jacobian_blocks_match_autograd():
 
 
 def test_primitive_ops_reachable():
-    for name in ("msa_forward", "msa_jvp", "msa_vjp", "msa_jacobian_rows", "norm_forward", "norm_jvp", "norm_vjp",
-                 "norm_jacobian_blocks", "proj_forward", "proj_jvp", "proj_vjp", "omega_apply", "omega_vjp"):
+    for name in (
+        "msa_forward",
+        "msa_jvp",
+        "msa_vjp",
+        "msa_jacobian_rows",
+        "norm_forward",
+        "norm_jvp",
+        "norm_vjp",
+        "norm_jacobian_blocks",
+        "proj_forward",
+        "proj_jvp",
+        "proj_vjp",
+        "omega_apply",
+        "omega_vjp",
+    ):
         assert callable(getattr(fj.ops, name))
 
 

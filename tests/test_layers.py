@@ -1,5 +1,6 @@
 """The package's layers: no module imports a layer above its own at import time, and every module imports on its
 own (no import circle). Lazy imports inside functions that reach upward are listed here, each with its reason."""
+
 import ast
 import os
 import subprocess
@@ -36,7 +37,7 @@ LAZY_UPWARD_OK = {
 
 def _module_name(path):
     rel = os.path.relpath(path, os.path.join(ROOT, "..")).replace(os.sep, "/")[:-3]
-    return rel[:-len("/__init__")].replace("/", ".") if rel.endswith("/__init__") else rel.replace("/", ".")
+    return rel[: -len("/__init__")].replace("/", ".") if rel.endswith("/__init__") else rel.replace("/", ".")
 
 
 def _modules():
@@ -59,14 +60,15 @@ def _imports(path, mod):
     """(imported fastjac module, at module level?) for every import in the file."""
     tree = ast.parse(open(path, encoding="utf-8").read())
     pkg = mod if path.endswith("__init__.py") else mod.rsplit(".", 1)[0]
-    top_level = {id(n) for n in tree.body} | {id(n) for s in tree.body if isinstance(s, (ast.If, ast.Try))
-                                               for n in ast.walk(s)}
+    top_level = {id(n) for n in tree.body} | {
+        id(n) for s in tree.body if isinstance(s, (ast.If, ast.Try)) for n in ast.walk(s)
+    }
     found = []
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom):
             if node.level:
                 base = pkg.split(".")
-                base = base[:len(base) - node.level + 1]
+                base = base[: len(base) - node.level + 1]
                 target = ".".join(base + ([node.module] if node.module else []))
             else:
                 target = node.module or ""
@@ -112,15 +114,23 @@ def test_every_module_imports_on_its_own():
         "    except Exception as e:\n"
         "        bad.append(f'{m}: {type(e).__name__}: {e}')\n"
         "print('\\n'.join(bad))\n"
-        "sys.exit(1 if bad else 0)\n")
+        "sys.exit(1 if bad else 0)\n"
+    )
     env = dict(os.environ, TRITON_INTERPRET="1")
-    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env,
-                       cwd=os.path.join(ROOT, ".."))
+    r = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        cwd=os.path.join(ROOT, ".."),
+    )
     assert r.returncode == 0, r.stdout + r.stderr[-3000:]
 
 
-@pytest.mark.parametrize("name", ["fastjac.lyapunov", "fastjac.spectra", "fastjac.energy", "fastjac.oscillation",
-                                  "fastjac.pseudo_energy"])
+@pytest.mark.parametrize(
+    "name", ["fastjac.lyapunov", "fastjac.spectra", "fastjac.energy", "fastjac.oscillation", "fastjac.pseudo_energy"]
+)
 def test_old_module_paths_are_gone_in_0_3(name):
     # 0.3 removed the sys.modules aliases of the pre-0.2 paths: the analysis modules are fastjac.analysis.*
     import importlib
@@ -137,8 +147,10 @@ def test_no_import_circle_between_the_engine_the_distributed_runs_and_the_cli():
         mod = _module_name(path)
         targets = [t for t, _ in _imports(path, mod)]
         if mod.startswith("fastjac.distributed"):
-            assert not any(t.startswith(("fastjac.analysis.lyapunov", "fastjac.cli", "fastjac.__main__"))
-                           for t in targets if not (mod == "fastjac.distributed" and
-                                                    t == "fastjac.analysis.lyapunov")), (mod, targets)
+            assert not any(
+                t.startswith(("fastjac.analysis.lyapunov", "fastjac.cli", "fastjac.__main__"))
+                for t in targets
+                if not (mod == "fastjac.distributed" and t == "fastjac.analysis.lyapunov")
+            ), (mod, targets)
         if mod.startswith("fastjac.analysis.benettin"):
             assert not any(t.startswith("fastjac.distributed") for t in targets), (mod, targets)

@@ -4,6 +4,7 @@ Tolerances: the routines stop at a relative residual tol (1e-10 here); for a sym
 value error is at most the residual (and usually its square over the gap), so 1e-8 relative is safe. Non-normal
 eigenvalues are ill-conditioned (error ~ residual x condition number): 1e-6 there.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -48,8 +49,9 @@ def test_svds_random_known_spectrum(n, k):
 def test_svds_clustered_and_near_degenerate():
     g = torch.Generator().manual_seed(3)
     n = 150
-    s = torch.cat([torch.tensor([5.0, 5.0 - 1e-7, 5.0 - 2e-7, 4.99, 4.99], dtype=F64),
-                   torch.linspace(4.9, 0.0, n - 5, dtype=F64)])
+    s = torch.cat(
+        [torch.tensor([5.0, 5.0 - 1e-7, 5.0 - 2e-7, 4.99, 4.99], dtype=F64), torch.linspace(4.9, 0.0, n - 5, dtype=F64)]
+    )
     A = _with_singular_values(s, g)
     got, ok, _ = svds(*_ops(A), n, 5, tol=1e-10)
     assert ok
@@ -109,7 +111,7 @@ def test_eigsh_extremes_and_vectors(which):
 def test_eigs_random_nonsymmetric():
     g = torch.Generator().manual_seed(8)
     n = 120
-    A = torch.randn(n, n, generator=g, dtype=F64) / n ** 0.5
+    A = torch.randn(n, n, generator=g, dtype=F64) / n**0.5
     A[:6, :6] += 2 * torch.randn(6, 6, generator=g, dtype=F64)  # a few separated outliers, complex pairs
     lam, ok, _ = eigs(lambda V: V @ A.T, n, 4, tol=1e-11)
     assert ok and lam.dtype == torch.complex128

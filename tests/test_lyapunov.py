@@ -3,6 +3,7 @@
 Tolerances are tied to the number of steps: for a linear map the QR estimate after n steps is off by
 O(log(cond of the eigenbasis) / n); for a chaotic map the finite-time estimate fluctuates like O(1/sqrt(n)).
 """
+
 from __future__ import annotations
 
 import json
@@ -10,10 +11,10 @@ import math
 
 import pytest
 import torch
+from oracle import oracle_jacobian, randomize_
 
 import fastjac as fj
 import fastjac.analysis.lyapunov as lyap
-from oracle import oracle_jacobian, randomize_
 
 F64 = torch.float64
 
@@ -55,8 +56,9 @@ def test_itrsa_uniform_attention_is_affine():
     mean_mode = [math.log(abs(1 + eta * z)) for z in torch.linalg.eigvals(M).tolist()]
     expected = sorted(mean_mode + [0.0] * ((S - 1) * D), reverse=True)
     steps = 300
-    res = fj.lyapunov_spectrum(m, torch.randn(S, D, dtype=F64), C=torch.randn(S, D, dtype=F64), steps=steps,
-                               progress=False)
+    res = fj.lyapunov_spectrum(
+        m, torch.randn(S, D, dtype=F64), C=torch.randn(S, D, dtype=F64), steps=steps, progress=False
+    )
     torch.testing.assert_close(res.exponents, torch.tensor(expected, dtype=F64), rtol=0, atol=10 / steps)
 
 
@@ -68,8 +70,7 @@ def test_henon_map_through_the_callable_path():
         return torch.stack([1 - a * x * x + y, b * x], -1)
 
     steps = 1000
-    res = fj.lyapunov_spectrum(henon, torch.tensor([[0.1, 0.1]], dtype=F64), steps=steps, burn_in=100,
-                               progress=False)
+    res = fj.lyapunov_spectrum(henon, torch.tensor([[0.1, 0.1]], dtype=F64), steps=steps, burn_in=100, progress=False)
     assert res.settings["backend"] == "auto"
     tol = 1.5 / math.sqrt(steps)  # finite-time fluctuation of a chaotic orbit
     assert abs(res.exponents[0].item() - 0.4196) < tol
@@ -104,7 +105,7 @@ def test_trivial_exponents_are_minus_inf_and_masked(norm, group, per_group):
     res = fj.lyapunov_spectrum(m, torch.randn(S, D, dtype=F64), steps=30, burn_in=2, progress=False)
     n_triv = per_group * S * D // group
     assert int(res.trivial.sum()) == n_triv == lyap.trivial_count(m, S, D)
-    assert res.trivial[S * D - n_triv:].all()
+    assert res.trivial[S * D - n_triv :].all()
     assert torch.isinf(res.exponents[res.trivial]).all() and torch.isfinite(res.exponents[~res.trivial]).all()
     assert math.isfinite(res.mean) and res.mean == pytest.approx(res.exponents[~res.trivial].mean().item())
     json.dumps(res.to_dict(), allow_nan=False)  # -inf is written as null
@@ -226,8 +227,23 @@ def test_main_job_writes_json_and_png(tmp_path):
     from fastjac.__main__ import main
 
     out = tmp_path / "run"
-    args = ["--tokens", "6", "--dim", "8", "--heads", "2", "--k", "4", "--steps", "12", "--burn-in", "2",
-            "--quiet", "--out", str(out)]
+    args = [
+        "--tokens",
+        "6",
+        "--dim",
+        "8",
+        "--heads",
+        "2",
+        "--k",
+        "4",
+        "--steps",
+        "12",
+        "--burn-in",
+        "2",
+        "--quiet",
+        "--out",
+        str(out),
+    ]
     assert main(args) == 0
     d = json.loads((out / "lyapunov.json").read_text())
     assert len(d["exponents"]) == 4 and d["steps"] == 12 and math.isfinite(d["max"])

@@ -1,5 +1,6 @@
 """fastjac.nn.functional.scaled_dot_product_attention against a float64 eager oracle (attention written out with
 softmax), under every torch.func transform; forward_ad() routing and restoring; the one-call k-tangent rule."""
+
 import math
 import threading
 
@@ -99,10 +100,12 @@ def test_jacfwd_vjp_grad_vmap_over_samples(case):
         m = kw["attn_mask"]
         vf = torch.func.vmap(lambda q, k, v, m: sdpa(q, k, v, attn_mask=m))(q, k, v, m)
         _close(vf, g(q, k, v))
-        vjf = torch.func.vmap(lambda q, t, m: torch.func.jvp(lambda q: sdpa(q, k[0], v[0], attn_mask=m), (q,),
-                                                             (t,))[1])(q, torch.ones_like(q), m)
-        vjg = torch.func.vmap(lambda q, t, m: torch.func.jvp(lambda q: oracle(q, k[0], v[0], attn_mask=m), (q,),
-                                                             (t,))[1])(q, torch.ones_like(q), m)
+        vjf = torch.func.vmap(
+            lambda q, t, m: torch.func.jvp(lambda q: sdpa(q, k[0], v[0], attn_mask=m), (q,), (t,))[1]
+        )(q, torch.ones_like(q), m)
+        vjg = torch.func.vmap(
+            lambda q, t, m: torch.func.jvp(lambda q: oracle(q, k[0], v[0], attn_mask=m), (q,), (t,))[1]
+        )(q, torch.ones_like(q), m)
         _close(vjf, vjg)
     else:
         _close(torch.func.vmap(f)(q, k, v), g(q, k, v))
@@ -230,8 +233,12 @@ def test_chunked_reference_matches_unchunked(monkeypatch):
     """Blocks of query rows (the O(S * block) memory path) give the same numbers as one block."""
     q, k, v = _inputs(L=23, S=19)
     Tk = tuple(torch.randn(3, *x.shape, dtype=D64) for x in (q, k, v))
-    run = lambda: torch.func.vmap(lambda *t: torch.func.jvp(lambda q, k, v: sdpa(q, k, v, is_causal=True),  # noqa
-                                                             (q, k, v), t))(*Tk)
+
+    def run():
+        return torch.func.vmap(lambda *t: torch.func.jvp(lambda q, k, v: sdpa(q, k, v, is_causal=True), (q, k, v), t))(
+            *Tk
+        )
+
     big = run()
     monkeypatch.setattr(nnf, "CHUNK_BYTES", 1)  # one query row per block
     small = run()
@@ -263,13 +270,16 @@ def test_dropout_refused_under_forward_mode_and_pytorch_in_training():
     assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("bad, match, exc", [
-    (dict(dropout_p=2.0), "dropout_p", ValueError),
-    (dict(attn_mask=torch.ones(3, 3, dtype=torch.bool)), "attn_mask", ValueError),
-    (dict(attn_mask=torch.ones(5, 7, dtype=torch.int64)), "attn_mask", TypeError),
-    (dict(attn_mask=torch.ones(5, 7, dtype=torch.bool), is_causal=True), "is_causal", ValueError),
-    (dict(scale="x"), "scale", TypeError),
-])
+@pytest.mark.parametrize(
+    "bad, match, exc",
+    [
+        (dict(dropout_p=2.0), "dropout_p", ValueError),
+        (dict(attn_mask=torch.ones(3, 3, dtype=torch.bool)), "attn_mask", ValueError),
+        (dict(attn_mask=torch.ones(5, 7, dtype=torch.int64)), "attn_mask", TypeError),
+        (dict(attn_mask=torch.ones(5, 7, dtype=torch.bool), is_causal=True), "is_causal", ValueError),
+        (dict(scale="x"), "scale", TypeError),
+    ],
+)
 def test_bad_inputs(bad, match, exc):
     q, k, v = _inputs()
     with pytest.raises(exc, match=match):

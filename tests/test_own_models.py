@@ -4,6 +4,7 @@ against the torch.func oracle with PyTorch's math SDPA forced (and the fused fas
 transformers is an optional test dependency (the "thirdparty" extra, which the "test" extra includes, so CI runs
 these); its tests skip, saying so, only where it is not installed.
 """
+
 import importlib.util
 
 import pytest
@@ -60,8 +61,9 @@ def _X(S=7, D=16, B=None, seed=0):
 @pytest.mark.parametrize("mode", ["eval", "train"])
 def test_transformer_encoder_layer(norm_first, mode):
     torch.manual_seed(0)
-    layer = nn.TransformerEncoderLayer(16, 4, dim_feedforward=24, dropout=0.0, batch_first=True,
-                                       norm_first=norm_first).to(D64)
+    layer = nn.TransformerEncoderLayer(
+        16, 4, dim_feedforward=24, dropout=0.0, batch_first=True, norm_first=norm_first
+    ).to(D64)
     getattr(layer, mode)()
     X = _X()
     a, b = _spectra(lambda x: layer(x), X)
@@ -136,8 +138,11 @@ def test_regularisers_on_a_users_module_through_autograd():
 
     def run():
         out = []
-        for r in (R.jacobian_frobenius(layer, X, probes=3), R.jacobian_spectral(layer, X, iters=3),
-                  R.lyapunov_penalty(layer, X, horizon=2, k=3)):
+        for r in (
+            R.jacobian_frobenius(layer, X, probes=3),
+            R.jacobian_spectral(layer, X, iters=3),
+            R.lyapunov_penalty(layer, X, horizon=2, k=3),
+        ):
             g = torch.autograd.grad(r, params, allow_unused=True)
             out.append((r.detach(), [None if x is None else x.detach() for x in g]))
         return out
@@ -225,8 +230,14 @@ def _bert(impl):
     from transformers import BertConfig
     from transformers.models.bert.modeling_bert import BertLayer
 
-    cfg = BertConfig(hidden_size=16, num_attention_heads=2, intermediate_size=24, hidden_dropout_prob=0.0,
-                     attention_probs_dropout_prob=0.0, attn_implementation=impl)
+    cfg = BertConfig(
+        hidden_size=16,
+        num_attention_heads=2,
+        intermediate_size=24,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        attn_implementation=impl,
+    )
     torch.manual_seed(4)
     return BertLayer(cfg).to(D64).eval()
 
@@ -235,8 +246,14 @@ def _llama(impl, S):
     from transformers import LlamaConfig
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
 
-    cfg = LlamaConfig(hidden_size=16, num_attention_heads=4, num_key_value_heads=2, head_dim=4,
-                      intermediate_size=24, attn_implementation=impl)
+    cfg = LlamaConfig(
+        hidden_size=16,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=4,
+        intermediate_size=24,
+        attn_implementation=impl,
+    )
     torch.manual_seed(5)
     layer = LlamaDecoderLayer(cfg, layer_idx=0).to(D64).eval()
     # LlamaRMSNorm computes in float32 whatever the input (fj.check_step warns about it); a float64 oracle
@@ -280,8 +297,14 @@ def test_hf_llama_rmsnorm_float32_trap_is_reported():
     from transformers import LlamaConfig
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
 
-    cfg = LlamaConfig(hidden_size=16, num_attention_heads=4, num_key_value_heads=2, head_dim=4,
-                      intermediate_size=24, attn_implementation="sdpa")
+    cfg = LlamaConfig(
+        hidden_size=16,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=4,
+        intermediate_size=24,
+        attn_implementation="sdpa",
+    )
     layer = LlamaDecoderLayer(cfg, layer_idx=0).to(D64).eval()
     pos = LlamaRotaryEmbedding(cfg)(torch.zeros(1, 5, 16, dtype=D64), torch.arange(5)[None])
     rep = fj.check_step(fj.as_step(layer, position_embeddings=pos), _X(S=5))

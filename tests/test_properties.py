@@ -1,11 +1,13 @@
 """Property tests (hypothesis) over shapes and options: the analytic path equals torch.func in float64."""
+
 from __future__ import annotations
 
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from oracle import oracle_jacobian, randomize_
 
 import fastjac as fj
-from oracle import oracle_jacobian, randomize_
 
 F64 = torch.float64
 
@@ -37,8 +39,9 @@ def itrsa_cases(draw):
 def akorn_cases(draw):
     H, N = draw(st.integers(1, 3)), draw(st.integers(2, 4))
     D = N * draw(st.integers(1, 3))
-    m = fj.AKOrN(D, H, osc_dim=N, dtype=F64, bias=draw(st.booleans()), causal=draw(st.booleans()),
-                 out_proj=draw(st.booleans()))
+    m = fj.AKOrN(
+        D, H, osc_dim=N, dtype=F64, bias=draw(st.booleans()), causal=draw(st.booleans()), out_proj=draw(st.booleans())
+    )
     return m, draw(st.integers(1, 8)), draw(st.sampled_from([0, 2])), draw(st.integers(0, 2**16)), draw(st.booleans())
 
 

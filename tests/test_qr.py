@@ -3,6 +3,7 @@
 Tolerances: Q and log|R_ii| agree with Householder to O(u cond(M)); the random matrices here have cond < 1e2, so
 1e-10 in float64 and 2e-4 in float32 (u = 6e-8, times cond and a sqrt(n) growth of the Gram sums).
 """
+
 from __future__ import annotations
 
 import os
@@ -89,7 +90,7 @@ def test_qr_rank_deficient(backend, dtype):
     assert fb.all()
     eye = torch.eye(6, dtype=dtype)
     torch.testing.assert_close(Q.transpose(-1, -2) @ Q, eye.expand(2, 6, 6), rtol=0, atol=10 * TOL[dtype])
-    floor = torch.log(torch.tensor(100 * torch.finfo(dtype).eps * 120 ** 0.5)).item()
+    floor = torch.log(torch.tensor(100 * torch.finfo(dtype).eps * 120**0.5)).item()
     assert logd[0, 5] < floor and logd[1, 2] < floor
     assert (logd[0, :5] > -5).all()
 

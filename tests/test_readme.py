@@ -4,6 +4,7 @@ The blocks build on each other (Quick start defines model, X, C), so they share 
 one that checkpoints are then run a second time in the same folder: the second run meets the checkpoint of the
 first and must resume it (a README snippet that only works once is a broken snippet).
 """
+
 from __future__ import annotations
 
 import os
@@ -34,12 +35,13 @@ def test_readme_blocks_run_and_rerun(tmp_path, monkeypatch):
         ns = {"__name__": f"readme_run_{run}"}
         with warnings.catch_warnings():
             warnings.simplefilter("error", DeprecationWarning)  # the README must not use deprecated spellings
-            for i, src in enumerate(blocks if run == 0 else blocks[:last_ckpt + 1]):
+            for i, src in enumerate(blocks if run == 0 else blocks[: last_ckpt + 1]):
                 try:
                     exec(compile(src, f"README.md python block {i + 1}", "exec"), ns)
                 except Exception as e:  # pragma: no cover - the message says which block
-                    raise AssertionError(f"README.md python block {i + 1} (run {run + 1}) failed: "
-                                         f"{type(e).__name__}: {e}") from e
+                    raise AssertionError(
+                        f"README.md python block {i + 1} (run {run + 1}) failed: {type(e).__name__}: {e}"
+                    ) from e
         results.append(ns["res"].exponents.clone())
     assert (tmp_path / "run.ckpt").exists() and (tmp_path / "lyap.json").exists()
     assert (tmp_path / "lyap.png").stat().st_size > 5000

@@ -1,7 +1,7 @@
 """Regularisers (fastjac.train.regularizers): values against closed forms and dense float64 oracles, gradients against
 double autograd through torch.func to 1e-8."""
+
 import inspect
-import math
 
 import pytest
 import torch
@@ -50,6 +50,7 @@ def _dense(m, X, C):
 
 
 # ----------------------------------------------------------------------------------------------- spec
+
 
 @pytest.mark.parametrize("group", ["concat", "head"])
 def test_spec_value_and_grad_closed_form(group):
@@ -101,12 +102,14 @@ def test_spec_one_step_is_cheap_and_converges():
     torch.manual_seed(0)
     m = fj.ItrSA(16, 4, dtype=F64)
     vals = [R.spec(m).item() for _ in range(400)]
-    ref = sum((torch.linalg.svdvals(R._grouped(getattr(m, n), n, "concat")[0])[0] ** 2 - 1) ** 2
-              for n in R.WEIGHT_NAMES).item()
+    ref = sum(
+        (torch.linalg.svdvals(R._grouped(getattr(m, n), n, "concat")[0])[0] ** 2 - 1) ** 2 for n in R.WEIGHT_NAMES
+    ).item()
     assert abs(vals[-1] - ref) < 1e-7 * max(1, ref) and vals[-1] <= ref + 1e-9  # a lower bound that converges
 
 
 # ----------------------------------------------------------------------------------------------- energy
+
 
 def test_e_single_closed_form_and_zero_on_prop41_weights():
     torch.manual_seed(2)
@@ -137,8 +140,11 @@ def test_e_multi_closed_form_and_parametrisations():
     val = R.e_multi(m)
     V = torch.cat([m.wv[h] for h in range(2)], 1)
     O = torch.cat([m.wo[h] for h in range(2)], 0)
-    ref = sum(((m.wv[h] @ m.wo[h] - (m.wv[h] @ m.wo[h]).T) ** 2).sum() for h in range(2)) + \
-        ((V.T @ V - torch.eye(8, dtype=F64)) ** 2).sum() + ((O @ O.T - torch.eye(8, dtype=F64)) ** 2).sum()
+    ref = (
+        sum(((m.wv[h] @ m.wo[h] - (m.wv[h] @ m.wo[h]).T) ** 2).sum() for h in range(2))
+        + ((V.T @ V - torch.eye(8, dtype=F64)) ** 2).sum()
+        + ((O @ O.T - torch.eye(8, dtype=F64)) ** 2).sum()
+    )
     assert abs(val.item() - ref.item()) < 1e-10
     _close(_grads(val, _params(m)), _grads(ref, _params(m)))
 
@@ -166,6 +172,7 @@ def test_e_multi_refuses_too_many_heads():
 
 # ----------------------------------------------------------------------------------------------- Jacobian: Frobenius
 
+
 @pytest.mark.parametrize("kind", ["itrsa", "akorn"])
 def test_jacobian_frobenius_value_and_grad(kind):
     m, X, C = _model(kind, D=6, H=2, S=3)
@@ -192,6 +199,7 @@ def test_jacobian_frobenius_unbiased_and_batched():
 
 # ----------------------------------------------------------------------------------------------- Jacobian: spectral
 
+
 @pytest.mark.parametrize("kind", ["itrsa", "akorn"])
 def test_jacobian_spectral_value_and_grad(kind):
     m, X, C = _model(kind, D=6, H=2, S=3, seed=6)
@@ -211,6 +219,7 @@ def test_jacobian_spectral_value_and_grad(kind):
 
 
 # ----------------------------------------------------------------------------------------------- Lyapunov
+
 
 def _ftl(m, X, C, h, k=None):
     kw = {"horizon": h} if "horizon" in inspect.signature(fj.finite_time_lyapunov).parameters else {"T": h}
@@ -246,7 +255,7 @@ def test_lyapunov_converged_top_k_equals_finite_time_and_its_gradient(kind):
     assert torch.allclose(ours, ref, atol=1e-9)
     P = _product(m, X, C, h)
     s = torch.linalg.svdvals(P)
-    gaps = (s[:k] - s[1:k + 1]) / s[:k]
+    gaps = (s[:k] - s[1 : k + 1]) / s[:k]
     if bool((gaps > 1e-2).all()):
         ts = _params(m)
         _close(_grads(ours.sum(), ts), _grads((s[:k].log() / h).sum(), ts), tol=1e-6)
@@ -288,11 +297,14 @@ def test_lyapunov_batched_penalty_alias_and_trivial():
 
 # ----------------------------------------------------------------------------------------------- backends, errors
 
+
 def test_backends_triton_refused_and_callable_autograd():
     m, X, C = _model("itrsa", D=6, H=2, S=3)
-    for fn in (lambda: R.jacobian_frobenius(m, X, C=C, backend="triton"),
-               lambda: R.jacobian_spectral(m, X, C=C, backend="triton"),
-               lambda: R.lyapunov(m, X, C=C, backend="triton")):
+    for fn in (
+        lambda: R.jacobian_frobenius(m, X, C=C, backend="triton"),
+        lambda: R.jacobian_spectral(m, X, C=C, backend="triton"),
+        lambda: R.lyapunov(m, X, C=C, backend="triton"),
+    ):
         with pytest.raises(ValueError, match="not differentiable"):
             fn()
     f = lambda x, c: m(x, c)  # noqa: E731  a plain callable: the torch.func path, still differentiable
@@ -310,6 +322,7 @@ def test_backends_triton_refused_and_callable_autograd():
 
 # ------------------------------------------------------------------------------------------ penalty forms, schedule
 
+
 def test_lyapunov_penalty_default_iters_is_exact_and_forms():
     """The default (iters=1) penalty sees the aligned lambda_max; the forms and aggregates are what they say."""
     m, X, C = _model("itrsa", D=6, H=2, S=3, seed=11)
@@ -317,7 +330,7 @@ def test_lyapunov_penalty_default_iters_is_exact_and_forms():
     exact = R.lyapunov(m, Xb, C=C, horizon=3, k=2, iters=300)[:, 0]
     one = R.lyapunov(m, Xb, C=C, horizon=3, k=2, iters=1)[:, 0]
     p = R.lyapunov_penalty(m, Xb, C=C, horizon=3, k=2, target=0.0)  # default iters=1
-    assert abs(p.item() - (one ** 2).mean().item()) < 1e-12
+    assert abs(p.item() - (one**2).mean().item()) < 1e-12
     assert torch.allclose(one, exact, atol=1e-2)  # one pass is close; the random frame (iters=0) need not be
     lam = one.detach()
     for tau in (float(lam.min()) - 0.5, float(lam.mean()), float(lam.max()) + 0.5):

@@ -1,5 +1,6 @@
 """Nothing lost, nothing raw (issue 20): training survives signals at every phase of a step and resumes bit for
 bit, logs no step twice, checks its output folder up front and keeps the run when a late write fails."""
+
 from __future__ import annotations
 
 import contextlib
@@ -36,9 +37,25 @@ def data():
 
 
 def _cfg(tmp_path, name, **kw):
-    base = dict(size=4, dim=8, heads=2, steps=2, batch_size=8, n_train=32, n_test=8, epochs=2, lr=3e-3, warmup=2,
-                eval_steps=(2,), lyap_samples=0, progress=False, out=str(tmp_path / name), log_every=1, ema=0.9,
-                checkpoint_every=3)
+    base = dict(
+        size=4,
+        dim=8,
+        heads=2,
+        steps=2,
+        batch_size=8,
+        n_train=32,
+        n_test=8,
+        epochs=2,
+        lr=3e-3,
+        warmup=2,
+        eval_steps=(2,),
+        lyap_samples=0,
+        progress=False,
+        out=str(tmp_path / name),
+        log_every=1,
+        ema=0.9,
+        checkpoint_every=3,
+    )
     base.update(kw)
     return TrainConfig(**base)
 
@@ -48,8 +65,7 @@ def _ckpt(cfg):
 
 
 def _log_steps(cfg):
-    return [json.loads(line)["step"] for line in open(os.path.join(cfg.out, "log.jsonl"))
-            if "loss" in json.loads(line)]
+    return [json.loads(line)["step"] for line in open(os.path.join(cfg.out, "log.jsonl")) if "loss" in json.loads(line)]
 
 
 def _same_state(a, b):
@@ -108,8 +124,10 @@ def _inject(monkeypatch, phase, mode, at):
             if phase == "after_opt_step":
                 fire()
             return out
+
         monkeypatch.setattr(torch.optim.Adam, "step", step)
     elif phase == "ema":  # halfway through the EMA update: half the averages are new, half old
+
         def ema_update(ema, net, decay):
             keys = list(ema)
             with torch.no_grad():
@@ -117,6 +135,7 @@ def _inject(monkeypatch, phase, mode, at):
                     if n == len(keys) // 2:
                         fire()
                     ema[k].mul_(decay).add_(v, alpha=1 - decay)
+
         monkeypatch.setattr(loop, "_ema_update", ema_update)
     elif phase == "checkpoint":  # in the middle of writing checkpoint.pt.tmp
         real_save = torch.save
@@ -127,6 +146,7 @@ def _inject(monkeypatch, phase, mode, at):
                 if mode in ("KeyboardInterrupt", "kill") and calls[0] + 1 == at:
                     f.truncate(100)  # what a write cut off by the exception leaves
                 fire()
+
         monkeypatch.setattr(torch, "save", save)
     elif phase == "log":
         real_log = loop._log
@@ -145,8 +165,12 @@ def test_interrupt_at_every_phase_resumes_bit_for_bit(tmp_path, data, reference,
     handler = signal.getsignal(signal.SIGINT)
     cfg = _cfg(tmp_path, "run")
     at = 2 if phase == "checkpoint" else 5  # the 5th step (after the checkpoint of step 3); the 2nd checkpoint
-    expected = {"SIGINT": TrainingInterrupted, "SIGTERM": TrainingInterrupted, "KeyboardInterrupt": KeyboardInterrupt,
-                "kill": _Killed}[mode]
+    expected = {
+        "SIGINT": TrainingInterrupted,
+        "SIGTERM": TrainingInterrupted,
+        "KeyboardInterrupt": KeyboardInterrupt,
+        "kill": _Killed,
+    }[mode]
     with _inject(monkeypatch, phase, mode, at):
         with pytest.raises(expected) as ei:
             loop.train(cfg, data)
@@ -201,8 +225,29 @@ def test_sigterm_with_the_default_checkpoint_interval_saves(tmp_path, data, monk
     monkeypatch.setattr(loop, "sudoku_loss", loss)
     monkeypatch.setattr(loop, "load_data", lambda cfg: data)
     out = str(tmp_path / "cli")
-    argv = ["--dim", "8", "--heads", "2", "--steps", "2", "--n-train", "32", "--n-test", "8", "--batch-size", "8",
-            "--epochs", "2", "--eval-steps", "2", "--lyap-samples", "0", "--quiet", "--out", out]
+    argv = [
+        "--dim",
+        "8",
+        "--heads",
+        "2",
+        "--steps",
+        "2",
+        "--n-train",
+        "32",
+        "--n-test",
+        "8",
+        "--batch-size",
+        "8",
+        "--epochs",
+        "2",
+        "--eval-steps",
+        "2",
+        "--lyap-samples",
+        "0",
+        "--quiet",
+        "--out",
+        out,
+    ]
     assert cli.main(argv) == 128 + signal.SIGTERM
     assert "SIGTERM" in capsys.readouterr().err
     assert torch.load(os.path.join(out, "checkpoint.pt"), weights_only=True)["step"] == 4  # checkpoint_every 200
@@ -224,8 +269,31 @@ def test_cli_fresh_clears_the_old_log(tmp_path, data, monkeypatch):
 
     monkeypatch.setattr(loop, "load_data", lambda cfg: data)
     out = str(tmp_path / "cli")
-    argv = ["--dim", "8", "--heads", "2", "--steps", "2", "--n-train", "32", "--n-test", "8", "--batch-size", "8",
-            "--epochs", "1", "--eval-steps", "2", "--lyap-samples", "0", "--quiet", "--out", out, "--log-every", "1"]
+    argv = [
+        "--dim",
+        "8",
+        "--heads",
+        "2",
+        "--steps",
+        "2",
+        "--n-train",
+        "32",
+        "--n-test",
+        "8",
+        "--batch-size",
+        "8",
+        "--epochs",
+        "1",
+        "--eval-steps",
+        "2",
+        "--lyap-samples",
+        "0",
+        "--quiet",
+        "--out",
+        out,
+        "--log-every",
+        "1",
+    ]
     assert cli.main(argv) == 0
     assert cli.main(argv + ["--fresh"]) == 0
     lines = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
@@ -233,6 +301,7 @@ def test_cli_fresh_clears_the_old_log(tmp_path, data, monkeypatch):
 
 
 # ------------------------------------------------------------------------------------------- output folder
+
 
 def test_out_checked_before_any_compute(tmp_path, monkeypatch):
     (tmp_path / "file").write_text("x")
@@ -265,8 +334,9 @@ def _tmpfs(path, opts):
     path.mkdir()
     r = subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(path)], capture_output=True)
     if r.returncode:
-        pytest.skip(f"cannot mount a tmpfs here ({r.stderr.decode().strip()[:80]}); the monkeypatched test "
-                    f"covers this case")
+        pytest.skip(
+            f"cannot mount a tmpfs here ({r.stderr.decode().strip()[:80]}); the monkeypatched test covers this case"
+        )
     try:
         yield path
     finally:
@@ -368,6 +438,7 @@ def test_full_filesystem_late_writes_keep_the_run(tmp_path, data, monkeypatch):
 
 # ------------------------------------------------------------------------------------------- divergence
 
+
 def test_divergence_stops_and_keeps_the_last_good_checkpoint(tmp_path, data, monkeypatch):
     cfg = _cfg(tmp_path, "run")
     real = loop.sudoku_loss
@@ -389,13 +460,14 @@ def test_divergence_stops_and_keeps_the_last_good_checkpoint(tmp_path, data, mon
 
 # ------------------------------------------------------------------------------------------- corrupt checkpoints
 
+
 def _plant(tmp_path, data, what):
     cfg = _cfg(tmp_path, "run", stop_at=2)
     path = os.path.join(cfg.out, "checkpoint.pt")
     if what == "truncated":
         loop.train(cfg, data)
         blob = open(path, "rb").read()
-        open(path, "wb").write(blob[:len(blob) // 2])
+        open(path, "wb").write(blob[: len(blob) // 2])
     else:
         os.makedirs(cfg.out)
         if what == "random":
@@ -409,9 +481,16 @@ def _plant(tmp_path, data, what):
     return cfg
 
 
-@pytest.mark.parametrize("what,pat", [("truncated", "not a readable training checkpoint"),
-                                      ("random", "not a readable training checkpoint"), ("empty", "is empty"),
-                                      ("tensor", "not a training checkpoint .*Tensor"), ("folder", "is a folder")])
+@pytest.mark.parametrize(
+    "what,pat",
+    [
+        ("truncated", "not a readable training checkpoint"),
+        ("random", "not a readable training checkpoint"),
+        ("empty", "is empty"),
+        ("tensor", "not a training checkpoint .*Tensor"),
+        ("folder", "is a folder"),
+    ],
+)
 def test_corrupt_training_checkpoint_is_explained(tmp_path, data, monkeypatch, what, pat):
     _plant(tmp_path, data, what)
     monkeypatch.setattr(loop, "load_data", lambda cfg: pytest.fail("loaded data before reading the checkpoint"))
@@ -488,6 +567,7 @@ def test_training_files_are_strict_json(tmp_path, data):
 
 
 # ------------------------------------------------------------------------------------------- the Sudoku cache
+
 
 def _cache_file(d, size=4, givens=(8, 10), seed=0):
     from fastjac.data import sudoku
@@ -570,6 +650,7 @@ def test_generate_givens_must_be_a_pair_of_ints(givens):
 
 # ------------------------------------------------------------------------------------------- crafted model files
 
+
 def _craft(path, cfg=None, tensors=None, cls="ItrSA", raw_config=None, extra_meta=None):
     from safetensors.torch import save_file
 
@@ -577,8 +658,10 @@ def _craft(path, cfg=None, tensors=None, cls="ItrSA", raw_config=None, extra_met
 
     m = fj.ItrSA(8, 2)
     t = {k: v.detach().clone() for k, v in m.state_dict().items()} if tensors is None else tensors
-    meta = dict(fastjac_class=cls, fastjac_config=raw_config if raw_config is not None else json.dumps(
-        dict(m.config(), **(cfg or {}))))
+    meta = dict(
+        fastjac_class=cls,
+        fastjac_config=raw_config if raw_config is not None else json.dumps(dict(m.config(), **(cfg or {}))),
+    )
     meta.update(extra_meta or {})
     save_file(t, str(path), metadata=meta)
     return str(path)
@@ -593,7 +676,7 @@ def _crafted_cases(tmp_path):
     ints = dict(good, wq=torch.ones(2, 8, 4, dtype=torch.int64))
     return {
         "huge dim": (dict(cfg=dict(dim=40000, head_dim=None)), "over the limit of 4 GB"),
-        "huge head_dim": (dict(cfg=dict(head_dim=10 ** 9)), "over the limit"),
+        "huge head_dim": (dict(cfg=dict(head_dim=10**9)), "over the limit"),
         "wrong shapes": (dict(tensors=wrong), r"tensor shapes do not match its config: wq \[2, 8, 3\]"),
         "device in config": (dict(cfg=dict(device="cuda")), r"does not take from a file: \['device'\]"),
         "unknown key": (dict(cfg=dict(foo=1)), r"does not take from a file: \['foo'\]"),
@@ -625,8 +708,13 @@ def test_crafted_huge_model_fails_fast_without_allocating(tmp_path):
     net = str(tmp_path / "huge_net.safetensors")
     from safetensors.torch import save_file
 
-    save_file({"pos": torch.zeros(16, 8)}, net, metadata=dict(fastjac_sudoku_config=json.dumps(dict(
-        kind="itrsa", size=4, dim=40000, heads=4, steps=4, osc_dim=4, seed=0))))
+    save_file(
+        {"pos": torch.zeros(16, 8)},
+        net,
+        metadata=dict(
+            fastjac_sudoku_config=json.dumps(dict(kind="itrsa", size=4, dim=40000, heads=4, steps=4, osc_dim=4, seed=0))
+        ),
+    )
     code = f"""
 import resource, time, json
 import fastjac, torch
@@ -645,8 +733,9 @@ for name, fn, p in (("model", load_model, {path!r}), ("net", load_net, {net!r}))
                      msg=msg)
 print(json.dumps(out))
 """
-    r = subprocess.run([os.sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                       env=dict(os.environ))
+    r = subprocess.run(
+        [os.sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=dict(os.environ)
+    )
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout.strip().splitlines()[-1])
     for name, d in out.items():
@@ -656,18 +745,21 @@ print(json.dumps(out))
 
 
 def test_model_size_limit_is_stated_and_adjustable(monkeypatch):
+    import fastjac as fj
     from fastjac.models import DEFAULT_MODEL_LIMIT_GB, check_model_size
 
-    import fastjac as fj
-
     assert DEFAULT_MODEL_LIMIT_GB == 4.0
-    for kw in (dict(dim=24, heads=3, bias=True, norm="layer"), dict(dim=16, heads=2, out_proj=False, norm="none"),
-               dict(dim=20, heads=3, head_dim=5, value_dim=7)):
+    for kw in (
+        dict(dim=24, heads=3, bias=True, norm="layer"),
+        dict(dim=16, heads=2, out_proj=False, norm="none"),
+        dict(dim=20, heads=3, head_dim=5, value_dim=7),
+    ):
         m = fj.ItrSA(**kw, dtype=torch.float64)
         assert check_model_size(**kw) == sum(v.numel() * 8 for v in m.state_dict().values())
     m = fj.AKOrN(16, 2, osc_dim=4, bias=True, dtype=torch.float32)
     assert check_model_size(16, 2, osc_dim=4, bias=True, dtype=torch.float32) == sum(
-        v.numel() * 4 for v in m.state_dict().values())
+        v.numel() * 4 for v in m.state_dict().values()
+    )
     with pytest.raises(ValueError, match=r"dim: .*dim=30000.*over the limit of 4 GB"):
         check_model_size(30000, 4)  # the main job's --dim 30000: 28.8 GB in float64
     monkeypatch.setenv("FASTJAC_MODEL_LIMIT_GB", "100")
@@ -721,8 +813,11 @@ def test_load_net_refuses_bad_files(tmp_path):
 
 # ------------------------------------------------------------------------------------------- python -m fastjac aot
 
-@pytest.mark.parametrize("case", ["corrupt", "list", "folder", "no keys", "json folder", "json missing folder",
-                                  "md folder", "update read-only"])
+
+@pytest.mark.parametrize(
+    "case",
+    ["corrupt", "list", "folder", "no keys", "json folder", "json missing folder", "md folder", "update read-only"],
+)
 def test_aot_files_checked_before_the_run(tmp_path, monkeypatch, capsys, case):
     from fastjac.ops import _aot
 
@@ -730,10 +825,16 @@ def test_aot_files_checked_before_the_run(tmp_path, monkeypatch, capsys, case):
     monkeypatch.setattr(_aot, "capture", lambda *a, **k: pytest.fail("the run started"))
     cache = tmp_path / "cache.json"
     argv = ["--cache", str(cache)]
-    pat = {"corrupt": "not readable JSON", "list": "not a fastjac aot cache", "folder": "is a folder",
-           "no keys": "not a fastjac aot cache", "json folder": "--json: .* is a folder",
-           "json missing folder": "--json: the folder .* does not exist", "md folder": "--md: .* is a folder",
-           "update read-only": "--cache: cannot write .*Read-only"}[case]
+    pat = {
+        "corrupt": "not readable JSON",
+        "list": "not a fastjac aot cache",
+        "folder": "is a folder",
+        "no keys": "not a fastjac aot cache",
+        "json folder": "--json: .* is a folder",
+        "json missing folder": "--json: the folder .* does not exist",
+        "md folder": "--md: .* is a folder",
+        "update read-only": "--cache: cannot write .*Read-only",
+    }[case]
     if case == "corrupt":
         cache.write_text('{"records": [')
     elif case == "list":
@@ -767,8 +868,10 @@ def test_aot_files_checked_before_the_run(tmp_path, monkeypatch, capsys, case):
     assert re.search(pat, err) and "Traceback" not in err, err
 
 
-@pytest.mark.parametrize("argv,pat", [(["--recheck", "-1"], "--recheck: expected an int >= 0"),
-                                      (["--jobs", "0"], "--jobs: expected an int >= 1")])
+@pytest.mark.parametrize(
+    "argv,pat",
+    [(["--recheck", "-1"], "--recheck: expected an int >= 0"), (["--jobs", "0"], "--jobs: expected an int >= 1")],
+)
 def test_aot_bad_numbers_refused(monkeypatch, capsys, argv, pat):
     from fastjac.ops import _aot
 
@@ -786,6 +889,7 @@ def test_aot_committed_cache_loads():
 
 
 # ------------------------------------------------------------------------------------------- regularisers
+
 
 @pytest.mark.parametrize("fn", ["jacobian_frobenius", "jacobian_spectral", "lyapunov_penalty"])
 @pytest.mark.parametrize("batched", [False, True])

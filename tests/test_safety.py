@@ -7,11 +7,11 @@
 - write failures: found before the run, or after it without losing the results; corrupt checkpoints explained;
 - every result file is strict JSON.
 """
+
 from __future__ import annotations
 
 import functools
 import json
-import math
 import os
 import warnings
 
@@ -39,17 +39,22 @@ class Payload:
 def _strict_json(text: str):
     def bad(token):
         raise AssertionError(f"not strict JSON: bare {token}")
+
     return json.loads(text, parse_constant=bad)
 
 
 # ------------------------------------------------------------------------------------------- planted pickles
 
+
 def test_planted_checkpoint_does_not_run(tmp_path):
     marker, ckpt = tmp_path / "pwned", tmp_path / "run.ckpt"
     torch.save({"format": "fastjac.lyapunov_spectrum.v2", "fingerprint": "x", "state": Payload(marker)}, ckpt)
     m, X0 = fj.ItrSA(8, 2, dtype=F64), torch.randn(4, 8, dtype=F64)
-    with pytest.raises(ValueError, match=r"checkpoint: .* is not a readable fastjac checkpoint .*nothing in it was "
-                                         r"run.*--fresh"):  # noqa
+    with pytest.raises(
+        ValueError,
+        match=r"checkpoint: .* is not a readable fastjac checkpoint .*nothing in it was "
+        r"run.*--fresh",
+    ):  # noqa
         fj.lyapunov_spectrum(m, X0, k=2, steps=2, checkpoint=str(ckpt), progress=False)
     assert not marker.exists()
 
@@ -79,8 +84,19 @@ def test_cli_model_file_round_trip(tmp_path):
     model = fj.ItrSA(8, 2, norm="rms", dtype=F64)
     fj.save_model(model, str(tmp_path / "m.safetensors"))
     out = tmp_path / "o"
-    argv = ["--model", str(tmp_path / "m.safetensors"), "--tokens", "4", "--k", "3", "--steps", "5", "--quiet",
-            "--out", str(out)]
+    argv = [
+        "--model",
+        str(tmp_path / "m.safetensors"),
+        "--tokens",
+        "4",
+        "--k",
+        "3",
+        "--steps",
+        "5",
+        "--quiet",
+        "--out",
+        str(out),
+    ]
     assert main(argv) == 0
     d = _strict_json((out / "lyapunov.json").read_text())
     assert "norm='rms'" in d["model"] and len(d["exponents"]) == 3
@@ -90,10 +106,18 @@ def test_cli_model_file_round_trip(tmp_path):
 
 BASE = dict(dim=8, heads=2)
 CHANGES = {
-    "heads": dict(heads=4), "head_dim": dict(head_dim=2), "value_dim": dict(value_dim=2),
-    "out_proj": dict(out_proj=False), "bias": dict(bias=True), "norm": dict(norm="rms"),
-    "norm_group": dict(norm_group=4), "eps": dict(eps=1e-3), "eta": dict(eta=0.5), "beta": dict(beta=0.3),
-    "causal": dict(causal=True), "dtype": dict(dtype=torch.float32),
+    "heads": dict(heads=4),
+    "head_dim": dict(head_dim=2),
+    "value_dim": dict(value_dim=2),
+    "out_proj": dict(out_proj=False),
+    "bias": dict(bias=True),
+    "norm": dict(norm="rms"),
+    "norm_group": dict(norm_group=4),
+    "eps": dict(eps=1e-3),
+    "eta": dict(eta=0.5),
+    "beta": dict(beta=0.3),
+    "causal": dict(causal=True),
+    "dtype": dict(dtype=torch.float32),
 }
 
 
@@ -174,8 +198,12 @@ def test_cli_resume_refused_for_changed_options(tmp_path, capsys):
     for extra in (["--norm", "rms"], ["--heads", "4"], ["--eta", "0.5"]):
         args = SMALL + ["--out", out] + extra
         if "--heads" in extra:
-            args = [a for i, a in enumerate(args) if not (a == "--heads" and i < len(SMALL)) and
-                    not (i > 0 and args[i - 1] == "--heads" and i < len(SMALL))]
+            args = [
+                a
+                for i, a in enumerate(args)
+                if not (a == "--heads" and i < len(SMALL))
+                and not (i > 0 and args[i - 1] == "--heads" and i < len(SMALL))
+            ]
         assert main(args) == 2
         assert "--fresh" in capsys.readouterr().err
         assert main(args + ["--fresh"]) == 0  # --fresh starts over: another model, other numbers
@@ -197,11 +225,13 @@ def test_corrupt_checkpoint_is_explained(tmp_path, content):
 
 # ------------------------------------------------------------------------------------------- qr(M, out=M)
 
+
 def _qr_paths():
     paths = ["auto", "torch", "householder"]
     try:
-        fj.ops.qr_backend(torch.randn(20, 3, dtype=F64), "triton") if hasattr(fj.ops, "qr_backend") else \
-            __import__("fastjac.ops.qr", fromlist=["qr_backend"]).qr_backend(torch.randn(20, 3, dtype=F64), "triton")
+        fj.ops.qr_backend(torch.randn(20, 3, dtype=F64), "triton") if hasattr(fj.ops, "qr_backend") else __import__(
+            "fastjac.ops.qr", fromlist=["qr_backend"]
+        ).qr_backend(torch.randn(20, 3, dtype=F64), "triton")
         paths.append("triton")
     except Exception:
         pass
@@ -232,16 +262,18 @@ def test_qr_out_aliasing_with_fallback_and_strided_view():
 
 # ------------------------------------------------------------------------------------------- renorm_every
 
+
 def _linear(lams, n, dtype, seed=4):
     """x -> A x with A = U diag(exp(lams)) U^T: its Lyapunov exponents are exactly lams (then -inf-like rest)."""
     g = torch.Generator().manual_seed(seed)
     U, _ = torch.linalg.qr(torch.randn(n, n, dtype=F64, generator=g))
     d = torch.full((n,), -8.0, dtype=F64)
-    d[:len(lams)] = torch.tensor(lams, dtype=F64)
+    d[: len(lams)] = torch.tensor(lams, dtype=F64)
     A = (U * d.exp()) @ U.T
 
     def step(x):
         return (x.reshape(-1) @ A.to(x.dtype).T).reshape(x.shape)
+
     return step
 
 
@@ -302,6 +334,7 @@ def test_resume_with_redone_intervals_is_bit_for_bit(tmp_path, monkeypatch):
 
 # ------------------------------------------------------------------------------------------- divergence
 
+
 def test_diverging_run_warns():
     f = _linear([0.7], 4, F64)
     with pytest.warns(RuntimeWarning, match="the trajectory diverges"):
@@ -316,6 +349,7 @@ def test_cli_diverging_norm_none_fails_early_with_a_message(tmp_path, capsys):
 
 
 # ------------------------------------------------------------------------------------------- write failures
+
 
 def test_unwritable_out_is_refused_before_the_run(tmp_path, capsys, monkeypatch):
     (tmp_path / "file").write_text("x")
@@ -384,6 +418,7 @@ def test_checkpoint_write_failure_mid_run_returns_the_result(tmp_path, monkeypat
 
 # ------------------------------------------------------------------------------------------- strict JSON
 
+
 def test_result_files_are_strict_json(tmp_path):
     m = fj.ItrSA(8, 2, dtype=F64)  # normalised: 4 trivial -inf exponents with k = all 32
     X0 = torch.randn(4, 8, dtype=F64)
@@ -406,6 +441,7 @@ def test_result_files_are_strict_json(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------- the seam
+
 
 def test_jacobian_carries_no_graph_unless_asked():
     m = fj.ItrSA(8, 2, dtype=F64)
@@ -432,6 +468,7 @@ def test_fingerprint_sees_shapes_not_only_bytes():
     b = lyap.fingerprint(lambda x: x, X0.reshape(8, 4), None, {})
     assert a != b
     W = torch.zeros(4, 4, dtype=F64)
-    assert lyap.fingerprint(_closure_tensor(W), X0, None, {}) != lyap.fingerprint(_closure_tensor(W.reshape(2, 8)),
-                                                                                   X0, None, {})
+    assert lyap.fingerprint(_closure_tensor(W), X0, None, {}) != lyap.fingerprint(
+        _closure_tensor(W.reshape(2, 8)), X0, None, {}
+    )
     assert lyap.fingerprint(_scaled(2.0), X0, None, {}) == lyap.fingerprint(_scaled(2.0), X0, None, {})

@@ -1,10 +1,12 @@
 """The public seam (issue 13): fj.linearization / Linearization, a model defined outside fastjac working end to end
 through the RecurrentStep base, backend registration visible in fj.info, and one linearisation per state."""
+
 import math
 from typing import Optional
 
 import pytest
 import torch
+from oracle import apply_dense, apply_dense_t, oracle_jacobian
 from torch import Tensor
 
 import fastjac as fj
@@ -12,12 +14,12 @@ from fastjac import backends
 from fastjac.backends.torch import TorchBackend
 from fastjac.ops.attention import msa_cache, msa_forward, msa_jacobian_rows, msa_jvp, msa_vjp
 from fastjac.ops.base import BatchedLinearization
-from oracle import apply_dense, apply_dense_t, oracle_jacobian
 
 F64 = torch.float64
 
 
 # ------------------------------------------------------------- a model defined here, with its own op functions
+
 
 def tanh_forward(Z: Tensor) -> Tensor:
     return torch.tanh(Z)
@@ -25,7 +27,7 @@ def tanh_forward(Z: Tensor) -> Tensor:
 
 def tanh_jvp(Y: Tensor, T: Tensor) -> Tensor:
     # d tanh(Z) = (1 - tanh(Z)^2) dZ, with Y = tanh(Z); elementwise, so the VJP is the same product
-    return (1 - Y ** 2) * T
+    return (1 - Y**2) * T
 
 
 class TanhItrSALinearization(BatchedLinearization):
@@ -49,7 +51,7 @@ class TanhItrSALinearization(BatchedLinearization):
         rows = msa_jacobian_rows(self.attn, 0, S, scale=self.eta)  # [B, S, D, S, D]
         idx = torch.arange(S)
         rows[:, idx, :, idx, :] += torch.eye(D, dtype=self.X.dtype)
-        rows = rows * (1 - self.out ** 2)[:, :, :, None, None]  # the tanh factor on each output row
+        rows = rows * (1 - self.out**2)[:, :, :, None, None]  # the tanh factor on each output row
         J = rows.reshape(B, S * D, S * D)
         return J if out is None else out.copy_(J)
 
@@ -63,8 +65,12 @@ class TanhItrSA(fj.RecurrentStep):
         self.dim, self.heads = dim, heads
         dh = dim // heads
         mk = lambda *s: torch.nn.Parameter(torch.randn(*s, generator=g, dtype=dtype) / math.sqrt(dim))  # noqa
-        self.wq, self.wk, self.wv, self.wo = mk(heads, dim, dh), mk(heads, dim, dh), mk(heads, dim, dh), \
-            mk(heads, dh, dim)
+        self.wq, self.wk, self.wv, self.wo = (
+            mk(heads, dim, dh),
+            mk(heads, dim, dh),
+            mk(heads, dim, dh),
+            mk(heads, dh, dim),
+        )
         self.eta = torch.nn.Parameter(torch.tensor(0.7, dtype=dtype))
         self.beta = 1 / math.sqrt(dh)
 
@@ -200,11 +206,13 @@ def test_removed_0_2_spellings_are_a_clear_type_error():
     torch.manual_seed(0)
     m = fj.ItrSA(8, 2, dtype=F64)
     X = torch.randn(5, 8, dtype=F64)
-    cases = [(lambda: fj.finite_time_lyapunov(m, X, T=3), "T"),
-             (lambda: fj.spectral_norm(m, X, generator=torch.Generator().manual_seed(4)), "generator"),
-             (lambda: fj.prop51_bound(model=m, X=X), "model"),
-             (lambda: fj.ops.qr(torch.randn(30, 4, dtype=F64), return_fallback=True), "return_fallback"),
-             (lambda: fj.linalg.eigsh(lambda V: V, 10, 2, return_vectors=True), "return_vectors")]
+    cases = [
+        (lambda: fj.finite_time_lyapunov(m, X, T=3), "T"),
+        (lambda: fj.spectral_norm(m, X, generator=torch.Generator().manual_seed(4)), "generator"),
+        (lambda: fj.prop51_bound(model=m, X=X), "model"),
+        (lambda: fj.ops.qr(torch.randn(30, 4, dtype=F64), return_fallback=True), "return_fallback"),
+        (lambda: fj.linalg.eigsh(lambda V: V, 10, 2, return_vectors=True), "return_vectors"),
+    ]
     for call, name in cases:
         with pytest.raises(TypeError, match=f"unexpected keyword argument '{name}'"):
             call()
@@ -216,8 +224,10 @@ def test_return_types_do_not_change_with_batching():
     torch.manual_seed(0)
     m = fj.ItrSA(8, 2, dtype=F64)
     X = torch.randn(2, 5, 8, dtype=F64)
-    for f in (lambda x: fj.spectral_norm(m, x), lambda x: fj.lyapunov_spectrum(m, x, k=2, steps=3,
-                                                                                progress=False).max,
-              lambda x: fj.prop51_bound(m, x).measured):
+    for f in (
+        lambda x: fj.spectral_norm(m, x),
+        lambda x: fj.lyapunov_spectrum(m, x, k=2, steps=3, progress=False).max,
+        lambda x: fj.prop51_bound(m, x).measured,
+    ):
         a, b = f(X), f(X[0])
         assert isinstance(a, Tensor) and isinstance(b, Tensor) and a.shape == (2,) and b.shape == ()

@@ -5,6 +5,7 @@ x_i <- exp(lambda_i + c (u - 1/2)) x_i, whose exponents are lambda_i + c (E[u] -
 invariant density of the r = 4 logistic map is symmetric about 1/2). The per-step log growths fluctuate with u, so
 the finite-run estimates scatter around the true values like a sample mean does.
 """
+
 from __future__ import annotations
 
 import math
@@ -67,8 +68,11 @@ def _x0(seeds):
     rows = []
     for s in seeds:
         g = torch.Generator().manual_seed(s)
-        rows.append(torch.cat([0.05 + 0.9 * torch.rand(1, 1, generator=g, dtype=F64),
-                               torch.randn(1, 3, generator=g, dtype=F64)], -1))
+        rows.append(
+            torch.cat(
+                [0.05 + 0.9 * torch.rand(1, 1, generator=g, dtype=F64), torch.randn(1, 3, generator=g, dtype=F64)], -1
+            )
+        )
     return torch.stack(rows)  # [B, 1, 4]
 
 

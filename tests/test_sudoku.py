@@ -1,5 +1,6 @@
 """fastjac.data.sudoku: unique solutions (checked by an independent solver), given counts, determinism, cache,
 loaders."""
+
 import os
 
 import numpy as np
@@ -10,13 +11,13 @@ from fastjac.data import sudoku
 
 def _box(n):
     """Box rows x columns, written out here (not taken from the generator): 6x6 boards have 2x3 boxes."""
-    return (2, 3) if n == 6 else (int(round(n ** 0.5)),) * 2
+    return (2, 3) if n == 6 else (int(round(n**0.5)),) * 2
 
 
 def _independent_count(puzzle, n, limit=2):
     """A plain recursive solver with sets (no bitmasks, no MRV): number of solutions up to ``limit``."""
     br, bc = _box(n)
-    g = [list(puzzle[r * n:(r + 1) * n]) for r in range(n)]
+    g = [list(puzzle[r * n : (r + 1) * n]) for r in range(n)]
 
     def ok(r, c, v):
         if v in g[r] or any(g[i][c] == v for i in range(n)):
@@ -49,12 +50,14 @@ def _valid_solution(s, n):
     want = set(range(1, n + 1))
     rows = all(set(G[r]) == want for r in range(n))
     cols = all(set(G[:, c]) == want for c in range(n))
-    boxes = all(set(G[r:r + br, c:c + bc].ravel()) == want for r in range(0, n, br) for c in range(0, n, bc))
+    boxes = all(set(G[r : r + br, c : c + bc].ravel()) == want for r in range(0, n, br) for c in range(0, n, bc))
     return rows and cols and boxes
 
 
-@pytest.mark.parametrize("size,givens,n", [(4, (8, 10), 200), (4, (4, 6), 200), (9, (31, 42), 12),
-                                           (9, (17, 34), 4), (6, (18, 22), 60), (6, (10, 14), 60)])
+@pytest.mark.parametrize(
+    "size,givens,n",
+    [(4, (8, 10), 200), (4, (4, 6), 200), (9, (31, 42), 12), (9, (17, 34), 4), (6, (18, 22), 60), (6, (10, 14), 60)],
+)
 def test_unique_solution_and_given_counts(size, givens, n):
     P, S = sudoku.generate(n, size=size, givens=givens, seed=3, cache=False)
     assert P.dtype == np.int64 and S.dtype == np.int64 and P.shape == S.shape == (n, size * size)
@@ -103,8 +106,10 @@ def test_loaders(tmp_path):
     a = sudoku.load_csv(str(rrn))
     assert np.array_equal(a[0], P) and np.array_equal(a[1], S)
     kag = tmp_path / "kaggle.csv"
-    kag.write_text("quizzes,solutions\n" + "".join("".join(str(v) if v else "." for v in p) + "," +
-                                                   "".join(map(str, s)) + "\n" for p, s in zip(P, S)))
+    kag.write_text(
+        "quizzes,solutions\n"
+        + "".join("".join(str(v) if v else "." for v in p) + "," + "".join(map(str, s)) + "\n" for p, s in zip(P, S))
+    )
     assert np.array_equal(sudoku.load_csv(str(kag))[0], P)
     np.savez(tmp_path / "d.npz", puzzles=P, solutions=S)
     assert np.array_equal(sudoku.load_numpy(str(tmp_path / "d.npz"))[1], S)
@@ -123,8 +128,11 @@ def test_six_by_six_splits():
     """6x6 (2x3 boxes): ID and OOD splits by givens, their sizes, unique solutions (independent solver)."""
     sp = sudoku.splits(6, n_train=30, n_test=12, seed=5, cache=False)
     assert {k: v[0].shape for k, v in sp.items()} == {"train": (30, 36), "test_id": (12, 36), "test_ood": (12, 36)}
-    for split, (lo, hi) in (("train", sudoku.ID_GIVENS[6]), ("test_id", sudoku.ID_GIVENS[6]),
-                            ("test_ood", sudoku.OOD_GIVENS[6])):
+    for split, (lo, hi) in (
+        ("train", sudoku.ID_GIVENS[6]),
+        ("test_id", sudoku.ID_GIVENS[6]),
+        ("test_ood", sudoku.OOD_GIVENS[6]),
+    ):
         P, S = sp[split]
         cnt = (P > 0).sum(1)
         assert lo <= cnt.min() and cnt.max() <= hi, split

@@ -1,5 +1,6 @@
 """fastjac.train.sweep: a finished run is never redone, an interrupted one resumes, every run is evaluated on the
 one common test set, aggregates (mean, sd, n, same-seed differences) and the CLI."""
+
 import json
 import os
 import subprocess
@@ -10,8 +11,28 @@ import pytest
 from fastjac.data import sudoku
 from fastjac.train import sweep as SW
 
-TINY = ["--dim", "8", "--heads", "2", "--steps", "2", "--n-train", "32", "--n-test", "8", "--batch-size", "16",
-        "--epochs", "1", "--lyap-log-boards", "2", "--warmup", "1", "--log-every", "1"]
+TINY = [
+    "--dim",
+    "8",
+    "--heads",
+    "2",
+    "--steps",
+    "2",
+    "--n-train",
+    "32",
+    "--n-test",
+    "8",
+    "--batch-size",
+    "16",
+    "--epochs",
+    "1",
+    "--lyap-log-boards",
+    "2",
+    "--warmup",
+    "1",
+    "--log-every",
+    "1",
+]
 KW = dict(jobs=1, steps=(2, 4), lyap_boards=2, n_test=12, n_train_exclude=32, progress=False)
 
 
@@ -38,8 +59,11 @@ def test_sweep_skips_finished_resumes_interrupted_common_test_set(tiny, tmp_path
     ts = SW.common_test_set(4, n_test=12, n_train=32, cache_dir=tiny["cache_dir"])
     h = SW.testset_hash(ts)
     assert {r["test_hash"] for r in s["runs"]} == {h} and s["test_sets"]["4"]["hash"] == h
-    train = {bytes(p.astype(np.int8)) for seed in SW.EXCLUDE_SEEDS
-             for p in sudoku.generate(32, size=4, seed=seed, cache_dir=tiny["cache_dir"])[0]}
+    train = {
+        bytes(p.astype(np.int8))
+        for seed in SW.EXCLUDE_SEEDS
+        for p in sudoku.generate(32, size=4, seed=seed, cache_dir=tiny["cache_dir"])[0]
+    }
     assert not any(bytes(p.astype(np.int8)) in train for p in ts["test_id"][0])
     assert ts["test_id"][0].shape == (12, 16) and ts["test_ood"][0].shape == (12, 16)
     # aggregates: n, mean, sd over seeds; same-seed differences against the unregularised run
@@ -73,15 +97,59 @@ def test_sweep_cli_no_train_and_errors(tiny, tmp_path, capsys):
     assert SW._seeds(["0-2", "5"]) == [0, 1, 2, 5]
     assert SW.main(["--grid", "fig3@x"]) == 2
     out = str(tmp_path / "n.json")
-    rc = SW.main(["--configs", "original", "--seeds", "3", "--root", tiny["root"], "--no-train", "--out", out,
-                  "--quiet", "--cache-dir", tiny["cache_dir"], "--steps", "2", "--lyap-boards", "0", "--jobs", "1"])
+    rc = SW.main(
+        [
+            "--configs",
+            "original",
+            "--seeds",
+            "3",
+            "--root",
+            tiny["root"],
+            "--no-train",
+            "--out",
+            out,
+            "--quiet",
+            "--cache-dir",
+            tiny["cache_dir"],
+            "--steps",
+            "2",
+            "--lyap-boards",
+            "0",
+            "--jobs",
+            "1",
+        ]
+    )
     s = json.load(open(out))
     assert rc == 0 and s["status"]["unfinished"] == [["original", 3, "missing"]]
     assert "--seeds 3" in s["resume_command"] and "--no-train" not in s["resume_command"]
     out2 = str(tmp_path / "g.json")  # GRID@SEEDS: a grid with its own seeds
-    assert SW.main(["--grid", "fig4@1", "--configs", "original", "--seeds", "3", "--root", tiny["root"],
-                    "--no-train", "--out", out2, "--quiet", "--lyap-boards", "0", "--jobs", "1"]) == 0
+    assert (
+        SW.main(
+            [
+                "--grid",
+                "fig4@1",
+                "--configs",
+                "original",
+                "--seeds",
+                "3",
+                "--root",
+                tiny["root"],
+                "--no-train",
+                "--out",
+                out2,
+                "--quiet",
+                "--lyap-boards",
+                "0",
+                "--jobs",
+                "1",
+            ]
+        )
+        == 0
+    )
     assert sorted(map(tuple, json.load(open(out2))["status"]["unfinished"])) == [
-        ("akorn", 1, "missing"), ("original", 1, "missing"), ("original", 3, "missing")]
+        ("akorn", 1, "missing"),
+        ("original", 1, "missing"),
+        ("original", 3, "missing"),
+    ]
     assert SW.baseline_of("akorn") == "akorn" and SW.baseline_of("s6_lyap_t0") == "s6_original"
     assert SW.lyap_target("lyap_w1_board_t-0.15") == -0.15

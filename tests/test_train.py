@@ -1,4 +1,5 @@
 """Training: a few steps per model and regulariser, resume equals an uninterrupted run, CLI, save/load."""
+
 import json
 import os
 
@@ -12,7 +13,6 @@ from fastjac.train.loop import TrainConfig
 
 @pytest.fixture(scope="module")
 def data():
-    cfg = TrainConfig(size=4, n_train=64, n_test=16, progress=False)
     from fastjac.data import sudoku
 
     sp = sudoku.splits(4, n_train=64, n_test=16, seed=0, cache=False)
@@ -20,15 +20,40 @@ def data():
 
 
 def _cfg(tmp_path, name, **kw):
-    base = dict(size=4, dim=16, heads=2, steps=4, batch_size=16, n_train=64, n_test=16, epochs=1, lr=1e-3,
-                eval_steps=(4, 8), lyap_samples=1, progress=False, out=str(tmp_path / name), log_every=1,
-                reg_samples=2, probes=2, lyap_k=2, warmup=2)
+    base = dict(
+        size=4,
+        dim=16,
+        heads=2,
+        steps=4,
+        batch_size=16,
+        n_train=64,
+        n_test=16,
+        epochs=1,
+        lr=1e-3,
+        eval_steps=(4, 8),
+        lyap_samples=1,
+        progress=False,
+        out=str(tmp_path / name),
+        log_every=1,
+        reg_samples=2,
+        probes=2,
+        lyap_k=2,
+        warmup=2,
+    )
     base.update(kw)
     return TrainConfig(**base)
 
 
-REGS = [dict(), dict(spec=1e-2), dict(e_single=1e-2), dict(e_multi=1e-2), dict(e_multi_hard=True),
-        dict(jac_frob=1e-2), dict(jac_spec=1e-2), dict(lyap=1e-1)]
+REGS = [
+    dict(),
+    dict(spec=1e-2),
+    dict(e_single=1e-2),
+    dict(e_multi=1e-2),
+    dict(e_multi_hard=True),
+    dict(jac_frob=1e-2),
+    dict(jac_spec=1e-2),
+    dict(lyap=1e-1),
+]
 
 
 @pytest.mark.parametrize("kind", ["itrsa", "akorn"])
@@ -79,9 +104,37 @@ def test_cli_and_config_errors(tmp_path):
     from fastjac.train.cli import main
 
     out = str(tmp_path / "cli")
-    rc = main(["--preset", "cpu", "--dim", "16", "--heads", "2", "--steps", "3", "--n-train", "32", "--n-test",
-               "8", "--batch-size", "16", "--epochs", "1", "--eval-steps", "3", "--lyap-samples", "0", "--quiet",
-               "--out", out, "--cache-dir", str(tmp_path / "cache"), "--jac-frob", "0.01"])
+    rc = main(
+        [
+            "--preset",
+            "cpu",
+            "--dim",
+            "16",
+            "--heads",
+            "2",
+            "--steps",
+            "3",
+            "--n-train",
+            "32",
+            "--n-test",
+            "8",
+            "--batch-size",
+            "16",
+            "--epochs",
+            "1",
+            "--eval-steps",
+            "3",
+            "--lyap-samples",
+            "0",
+            "--quiet",
+            "--out",
+            out,
+            "--cache-dir",
+            str(tmp_path / "cache"),
+            "--jac-frob",
+            "0.01",
+        ]
+    )
     assert rc == 0 and os.path.exists(os.path.join(out, "results.json"))
     assert main(["--kind", "rnn", "--out", out]) == 2
     with pytest.raises(ValueError, match="preset"):
@@ -110,6 +163,7 @@ def test_shipped_default_model():
 
 # ----------------------------------------------------------------------------------------------- Lyapunov options
 
+
 def test_loop_passes_lyapunov_options(tmp_path, data, monkeypatch):
     """The loop hands lyap_iters / form / aggregate / boards to the penalty (fails if any is dropped)."""
     from fastjac.train import regularizers as R
@@ -122,11 +176,13 @@ def test_loop_passes_lyapunov_options(tmp_path, data, monkeypatch):
         return real(step, X0, **kw)
 
     monkeypatch.setattr(R, "lyapunov_penalty", spy)
-    cfg = _cfg(tmp_path, "spy", lyap=0.1, lyap_iters=3, lyap_form="above", lyap_aggregate="batch", lyap_boards=3,
-               stop_at=1)
+    cfg = _cfg(
+        tmp_path, "spy", lyap=0.1, lyap_iters=3, lyap_form="above", lyap_aggregate="batch", lyap_boards=3, stop_at=1
+    )
     loop.train(cfg, data)
-    assert seen and all(s["iters"] == 3 and s["form"] == "above" and s["aggregate"] == "batch" and s["boards"] == 3
-                        for s in seen)
+    assert seen and all(
+        s["iters"] == 3 and s["form"] == "above" and s["aggregate"] == "batch" and s["boards"] == 3 for s in seen
+    )
     monkeypatch.setattr(R, "lyapunov_penalty", real)
     # and the value: the term equals a direct call with those iters, and iters changes it
     net = loop.build_net(_cfg(tmp_path, "v", lyap=0.1))

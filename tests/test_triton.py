@@ -8,6 +8,7 @@ they agree to a few ulps times the number of terms: 1e-10 relative to the result
 float32: unit roundoff 6e-8 grown by sums over S keys and D features: 3e-5 relative, and at most 2x the error of
 the torch backend in float32 (flash-attention's rule), with a 1e-6 floor for results exact in both.
 """
+
 from __future__ import annotations
 
 import copy
@@ -15,19 +16,19 @@ import time
 
 import pytest
 import torch
+from oracle import apply_dense, apply_dense_t, oracle_jacobian
+from test_foundation import CASES, _ids, make, rel
 
 import fastjac as fj
 from fastjac import backends, config
 from fastjac.ops.attention.ref import AttnParams, attention_probs
 from fastjac.ops.norm import NormParams, norm_cache, norm_forward
-from oracle import apply_dense, apply_dense_t, oracle_jacobian
-from test_foundation import CASES, _ids, make, rel
 
 triton_attn = pytest.importorskip("fastjac.ops.attention.triton")
-from fastjac.ops.norm.triton import norm_residual_jvp_triton  # noqa: E402
+import fastjac.backends.triton as tb  # noqa: E402
 import fastjac.ops.step.dense_triton as dense_triton  # noqa: E402
 import fastjac.ops.step.triton as step_triton  # noqa: E402
-import fastjac.backends.triton as tb  # noqa: E402
+from fastjac.ops.norm.triton import norm_residual_jvp_triton  # noqa: E402
 
 F64, F32 = torch.float64, torch.float32
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -43,18 +44,31 @@ def _rand(*shape, dtype=F64, seed=0):
 
 # --------------------------------------------------------------------------------------- attention kernel alone
 
+
 def _attention(q, k, v, beta, causal):
     return attention_probs(q, k, beta, causal) @ v
 
 
-ATTN_CASES = [(1, 1, 1, False, 5, 7), (7, 3, 5, True, 5, 7), (33, 3, 5, False, 3, 20), (33, 1, 1, True, 16, 4),
-              (100, 2, 3, True, 12, 24), (33, 2, 2, False, 40, 24)]  # dh = 40: BDH = 64, head dim split
+ATTN_CASES = [
+    (1, 1, 1, False, 5, 7),
+    (7, 3, 5, True, 5, 7),
+    (33, 3, 5, False, 3, 20),
+    (33, 1, 1, True, 16, 4),
+    (100, 2, 3, True, 12, 24),
+    (33, 2, 2, False, 40, 24),
+]  # dh = 40: BDH = 64, head dim split
 
 
 def _attn_inputs(S, H, K, dh, dv):
     B = 2 if S < 33 else 1  # the interpreter pays per program: batch only the small sizes
-    return (_rand(B, H, S, dh, seed=1), _rand(B, H, S, dh, seed=2), _rand(B, H, S, dv, seed=3),
-            _rand(K, B, H, S, dh, seed=4), _rand(K, B, H, S, dh, seed=5), _rand(K, B, H, S, dv, seed=6))
+    return (
+        _rand(B, H, S, dh, seed=1),
+        _rand(B, H, S, dh, seed=2),
+        _rand(B, H, S, dv, seed=3),
+        _rand(K, B, H, S, dh, seed=4),
+        _rand(K, B, H, S, dh, seed=5),
+        _rand(K, B, H, S, dv, seed=6),
+    )
 
 
 def _attn_ref(ins, beta, causal):
@@ -90,10 +104,18 @@ def test_attention_jvp_kernel(S, H, K, causal, dh, dv, dtype):
 # torch path's error in the same dtype (torch rounds every intermediate to float16, so it is usually far worse).
 # bfloat16 (8 bits, u = 3.9e-3): 3e-2.
 HALF_TOL = {torch.float16: 4e-3, torch.bfloat16: 3e-2}
-HALF_DTYPES = [pytest.param(torch.float16, id="f16"),
-               pytest.param(torch.bfloat16, id="bf16", marks=pytest.mark.skipif(
-                   DEV != "cuda", reason="bfloat16 cannot run under the Triton interpreter (numpy has no "
-                                         "bfloat16); compile-only check in tests/test_aot.py"))]
+HALF_DTYPES = [
+    pytest.param(torch.float16, id="f16"),
+    pytest.param(
+        torch.bfloat16,
+        id="bf16",
+        marks=pytest.mark.skipif(
+            DEV != "cuda",
+            reason="bfloat16 cannot run under the Triton interpreter (numpy has no "
+            "bfloat16); compile-only check in tests/test_aot.py",
+        ),
+    ),
+]
 HALF_REPORT = []  # (what, dtype, triton error, torch error) of every low-precision test, printed at the end
 
 
@@ -150,9 +172,19 @@ def test_msa_jvp_reuses_the_forward(monkeypatch):
 
 # ----------------------------------------------------------------------------------- fused residual + norm kernel
 
+
 @pytest.mark.parametrize("dtype", [F64, F32], ids=["f64", "f32"])
-@pytest.mark.parametrize("kind,group,gamma", [("l2", 12, True), ("rms", 4, True), ("layer", 3, True),
-                                              ("layer", 12, False), ("none", 12, False), ("l2", 5, False)])
+@pytest.mark.parametrize(
+    "kind,group,gamma",
+    [
+        ("l2", 12, True),
+        ("rms", 4, True),
+        ("layer", 3, True),
+        ("layer", 12, False),
+        ("none", 12, False),
+        ("l2", 5, False),
+    ],
+)
 def test_norm_residual_jvp_kernel(kind, group, gamma, dtype):
     D = 15 if group == 5 else 12
     B, S, K = 2, 7, 3
@@ -161,8 +193,7 @@ def test_norm_residual_jvp_kernel(kind, group, gamma, dtype):
     Z = _rand(B, S, D, seed=2)
     T, R = _rand(K, B, S, D, seed=3), _rand(K, B, S, D, seed=4)
     eta = 0.7
-    ref = torch.stack([torch.func.jvp(lambda z: norm_forward(z, p), (Z,), (T[t] + eta * R[t],))[1]
-                       for t in range(K)])
+    ref = torch.stack([torch.func.jvp(lambda z: norm_forward(z, p), (Z,), (T[t] + eta * R[t],))[1] for t in range(K)])
     cast = lambda x: None if x is None else x.to(dtype=dtype, device=DEV)  # noqa: E731
     c = norm_cache(cast(Z), NormParams(kind, cast(g), None, 1e-3, group))
     out = torch.full((K, B, S, D), float("nan"), dtype=dtype, device=DEV)
@@ -171,8 +202,9 @@ def test_norm_residual_jvp_kernel(kind, group, gamma, dtype):
 
 
 @pytest.mark.parametrize("dtype", HALF_DTYPES)
-@pytest.mark.parametrize("kind,group,gamma", [("l2", 12, True), ("layer", 3, True), ("rms", 4, False),
-                                              ("l2", 5, False)])
+@pytest.mark.parametrize(
+    "kind,group,gamma", [("l2", 12, True), ("layer", 3, True), ("rms", 4, False), ("l2", 5, False)]
+)
 def test_norm_residual_jvp_kernel_half(kind, group, gamma, dtype):
     D = 15 if group == 5 else 12
     B, S, K, eta = 2, 7, 3, 0.7
@@ -180,12 +212,14 @@ def test_norm_residual_jvp_kernel_half(kind, group, gamma, dtype):
     Z, T, R = _rand(B, S, D, seed=2).to(dtype), _rand(K, B, S, D, seed=3).to(dtype), _rand(K, B, S, D, seed=4).to(dtype)
     up = lambda x: None if x is None else x.double()  # noqa: E731
     p64 = NormParams(kind, up(g), None, 1e-3, group)
-    ref = torch.stack([torch.func.jvp(lambda z: norm_forward(z, p64), (Z.double(),), (T[t].double() + eta *
-                                                                                       R[t].double(),))[1]
-                       for t in range(K)])
+    ref = torch.stack(
+        [
+            torch.func.jvp(lambda z: norm_forward(z, p64), (Z.double(),), (T[t].double() + eta * R[t].double(),))[1]
+            for t in range(K)
+        ]
+    )
     p16 = NormParams(kind, g, None, 1e-3, group)
-    tor = torch.stack([torch.func.jvp(lambda z: norm_forward(z, p16), (Z,), (T[t] + eta * R[t],))[1]
-                       for t in range(K)])
+    tor = torch.stack([torch.func.jvp(lambda z: norm_forward(z, p16), (Z,), (T[t] + eta * R[t],))[1] for t in range(K)])
     dev = lambda x: None if x is None else x.to(DEV)  # noqa: E731
     c = norm_cache(Z.to(DEV), NormParams(kind, dev(g), None, 1e-3, group))
     out = torch.full((K, B, S, D), float("nan"), dtype=dtype, device=DEV)
@@ -207,8 +241,9 @@ def _dense_from_factors(A, R1, U, rb, Ed, i0, i1):
 
 
 @pytest.mark.parametrize("dtype", [pytest.param(F64, id="f64"), pytest.param(F32, id="f32")] + HALF_DTYPES)
-@pytest.mark.parametrize("S,D,H,i0,i1,expand", [(7, 5, 2, 0, 7, False), (33, 12, 3, 10, 29, True),
-                                               (9, 40, 1, 8, 9, False)])
+@pytest.mark.parametrize(
+    "S,D,H,i0,i1,expand", [(7, 5, 2, 0, 7, False), (33, 12, 3, 10, 29, True), (9, 40, 1, 8, 9, False)]
+)
 def test_dense_kernel_from_factors(S, D, H, i0, i1, expand, dtype):
     I = i1 - i0
     A = torch.softmax(_rand(H, S, S, seed=1), -1)
@@ -218,14 +253,17 @@ def test_dense_kernel_from_factors(S, D, H, i0, i1, expand, dtype):
     ref = _dense_from_factors(*[x.double() for x in fac], i0, i1)
     out = torch.full((S * D, S * D), float("nan"), dtype=dtype, device=DEV)
     dense_triton.step_dense_launch(*[x.to(DEV) for x in fac], out, i0, i1)
-    got = out[i0 * D:i1 * D]
-    assert not got.isnan().any() and out[:i0 * D].isnan().all() and out[i1 * D:].isnan().all()
+    got = out[i0 * D : i1 * D]
+    assert not got.isnan().any() and out[: i0 * D].isnan().all() and out[i1 * D :].isnan().all()
     e = rel(got.cpu().double(), ref)
     if dtype in (F64, F32):
         assert e < TOL[dtype], e
     else:
-        tor = _dense_from_factors(*fac, i0, i1) if DEV == "cpu" else _dense_from_factors(*[x.to(DEV) for x in fac],
-                                                                                        i0, i1)
+        tor = (
+            _dense_from_factors(*fac, i0, i1)
+            if DEV == "cpu"
+            else _dense_from_factors(*[x.to(DEV) for x in fac], i0, i1)
+        )
         et = rel(tor.cpu().double(), ref)
         HALF_REPORT.append((f"dense S={S} D={D} H={H}", str(dtype), e, et))
         assert e < HALF_TOL[dtype] and e <= max(2 * et, 1e-3), (e, et)
@@ -239,6 +277,7 @@ def test_norm_kernel_rejects_bad_input():
 
 # ---------------------------------------------------------------------------------- the whole step, every option
 
+
 @pytest.fixture(scope="module")
 def oracle_cache():
     return {}
@@ -250,8 +289,12 @@ def _setup(cache, name, c, dtype):
         m, X, C = make(name, c, 2, True)
         cache[key] = (m, X, C, oracle_jacobian(m, X, C))
     m, X, C, J = cache[key]
-    return (copy.deepcopy(m).to(dtype=dtype, device=DEV), X.to(dtype=dtype, device=DEV),
-            C.to(dtype=dtype, device=DEV), J)
+    return (
+        copy.deepcopy(m).to(dtype=dtype, device=DEV),
+        X.to(dtype=dtype, device=DEV),
+        C.to(dtype=dtype, device=DEV),
+        J,
+    )
 
 
 def _errors(m, X, C, J, T1, Tk, backend):
@@ -268,9 +311,14 @@ def _errors(m, X, C, J, T1, Tk, backend):
     T1d, Tkd = c(T1), c(Tk)
     with torch.no_grad():
         Y_ref = copy.deepcopy(m).cpu().double()(X64, c(C))
-    return [rel(c(Y), Y_ref), rel(c(JTk), apply_dense(J, Tkd, X64)),
-            rel(c(f(Tk)), apply_dense(J, Tkd, X64)), rel(c(f(T1)), apply_dense(J, T1d, X64)),
-            rel(c(vf(Tk)), apply_dense_t(J, Tkd, X64)), rel(c(Jd), J)]
+    return [
+        rel(c(Y), Y_ref),
+        rel(c(JTk), apply_dense(J, Tkd, X64)),
+        rel(c(f(Tk)), apply_dense(J, Tkd, X64)),
+        rel(c(f(T1)), apply_dense(J, T1d, X64)),
+        rel(c(vf(Tk)), apply_dense_t(J, Tkd, X64)),
+        rel(c(Jd), J),
+    ]
 
 
 @pytest.mark.parametrize("dtype", [F64, F32], ids=["f64", "f32"])
@@ -359,6 +407,7 @@ def test_linearize_runs_the_forward_once(monkeypatch):
 
 # -------------------------------------------------------------------------------------------- selection, config
 
+
 def test_auto_never_picks_the_interpreter_and_says_why():
     m = fj.ItrSA(8, 2)
     s = fj.info(m, torch.randn(3, 8))
@@ -411,6 +460,7 @@ def test_matmul_precision_setting():
 
 
 # ------------------------------------------------------------------------------------------- GPU, larger sizes
+
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("S,D,H,k,norm,causal", [(81, 128, 8, 16, "l2", False), (257, 64, 4, 64, "layer", True)])

@@ -22,6 +22,7 @@ are much longer than the correlation time of the increments (so the batch estima
 the tangents have aligned with the Lyapunov vectors early in the run (the alignment transient adds a bias of order
 1/steps that the standard error does not cover). With fewer than 4 intervals it is NaN (not enough batches).
 """
+
 from __future__ import annotations
 
 import math
@@ -50,6 +51,7 @@ TOL_CHECK_GROWTH = 1.05
 
 
 # ---------------------------------------------------------------------------------------------------- the result
+
 
 @dataclass
 class LyapunovResult:
@@ -109,17 +111,26 @@ class LyapunovResult:
 
     def to_dict(self) -> Dict[str, Any]:
         """JSON-ready: -inf exponents (and NaN standard errors) are written as null with the ``trivial`` mask."""
+
         def clean(t: Tensor):
-            return [None if not math.isfinite(v) else v for v in t.tolist()] if t.dim() == 1 else \
-                [clean(r) for r in t]
+            return [None if not math.isfinite(v) else v for v in t.tolist()] if t.dim() == 1 else [clean(r) for r in t]
+
         m, mu = self.max, self.mean
-        return json_safe({
-            "exponents": clean(self.exponents), "stderr": clean(self.stderr), "trivial": self.trivial.tolist(),
-            "max": _json_num(m), "max_stderr": _json_num(self.max_stderr), "mean": _json_num(mu),
-            "units": "nats per step", "steps": self.steps, "settings": self.settings,
-            "history_steps": self.history_steps.tolist(), "history": clean(self.history.flatten(1)) if
-            self.history.numel() else [],
-        })
+        return json_safe(
+            {
+                "exponents": clean(self.exponents),
+                "stderr": clean(self.stderr),
+                "trivial": self.trivial.tolist(),
+                "max": _json_num(m),
+                "max_stderr": _json_num(self.max_stderr),
+                "mean": _json_num(mu),
+                "units": "nats per step",
+                "steps": self.steps,
+                "settings": self.settings,
+                "history_steps": self.history_steps.tolist(),
+                "history": clean(self.history.flatten(1)) if self.history.numel() else [],
+            }
+        )
 
     def save_json(self, path: str) -> None:
         """Write :meth:`to_dict` as strict JSON (no bare NaN/Infinity: non-finite numbers are null)."""
@@ -128,9 +139,11 @@ class LyapunovResult:
         write_json(path, self.to_dict(), fallback=False)
 
     def __repr__(self) -> str:
-        return (f"LyapunovResult(method={self.settings.get('method')!r}, steps={self.steps}, "
-                f"k={self.exponents.shape[-1]}, max={self.max}, mean={self.mean}, "
-                f"trivial={int(self.trivial.sum())})")
+        return (
+            f"LyapunovResult(method={self.settings.get('method')!r}, steps={self.steps}, "
+            f"k={self.exponents.shape[-1]}, max={self.max}, mean={self.mean}, "
+            f"trivial={int(self.trivial.sum())})"
+        )
 
 
 def _json_num(t: Tensor):
@@ -141,6 +154,7 @@ def _json_num(t: Tensor):
 
 
 # ---------------------------------------------------------------------------------------------------- helpers
+
 
 def trivial_count(step, S: int, D: int) -> int:
     """How many exponents of the full S*D spectrum normalisation makes -inf: a fastjac model's, or what a step
@@ -171,7 +185,7 @@ def trivial_mask(ex: Tensor, n: int, n_triv: int, dtype: torch.dtype, below: Opt
     mask = torch.zeros_like(ex, dtype=torch.bool)
     extra = k - (n - n_triv)
     if extra > 0:
-        mask[..., k - extra:] = True
+        mask[..., k - extra :] = True
     if below is None:  # 1000 ulps per step: indistinguishable from rounding noise in this dtype
         below = math.log(1e3 * torch.finfo(dtype).eps)
     return mask | (ex < below)
@@ -201,7 +215,7 @@ def _base_seed(seed) -> int:
     if seed is None:
         raise TypeError("seed: expected an int or a torch.Generator, got NoneType")
     if isinstance(seed, torch.Generator):
-        return int(torch.randint(0, 2 ** 62, (), generator=g))
+        return int(torch.randint(0, 2**62, (), generator=g))
     return seed
 
 
@@ -258,17 +272,32 @@ def batch_means_stderr(incr: Tensor, lens: Tensor) -> Tensor:
     which = torch.clamp(((cum - 0.5) * nb / total).long(), max=nb - 1)
     sums = torch.zeros((nb,) + tuple(incr.shape[1:]), dtype=torch.float64, device=incr.device)
     sums.index_add_(0, which, incr)
-    steps = torch.zeros(nb, dtype=torch.float64, device=incr.device).index_add_(0, which, lens.double().to(
-        incr.device))
+    steps = torch.zeros(nb, dtype=torch.float64, device=incr.device).index_add_(0, which, lens.double().to(incr.device))
     est = sums / steps.clamp_min(1)[:, None, None]
     return est.std(dim=0, unbiased=True) / math.sqrt(nb)
 
 
 # ---------------------------------------------------------------------------------------------------- validation
 
-def validate_run(step, X0: Tensor, C: Optional[Tensor], *, k, steps, burn_in, renorm_every, history_every,
-                 checkpoint_every, project_radial, seed, trivial_below, qr_backend, checkpoint,
-                 tol=None) -> Dict[str, Any]:
+
+def validate_run(
+    step,
+    X0: Tensor,
+    C: Optional[Tensor],
+    *,
+    k,
+    steps,
+    burn_in,
+    renorm_every,
+    history_every,
+    checkpoint_every,
+    project_radial,
+    seed,
+    trivial_below,
+    qr_backend,
+    checkpoint,
+    tol=None,
+) -> Dict[str, Any]:
     """Every argument check of a Benettin run, once, before any compute (the single-process and parallel runs).
 
     Returns the validated values: X [B, S, D], C3, batched, k, steps, burn_in, renorm_every, history_every,
@@ -296,16 +325,21 @@ def validate_run(step, X0: Tensor, C: Optional[Tensor], *, k, steps, burn_in, re
     n_triv = trivial_count(step, S, D)
     if project_radial:
         if radial_basis(step, X) is None:
-            raise ValueError("project_radial: needs a fastjac model with a normalisation (ItrSA with norm != 'none', "
-                             "or AKOrN)")
+            raise ValueError(
+                "project_radial: needs a fastjac model with a normalisation (ItrSA with norm != 'none', or AKOrN)"
+            )
         if burn_in < 1:
-            raise ValueError("burn_in: project_radial needs burn_in >= 1 so that the states lie on the normalised "
-                             "manifold whose tangent space the tangents are kept in")
+            raise ValueError(
+                "burn_in: project_radial needs burn_in >= 1 so that the states lie on the normalised "
+                "manifold whose tangent space the tangents are kept in"
+            )
     n_eff = n - n_triv if project_radial else n
     if k is None:
         if n > FULL_K_LIMIT:
-            raise ValueError(f"k: S*D = {n} is over {FULL_K_LIMIT}, where all tangents at once are too costly; pass "
-                             f"k (the number of leading exponents wanted, e.g. k=32)")
+            raise ValueError(
+                f"k: S*D = {n} is over {FULL_K_LIMIT}, where all tangents at once are too costly; pass "
+                f"k (the number of leading exponents wanted, e.g. k=32)"
+            )
         k = n_eff
     k = _check_int("k", k, 1)
     if k > n_eff:
@@ -315,24 +349,50 @@ def validate_run(step, X0: Tensor, C: Optional[Tensor], *, k, steps, burn_in, re
         _qr_backend_for(torch.empty(0, n, k, dtype=X.dtype, device=X.device), qr_backend)
     except (ValueError, TypeError) as e:
         raise type(e)(f"qr_backend: {str(e).split(': ', 1)[-1]}") from None
-    return dict(X=X, C3=C3, batched=batched, k=k, steps=steps, burn_in=burn_in, renorm_every=renorm_every,
-                history_every=history_every, checkpoint_every=checkpoint_every, seed=seed,
-                trivial_below=trivial_below, checkpoint=checkpoint, n_triv=n_triv, tol=tol)
+    return dict(
+        X=X,
+        C3=C3,
+        batched=batched,
+        k=k,
+        steps=steps,
+        burn_in=burn_in,
+        renorm_every=renorm_every,
+        history_every=history_every,
+        checkpoint_every=checkpoint_every,
+        seed=seed,
+        trivial_below=trivial_below,
+        checkpoint=checkpoint,
+        n_triv=n_triv,
+        tol=tol,
+    )
 
 
 def run_settings(v: Dict[str, Any], X0: Tensor, step, *, project_radial, backend, qr_backend) -> Dict[str, Any]:
     """The settings a run records (and fingerprints), from validate_run's values."""
     X = v["X"]
-    out = dict(method="benettin", k=v["k"], steps=v["steps"], burn_in=v["burn_in"], renorm_every=v["renorm_every"],
-               project_radial=project_radial, backend=backend, qr_backend=qr_backend, seed=v["seed"],
-               history_every=v["history_every"], dtype=str(X.dtype), shape=list(X0.shape),
-               step=type(step).__name__, device=str(X.device))
+    out = dict(
+        method="benettin",
+        k=v["k"],
+        steps=v["steps"],
+        burn_in=v["burn_in"],
+        renorm_every=v["renorm_every"],
+        project_radial=project_radial,
+        backend=backend,
+        qr_backend=qr_backend,
+        seed=v["seed"],
+        history_every=v["history_every"],
+        dtype=str(X.dtype),
+        shape=list(X0.shape),
+        step=type(step).__name__,
+        device=str(X.device),
+    )
     if v["tol"] is not None:
         out["tol"] = v["tol"]
     return out
 
 
 # ---------------------------------------------------------------------------------------------------- the parts
+
 
 def _identity_reduce(t: Tensor, op: str) -> Tensor:
     return t
@@ -374,6 +434,7 @@ class Parts:
 
 # ---------------------------------------------------------------------------------------------------- the engine
 
+
 def _independence(logd: Tensor, norms: Tensor, n: int, dtype, n_track: int) -> float:
     """log of the smallest |R_ii| / |v_i| over the first n_track columns (logd [B, k], norms [B, k] float64): how much
     of each column is independent of the ones before it, the worst over the batch. -inf when a column left the range
@@ -390,10 +451,26 @@ def _independence(logd: Tensor, norms: Tensor, n: int, dtype, n_track: int) -> f
     return float(ratio[:, :n_track].min()) if n_track > 0 else float("inf")
 
 
-def run_benettin(parts: Parts, *, step, X: Tensor, k: int, steps: int, burn_in: int, renorm_every: int,
-                 project_radial: bool, history_every: int, checkpoint_every: int, gens: List[torch.Generator],
-                 n_triv: int, trivial_below: Optional[float], tol: Optional[float], batched: bool,
-                 settings: Dict[str, Any], progress: bool = False) -> LyapunovResult:
+def run_benettin(
+    parts: Parts,
+    *,
+    step,
+    X: Tensor,
+    k: int,
+    steps: int,
+    burn_in: int,
+    renorm_every: int,
+    project_radial: bool,
+    history_every: int,
+    checkpoint_every: int,
+    gens: List[torch.Generator],
+    n_triv: int,
+    trivial_below: Optional[float],
+    tol: Optional[float],
+    batched: bool,
+    settings: Dict[str, Any],
+    progress: bool = False,
+) -> LyapunovResult:
     """Run the Benettin/QR iteration with ``parts`` from the state X [B, S_p, D] (this rank's) and assemble the
     result. The rules (see ``fastjac.lyapunov_spectrum`` for the user's view):
 
@@ -413,9 +490,24 @@ def run_benettin(parts: Parts, *, step, X: Tensor, k: int, steps: int, burn_in: 
     n_track = k if project_radial else min(k, n - n_triv)  # columns that measure real (not structural -inf) growth
     total = burn_in + steps
     zeros = lambda: torch.zeros(B, k, dtype=torch.float64, device=dev)  # noqa: E731
-    st: Dict[str, Any] = dict(t=0, X=X, Q=None, sums=zeros(), hist=[], hist_steps=[], renorms=0, m=renorm_every,
-                              since=0, snap=None, shrunk=[], lscale=zeros(), incr=[], incr_len=[], next_check=0,
-                              stopped=None)
+    st: Dict[str, Any] = dict(
+        t=0,
+        X=X,
+        Q=None,
+        sums=zeros(),
+        hist=[],
+        hist_steps=[],
+        renorms=0,
+        m=renorm_every,
+        since=0,
+        snap=None,
+        shrunk=[],
+        lscale=zeros(),
+        incr=[],
+        incr_len=[],
+        next_check=0,
+        stopped=None,
+    )
     if parts.store is not None:
         saved = parts.store.load()
         if saved is not None:
@@ -437,10 +529,11 @@ def run_benettin(parts: Parts, *, step, X: Tensor, k: int, steps: int, burn_in: 
                 raise_bad()
 
     def raise_bad():
-        raise NonFiniteError(f"X0: the trajectory overflowed at step {bad['step']} of {total} (the state became "
-                             f"inf/NaN; its largest entry was {bad['prev']:.3g} one step before; {_hint(step)}). "
-                             f"Use fewer steps, a smaller eta or a normalised model"
-                             + (" or float64" if dtype != torch.float64 else ""))
+        raise NonFiniteError(
+            f"X0: the trajectory overflowed at step {bad['step']} of {total} (the state became "
+            f"inf/NaN; its largest entry was {bad['prev']:.3g} one step before; {_hint(step)}). "
+            f"Use fewer steps, a smaller eta or a normalised model" + (" or float64" if dtype != torch.float64 else "")
+        )
 
     def agree(*vals: float, ops=None) -> List[float]:
         """Reduce scalars over ranks: ops[i] "min" or "max" (one all-reduce per op kind)."""
@@ -518,15 +611,19 @@ def run_benettin(parts: Parts, *, step, X: Tensor, k: int, steps: int, burn_in: 
                         t0, Xs, Qs = st["snap"]
                         st["shrunk"].append((done, st["since"], worst if fin else float("nan")))
                         if progress:
-                            bar.write(f"lyapunov: re-orthonormalising every {max(1, st['since'] // 2)} steps instead "
-                                      f"of {st['since']} (the tangents collapsed); redoing steps {t0 + 1}-{t + 1}")
+                            bar.write(
+                                f"lyapunov: re-orthonormalising every {max(1, st['since'] // 2)} steps instead "
+                                f"of {st['since']} (the tangents collapsed); redoing steps {t0 + 1}-{t + 1}"
+                            )
                         st.update(t=t0, X=Xs, Q=Qs, since=0, m=max(1, st["since"] // 2), lscale=st["lscale"] * 0)
                         bar.n = t0
                         bar.refresh()
                         continue
                     if not fin:
-                        raise NonFiniteError(f"X0: the tangents overflowed (inf/NaN) at step {t + 1} of {total}; "
-                                             f"the step is not differentiable there or grows too fast for {dtype}")
+                        raise NonFiniteError(
+                            f"X0: the tangents overflowed (inf/NaN) at step {t + 1} of {total}; "
+                            f"the step is not differentiable there or grows too fast for {dtype}"
+                        )
                     inc = (logd + st["lscale"]) if parts.active else zeros()
                     if parts.active:
                         st["Q"] = Qn
@@ -539,14 +636,18 @@ def run_benettin(parts: Parts, *, step, X: Tensor, k: int, steps: int, burn_in: 
                     if st["renorms"] % history_every == 0 or done == steps:
                         st["hist"].append(st["sums"] / done)
                         st["hist_steps"].append(done)
-                    if tol is not None and done < steps and st["renorms"] >= max(st["next_check"],
-                                                                                MIN_INTERVALS_FOR_STDERR):
+                    if (
+                        tol is not None
+                        and done < steps
+                        and st["renorms"] >= max(st["next_check"], MIN_INTERVALS_FOR_STDERR)
+                    ):
                         st["next_check"] = max(st["renorms"] + 1, int(st["renorms"] * TOL_CHECK_GROWTH))
                         se = batch_means_stderr(torch.stack(st["incr"]), torch.tensor(st["incr_len"]))
                         ex_now = st["sums"] / done
                         order = torch.argsort(ex_now, dim=-1, descending=True)
-                        triv = trivial_mask(ex_now.gather(-1, order), n, 0 if project_radial else n_triv, dtype,
-                                            trivial_below)
+                        triv = trivial_mask(
+                            ex_now.gather(-1, order), n, 0 if project_radial else n_triv, dtype, trivial_below
+                        )
                         se_sorted = se.gather(-1, order).masked_fill(triv, 0.0)
                         local = float(se_sorted.max()) if se_sorted.numel() else 0.0
                         local = float("inf") if math.isnan(local) else local
@@ -566,8 +667,12 @@ def run_benettin(parts: Parts, *, step, X: Tensor, k: int, steps: int, burn_in: 
             bar.update(1)
             if progress and st["hist"] and st["t"] % 10 == 0 and st["hist"][-1].numel():
                 bar.set_postfix(lambda_max=f"{st['hist'][-1].max().item():.4f}")
-            if parts.store is not None and st["t"] % checkpoint_every == 0 and st["t"] < total \
-                    and st["stopped"] is None:
+            if (
+                parts.store is not None
+                and st["t"] % checkpoint_every == 0
+                and st["t"] < total
+                and st["stopped"] is None
+            ):
                 save()
     except KeyboardInterrupt:
         if parts.save_on_interrupt:
@@ -586,13 +691,49 @@ def run_benettin(parts: Parts, *, step, X: Tensor, k: int, steps: int, burn_in: 
     sums, hist, incr = st["sums"], st["hist"], st["incr"]
     if parts.gather is not None:
         sums, hist, incr = parts.gather(sums, hist, incr)
-    return _assemble(st, sums, hist, incr, step=step, steps=steps, k=k, n=n, n_triv=n_triv, dtype=dtype,
-                     project_radial=project_radial, trivial_below=trivial_below, batched=batched, tol=tol,
-                     renorm_every=renorm_every, settings=settings, a0=a0, a1=a1)
+    return _assemble(
+        st,
+        sums,
+        hist,
+        incr,
+        step=step,
+        steps=steps,
+        k=k,
+        n=n,
+        n_triv=n_triv,
+        dtype=dtype,
+        project_radial=project_radial,
+        trivial_below=trivial_below,
+        batched=batched,
+        tol=tol,
+        renorm_every=renorm_every,
+        settings=settings,
+        a0=a0,
+        a1=a1,
+    )
 
 
-def _assemble(st, sums, hist, incr, *, step, steps, k, n, n_triv, dtype, project_radial, trivial_below, batched,
-              tol, renorm_every, settings, a0, a1) -> LyapunovResult:
+def _assemble(
+    st,
+    sums,
+    hist,
+    incr,
+    *,
+    step,
+    steps,
+    k,
+    n,
+    n_triv,
+    dtype,
+    project_radial,
+    trivial_below,
+    batched,
+    tol,
+    renorm_every,
+    settings,
+    a0,
+    a1,
+) -> LyapunovResult:
     """The result, once: sort, mask the trivial exponents, standard errors, settings, warnings."""
     done = st["stopped"] if st["stopped"] is not None else steps
     dev = sums.device
@@ -601,8 +742,7 @@ def _assemble(st, sums, hist, incr, *, step, steps, k, n, n_triv, dtype, project
     ex = ex.gather(-1, order)
     H = torch.stack([h.to(dev) for h in hist])
     H = H.gather(-1, order.unsqueeze(0).expand(len(hist), -1, -1))
-    se = batch_means_stderr(torch.stack([i.to(dev) for i in incr]), torch.tensor(st["incr_len"],
-                                                                                 dtype=torch.float64))
+    se = batch_means_stderr(torch.stack([i.to(dev) for i in incr]), torch.tensor(st["incr_len"], dtype=torch.float64))
     se = se.gather(-1, order)
     triv = trivial_mask(ex, n, 0 if project_radial else n_triv, dtype, trivial_below)
     ex = ex.masked_fill(triv, float("-inf"))
@@ -610,24 +750,48 @@ def _assemble(st, sums, hist, incr, *, step, steps, k, n, n_triv, dtype, project
     hsteps = torch.tensor(st["hist_steps"])
     if not batched:
         ex, triv, H, se = ex[0], triv[0], H[:, 0], se[0]
-    out_settings = dict(settings, renorm_every_used=st["m"], stderr_method="batch means of the per-interval "
-                        "log growth (floor(sqrt(intervals)) batches)")
+    out_settings = dict(
+        settings,
+        renorm_every_used=st["m"],
+        stderr_method="batch means of the per-interval log growth (floor(sqrt(intervals)) batches)",
+    )
     if tol is not None:
         out_settings.update(tol=tol, steps_requested=steps, stopped_early=st["stopped"] is not None)
     if st["m"] < renorm_every:
         d, m_bad, w = st["shrunk"][0]
         renorm_tol = math.sqrt(torch.finfo(dtype).eps)
-        warnings.warn(f"lyapunov_spectrum: renorm_every={renorm_every} lets the tangents collapse onto the leading "
-                      f"directions (after {m_bad} steps a column's part independent of the others was "
-                      f"{_fmt_ratio(w)}, where at least sqrt(eps) = {renorm_tol:.1e} of {dtype} is needed, or the "
-                      f"lower exponents are rounding noise); those intervals were redone, re-orthonormalising every "
-                      f"{st['m']} steps (result.settings['renorm_every_used'])", RuntimeWarning, stacklevel=4)
+        warnings.warn(
+            f"lyapunov_spectrum: renorm_every={renorm_every} lets the tangents collapse onto the leading "
+            f"directions (after {m_bad} steps a column's part independent of the others was "
+            f"{_fmt_ratio(w)}, where at least sqrt(eps) = {renorm_tol:.1e} of {dtype} is needed, or the "
+            f"lower exponents are rounding noise); those intervals were redone, re-orthonormalising every "
+            f"{st['m']} steps (result.settings['renorm_every_used'])",
+            RuntimeWarning,
+            stacklevel=4,
+        )
     if math.isfinite(a1) and a1 > 1e6 * max(a0, 1.0):
-        warnings.warn(f"lyapunov_spectrum: the state grew from max|X0| = {a0:.3g} to {a1:.3g} ({_hint(step)}): the "
-                      f"trajectory diverges, and the exponents measure that growth, not the dynamics on an "
-                      f"attractor", RuntimeWarning, stacklevel=4)
+        warnings.warn(
+            f"lyapunov_spectrum: the state grew from max|X0| = {a0:.3g} to {a1:.3g} ({_hint(step)}): the "
+            f"trajectory diverges, and the exponents measure that growth, not the dynamics on an "
+            f"attractor",
+            RuntimeWarning,
+            stacklevel=4,
+        )
     return LyapunovResult(ex, triv, H.cpu(), hsteps, done, out_settings, se.cpu())
 
 
-__all__ = ["LyapunovResult", "Parts", "run_benettin", "run_settings", "validate_run", "batch_means_stderr", "trivial_count",
-           "radial_basis", "project_off", "trivial_mask", "orthonormalize", "local_colnorms", "FULL_K_LIMIT"]
+__all__ = [
+    "LyapunovResult",
+    "Parts",
+    "run_benettin",
+    "run_settings",
+    "validate_run",
+    "batch_means_stderr",
+    "trivial_count",
+    "radial_basis",
+    "project_off",
+    "trivial_mask",
+    "orthonormalize",
+    "local_colnorms",
+    "FULL_K_LIMIT",
+]

@@ -14,6 +14,7 @@ Attention here is the paper's bias-free form without output projection: per head
 The flows are integrated by classical RK4 with a fixed step (the sphere flow is retracted onto the sphere after every
 step); the energy is recorded at every step, so monotone decrease, or its failure, can be read off directly.
 """
+
 from __future__ import annotations
 
 import math
@@ -132,14 +133,22 @@ def _proj(X: Tensor, Y: Tensor) -> Tensor:
 
 # ------------------------------------------------------------------------------------------ constructors ----
 
+
 def _gen(generator: Optional[torch.Generator]) -> torch.Generator:
     # the constructors are deterministic by default: no seed means seed 0, not torch's global RNG
     return torch.Generator().manual_seed(0) if generator is None else generator
 
 
-def symmetric_single_head(dim: int, *, head_dim: Optional[int] = None, beta: float = 1.0, scale: float = 1.0,
-                          symmetric_A: bool = True, seed: Optional[Union[int, torch.Generator]] = None,
-                          dtype=F64) -> EnergySA:
+def symmetric_single_head(
+    dim: int,
+    *,
+    head_dim: Optional[int] = None,
+    beta: float = 1.0,
+    scale: float = 1.0,
+    symmetric_A: bool = True,
+    seed: Optional[Union[int, torch.Generator]] = None,
+    dtype=F64,
+) -> EnergySA:
     """Random single-head weights for Prop 4.1: ``Wv = (A + Aᵀ)/2`` with ``A = Wq Wkᵀ``.
 
     With ``symmetric_A=True`` (default) ``Wk = Wq M`` with a random symmetric M, so A is symmetric (indefinite) and
@@ -169,8 +178,15 @@ def symmetric_single_head(dim: int, *, head_dim: Optional[int] = None, beta: flo
     return EnergySA(wq.to(dtype), wk.to(dtype), wv.to(dtype), _check_beta(beta))
 
 
-def orthogonal_multi_head(dim: int, heads: int, *, beta: float = 1.0, scale: float = 1.0,
-                          seed: Optional[Union[int, torch.Generator]] = None, dtype=F64) -> EnergySA:
+def orthogonal_multi_head(
+    dim: int,
+    heads: int,
+    *,
+    beta: float = 1.0,
+    scale: float = 1.0,
+    seed: Optional[Union[int, torch.Generator]] = None,
+    dtype=F64,
+) -> EnergySA:
     """Random multi-head weights satisfying Prop 4.2.
 
     The columns of one random orthogonal D×D matrix are split into 2H blocks ``U_{1,h}, U_{2,h} ∈ R^{D×D/(2H)}``
@@ -199,8 +215,16 @@ def orthogonal_multi_head(dim: int, heads: int, *, beta: float = 1.0, scale: flo
     return EnergySA(wq.to(dtype), wk.to(dtype), wv.to(dtype), _check_beta(beta))
 
 
-def random_counterexample(dim: int, heads: int = 1, *, head_dim: Optional[int] = None, beta: float = 1.0,
-                          scale: float = 1.0, seed: Optional[Union[int, torch.Generator]] = None, dtype=F64) -> EnergySA:
+def random_counterexample(
+    dim: int,
+    heads: int = 1,
+    *,
+    head_dim: Optional[int] = None,
+    beta: float = 1.0,
+    scale: float = 1.0,
+    seed: Optional[Union[int, torch.Generator]] = None,
+    dtype=F64,
+) -> EnergySA:
     """Generic weights (Wq, Wk, Wv i.i.d. Gaussian, std ``scale/√D``), violating Props 4.1/4.2: no energy descent.
 
     Example:
@@ -217,6 +241,7 @@ def random_counterexample(dim: int, heads: int = 1, *, head_dim: Optional[int] =
 
 
 # ---------------------------------------------------------------------------------------------- the flows ----
+
 
 @dataclass
 class FlowResult:
@@ -257,7 +282,9 @@ def integrate_flow(p: EnergySA, X0: Tensor, *, flow: str = "sphere", dt: float =
         True
     """
     if not isinstance(p, EnergySA):
-        raise TypeError(f"p: expected an EnergySA (see the constructors in fastjac.analysis.energy), got {type(p).__name__}")
+        raise TypeError(
+            f"p: expected an EnergySA (see the constructors in fastjac.analysis.energy), got {type(p).__name__}"
+        )
     if flow not in FLOWS:
         raise ValueError(f"flow: expected one of {FLOWS}, got {flow!r}")
     if isinstance(dt, bool) or not isinstance(dt, (int, float)) or not dt > 0:
@@ -284,5 +311,15 @@ def integrate_flow(p: EnergySA, X0: Tensor, *, flow: str = "sphere", dt: float =
     return FlowResult(torch.arange(steps + 1, dtype=F64) * dt, torch.stack(xs), torch.tensor(es, dtype=F64))
 
 
-__all__ = ["E_multi", "E_single", "EnergySA", "FlowResult", "energy", "integrate_flow", "orthogonal_multi_head",
-           "random_counterexample", "sa_heads", "symmetric_single_head"]
+__all__ = [
+    "E_multi",
+    "E_single",
+    "EnergySA",
+    "FlowResult",
+    "energy",
+    "integrate_flow",
+    "orthogonal_multi_head",
+    "random_counterexample",
+    "sa_heads",
+    "symmetric_single_head",
+]

@@ -14,6 +14,7 @@ radial direction survives with a factor of about eps/|z|^2 per step: not dynamic
 -inf with a ``trivial`` mask and never enter ``mean``. ``project_radial=True`` instead keeps the tangents on the
 tangent space of the normalised states, so the k tangents explore only non-trivial directions.
 """
+
 from __future__ import annotations
 
 import math
@@ -30,13 +31,39 @@ from .._checks import check_int as _check_int
 from .._io import check_writable as _check_writable
 from .._io import fingerprint, load_checkpoint, save_atomic, start_over_hint
 from ..linearization import linearization, prepare
-from .benettin import (FULL_K_LIMIT, LyapunovResult, Parts, orthonormalize, project_off, radial_basis,  # noqa: F401
-                       run_benettin, run_settings, trivial_count, trivial_mask, validate_run)
+from .benettin import (  # noqa: F401
+    FULL_K_LIMIT,
+    LyapunovResult,
+    Parts,
+    orthonormalize,
+    project_off,
+    radial_basis,
+    run_benettin,
+    run_settings,
+    trivial_count,
+    trivial_mask,
+    validate_run,
+)
 
 # what a checkpoint file says it is; loaded with torch.load(weights_only=True): tensors, numbers, strings, lists
 _CKPT_FORMAT = "fastjac.lyapunov_spectrum.v3"
-_STATE_KEYS = ("t", "X", "Q", "sums", "hist", "hist_steps", "renorms", "m", "since", "snap", "lscale", "incr",
-               "incr_len", "next_check", "stopped")
+_STATE_KEYS = (
+    "t",
+    "X",
+    "Q",
+    "sums",
+    "hist",
+    "hist_steps",
+    "renorms",
+    "m",
+    "since",
+    "snap",
+    "lscale",
+    "incr",
+    "incr_len",
+    "next_check",
+    "stopped",
+)
 
 
 def _load_checkpoint(path: str, device) -> Dict[str, Any]:
@@ -81,9 +108,11 @@ class FileStore:
             return None
         saved = _load_checkpoint(self.path, self.device)
         if saved.get("fingerprint") != self.fp:
-            raise ValueError(f"checkpoint: {self.path!r} was written by a run with other inputs or settings (model, "
-                             f"its configuration or weights, X0, C or arguments differ); "
-                             f"{start_over_hint(self.path)}")
+            raise ValueError(
+                f"checkpoint: {self.path!r} was written by a run with other inputs or settings (model, "
+                f"its configuration or weights, X0, C or arguments differ); "
+                f"{start_over_hint(self.path)}"
+            )
         return saved["state"], saved["rng"]
 
     def save(self, state, rng, final: bool = False) -> None:
@@ -93,18 +122,38 @@ class FileStore:
             _save_checkpoint(self.path, dict(format=_CKPT_FORMAT, fingerprint=self.fp, state=state, rng=rng))
         except Exception as e:  # a full disk must not cost the computed exponents
             self.failed.append(e)
-            warnings.warn(f"lyapunov_spectrum: could not write the checkpoint {self.path!r} ({e}); the run goes "
-                          f"on without it", RuntimeWarning, stacklevel=4)
+            warnings.warn(
+                f"lyapunov_spectrum: could not write the checkpoint {self.path!r} ({e}); the run goes on without it",
+                RuntimeWarning,
+                stacklevel=4,
+            )
 
 
 # ---------------------------------------------------------------------------------------------------- Benettin
 
-def lyapunov_spectrum(step, X0: Tensor, *, C: Optional[Tensor] = None, k: Optional[int] = None, steps: int,
-                      burn_in: int = 0, renorm_every: int = 1, project_radial: bool = False, backend: str = "auto",
-                      qr_backend: str = "auto", seed: int = 0, history_every: int = 1,
-                      checkpoint: Optional[str] = None, checkpoint_every: int = 100, progress: bool = True,
-                      trivial_below: Optional[float] = None, tol: Optional[float] = None,
-                      parallel: Optional[str] = None, group=None) -> LyapunovResult:
+
+def lyapunov_spectrum(
+    step,
+    X0: Tensor,
+    *,
+    C: Optional[Tensor] = None,
+    k: Optional[int] = None,
+    steps: int,
+    burn_in: int = 0,
+    renorm_every: int = 1,
+    project_radial: bool = False,
+    backend: str = "auto",
+    qr_backend: str = "auto",
+    seed: int = 0,
+    history_every: int = 1,
+    checkpoint: Optional[str] = None,
+    checkpoint_every: int = 100,
+    progress: bool = True,
+    trivial_below: Optional[float] = None,
+    tol: Optional[float] = None,
+    parallel: Optional[str] = None,
+    group=None,
+) -> LyapunovResult:
     """The k largest Lyapunov exponents along the trajectory from X0 by the Benettin/QR method.
 
     ``Q <- qr(J_t Q)`` every ``renorm_every`` steps, ``lambda_i = (1/steps) sum log|R_ii|`` accumulated in float64,
@@ -164,13 +213,43 @@ def lyapunov_spectrum(step, X0: Tensor, *, C: Optional[Tensor] = None, k: Option
         from ..distributed import lyapunov_spectrum_parallel  # torch.distributed is imported only when asked
 
         return lyapunov_spectrum_parallel(
-            step, X0, C=C, k=k, steps=steps, burn_in=burn_in, renorm_every=renorm_every,
-            project_radial=project_radial, backend=backend, qr_backend=qr_backend, seed=seed,
-            history_every=history_every, checkpoint=checkpoint, checkpoint_every=checkpoint_every,
-            progress=progress, trivial_below=trivial_below, tol=tol, parallel=parallel, group=group)
-    v = validate_run(step, X0, C, k=k, steps=steps, burn_in=burn_in, renorm_every=renorm_every,
-                     history_every=history_every, checkpoint_every=checkpoint_every, project_radial=project_radial,
-                     seed=seed, trivial_below=trivial_below, qr_backend=qr_backend, checkpoint=checkpoint, tol=tol)
+            step,
+            X0,
+            C=C,
+            k=k,
+            steps=steps,
+            burn_in=burn_in,
+            renorm_every=renorm_every,
+            project_radial=project_radial,
+            backend=backend,
+            qr_backend=qr_backend,
+            seed=seed,
+            history_every=history_every,
+            checkpoint=checkpoint,
+            checkpoint_every=checkpoint_every,
+            progress=progress,
+            trivial_below=trivial_below,
+            tol=tol,
+            parallel=parallel,
+            group=group,
+        )
+    v = validate_run(
+        step,
+        X0,
+        C,
+        k=k,
+        steps=steps,
+        burn_in=burn_in,
+        renorm_every=renorm_every,
+        history_every=history_every,
+        checkpoint_every=checkpoint_every,
+        project_radial=project_radial,
+        seed=seed,
+        trivial_below=trivial_below,
+        qr_backend=qr_backend,
+        checkpoint=checkpoint,
+        tol=tol,
+    )
     X, C3 = v["X"], v["C3"]
     B, S, D = X.shape
     k = v["k"]
@@ -180,17 +259,35 @@ def lyapunov_spectrum(step, X0: Tensor, *, C: Optional[Tensor] = None, k: Option
     if v["checkpoint"]:
         store = FileStore(v["checkpoint"], fingerprint(step, X0, C, settings), X.device)
     parts = Parts(
-        linearize=lambda Xs: _lin(step, Xs, C3, be), advance=lambda Xs: _advance(step, Xs, C3, be),
+        linearize=lambda Xs: _lin(step, Xs, C3, be),
+        advance=lambda Xs: _advance(step, Xs, C3, be),
         orthonormalize=lambda V: orthonormalize(V, qr_backend),
         draw=lambda gens: torch.stack([torch.randn(k, S, D, generator=g, dtype=torch.float64) for g in gens], 1),
-        radial=lambda Xs: radial_basis(step, Xs), n=S * D, store=store)
+        radial=lambda Xs: radial_basis(step, Xs),
+        n=S * D,
+        store=store,
+    )
     # sample b draws its initial tangents with seed + b: a batched run equals B single runs
     gens = [torch.Generator().manual_seed(v["seed"] + b) for b in range(B)]
-    return run_benettin(parts, step=step, X=X, k=k, steps=v["steps"], burn_in=v["burn_in"],
-                        renorm_every=v["renorm_every"], project_radial=project_radial,
-                        history_every=v["history_every"], checkpoint_every=v["checkpoint_every"], gens=gens,
-                        n_triv=v["n_triv"], trivial_below=v["trivial_below"], tol=v["tol"], batched=v["batched"],
-                        settings=settings, progress=progress)
+    return run_benettin(
+        parts,
+        step=step,
+        X=X,
+        k=k,
+        steps=v["steps"],
+        burn_in=v["burn_in"],
+        renorm_every=v["renorm_every"],
+        project_radial=project_radial,
+        history_every=v["history_every"],
+        checkpoint_every=v["checkpoint_every"],
+        gens=gens,
+        n_triv=v["n_triv"],
+        trivial_below=v["trivial_below"],
+        tol=v["tol"],
+        batched=v["batched"],
+        settings=settings,
+        progress=progress,
+    )
 
 
 # ---------------------------------------------------------------------------------------------------- finite time
@@ -200,7 +297,7 @@ def lyapunov_spectrum(step, X0: Tensor, *, C: Optional[Tensor] = None, k: Option
 PRODUCT_SWEEPS = 4
 CLUSTER_NATS = 10.0
 # the dense method keeps horizon triangular factors per sample: samples are processed in chunks of at most this
-CHAIN_CHUNK_BYTES = 256 * 2 ** 20
+CHAIN_CHUNK_BYTES = 256 * 2**20
 
 
 def _qr_pass(chain):
@@ -254,10 +351,23 @@ def product_log_svdvals(chain) -> Tensor:
     return out
 
 
-def finite_time_lyapunov(step, X0: Tensor, *, C: Optional[Tensor] = None, horizon: int = 16, k: Optional[int] = None,
-                         method: str = "auto", dense_max: int = 1024, backend: str = "auto", tol: float = 1e-8,
-                         maxiter: int = 300, seed: int = 0, trivial_below: Optional[float] = None,
-                         parallel: Optional[str] = None, group=None) -> LyapunovResult:
+def finite_time_lyapunov(
+    step,
+    X0: Tensor,
+    *,
+    C: Optional[Tensor] = None,
+    horizon: int = 16,
+    k: Optional[int] = None,
+    method: str = "auto",
+    dense_max: int = 1024,
+    backend: str = "auto",
+    tol: float = 1e-8,
+    maxiter: int = 300,
+    seed: int = 0,
+    trivial_below: Optional[float] = None,
+    parallel: Optional[str] = None,
+    group=None,
+) -> LyapunovResult:
     """The paper's finite-horizon exponents ``lambda_i = (1/horizon) ln sigma_i(J_{horizon-1} ... J_0)`` from X0.
 
     ``method="dense"``: the product of the ``horizon`` dense step Jacobians (in float64) and its SVD, exact, for small S*D
@@ -285,8 +395,21 @@ def finite_time_lyapunov(step, X0: Tensor, *, C: Optional[Tensor] = None, horizo
         from ..distributed import finite_time_lyapunov_parallel
 
         return finite_time_lyapunov_parallel(
-            step, X0, C=C, horizon=horizon, k=k, method=method, dense_max=dense_max, backend=backend, tol=tol,
-            maxiter=maxiter, seed=seed, trivial_below=trivial_below, parallel=parallel, group=group)
+            step,
+            X0,
+            C=C,
+            horizon=horizon,
+            k=k,
+            method=method,
+            dense_max=dense_max,
+            backend=backend,
+            tol=tol,
+            maxiter=maxiter,
+            seed=seed,
+            trivial_below=trivial_below,
+            parallel=parallel,
+            group=group,
+        )
     X, C3, batched = _prepare(step, X0, C)
     B, S, D = X.shape
     n = S * D
@@ -333,40 +456,64 @@ def finite_time_lyapunov(step, X0: Tensor, *, C: Optional[Tensor] = None, horizo
         gen = torch.Generator().manual_seed(seed)
         rows = []
         for b in range(B):  # one operator per sample: its own trajectory, B = 1 linearisations
-            lins = trajectory(X[b:b + 1], C3 if C3 is None or C3.dim() == 2 else C3[b:b + 1])
+            lins = trajectory(X[b : b + 1], C3 if C3 is None or C3.dim() == 2 else C3[b : b + 1])
 
             def chain(fwd, lins=lins):
                 def apply(V):  # V [r, n] -> [r, n]
                     Tk = V.to(X.dtype).reshape(V.shape[0], 1, S, D)
                     with torch.no_grad():
-                        for lin in (lins if fwd else reversed(lins)):
+                        for lin in lins if fwd else reversed(lins):
                             Tk = lin.jvp(Tk) if fwd else lin.vjp(Tk)
                     return Tk.reshape(V.shape[0], n).to(V.dtype)
+
                 return apply
 
-            s, ok, cycles = svds(chain(True), chain(False), n, k, dtype=X.dtype, device=X.device, tol=tol,
-                                 maxiter=maxiter, seed=gen)
+            s, ok, cycles = svds(
+                chain(True), chain(False), n, k, dtype=X.dtype, device=X.device, tol=tol, maxiter=maxiter, seed=gen
+            )
             if not ok:
-                warnings.warn(f"finite_time_lyapunov: the matrix-free SVD of sample {b} did not reach tol={tol:g} "
-                              f"in maxiter={maxiter} restart cycles; raise maxiter or lower k", RuntimeWarning)
+                warnings.warn(
+                    f"finite_time_lyapunov: the matrix-free SVD of sample {b} did not reach tol={tol:g} "
+                    f"in maxiter={maxiter} restart cycles; raise maxiter or lower k",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
             rows.append(s)
         logsv = torch.stack(rows).double().log()
         spread = float((logsv[:, 0] - logsv[:, -1]).max())
         if spread > math.log(1 / torch.finfo(X.dtype).eps) - math.log(1e3):
-            warnings.warn(f"finite_time_lyapunov: the matrix-free SVD works on the {horizon}-step map itself, which "
-                          f"resolves singular values down to about eps * sigma_max only; sigma_1 / sigma_k = "
-                          f"e^{spread:.0f} here, so the lower exponents are rounding noise: use method='dense' "
-                          f"(QR-accumulated, exact) or a shorter horizon", RuntimeWarning, stacklevel=2)
+            warnings.warn(
+                f"finite_time_lyapunov: the matrix-free SVD works on the {horizon}-step map itself, which "
+                f"resolves singular values down to about eps * sigma_max only; sigma_1 / sigma_k = "
+                f"e^{spread:.0f} here, so the lower exponents are rounding noise: use method='dense' "
+                f"(QR-accumulated, exact) or a shorter horizon",
+                RuntimeWarning,
+                stacklevel=2,
+            )
     ex = logsv / horizon
     triv = trivial_mask(ex, n, trivial_count(step, S, D), X.dtype, trivial_below)
     ex = ex.masked_fill(triv, float("-inf"))
-    settings = dict(method=f"finite_time_{method}", horizon=horizon, k=k, backend=backend, dtype=str(X.dtype),
-                    shape=list(X0.shape), step=type(step).__name__)
+    settings = dict(
+        method=f"finite_time_{method}",
+        horizon=horizon,
+        k=k,
+        backend=backend,
+        dtype=str(X.dtype),
+        shape=list(X0.shape),
+        step=type(step).__name__,
+    )
     if not batched:
         ex, triv = ex[0], triv[0]
-    return LyapunovResult(ex, triv, torch.empty(0, dtype=torch.float64), torch.empty(0, dtype=torch.long), horizon,
-                          settings)
+    return LyapunovResult(
+        ex, triv, torch.empty(0, dtype=torch.float64), torch.empty(0, dtype=torch.long), horizon, settings
+    )
 
 
-__all__ = ["LyapunovResult", "lyapunov_spectrum", "finite_time_lyapunov", "trivial_count", "radial_basis",
-           "project_off"]
+__all__ = [
+    "LyapunovResult",
+    "lyapunov_spectrum",
+    "finite_time_lyapunov",
+    "trivial_count",
+    "radial_basis",
+    "project_off",
+]

@@ -16,9 +16,9 @@ max modulus 2.03 normalised vs 2.37 unnormalised, D = 8, η = 0.5).
 ``OscillatorStep`` is a plain callable ``X -> X`` (an nn.Module), so every fastjac function applies
 (``fastjac.jacobian``, ``fastjac.analysis.spectra.eigvals``) through torch.func.
 """
+
 from __future__ import annotations
 
-import math
 from typing import Optional, Union
 
 import torch
@@ -29,8 +29,9 @@ from .._compat import make_generator
 F64 = torch.float64
 
 
-def random_antisymmetric(dim: int, *, std: float = 1.0, seed: Optional[Union[int, torch.Generator]] = None,
-                         dtype=F64) -> Tensor:
+def random_antisymmetric(
+    dim: int, *, std: float = 1.0, seed: Optional[Union[int, torch.Generator]] = None, dtype=F64
+) -> Tensor:
     """A random anti-symmetric Ω = (W − Wᵀ)/2, W Gaussian with std ``std``. [dim, dim].
 
     Example:

@@ -22,6 +22,7 @@ J_t is never formed for large S·D: ``J_t x`` uses the analytic attention JVP, a
 eigenvectors of ``J_t + J_tᵀ`` from :func:`fastjac.linalg.eigsh` (Lanczos; dense ``torch.linalg.eigh`` when
 S·D ≤ 2048 or ``method="dense"``).
 """
+
 from __future__ import annotations
 
 import math
@@ -31,17 +32,29 @@ from typing import Dict, Optional, Union
 import torch
 from torch import Tensor
 
-from .._compat import make_generator
-
 from .. import linalg
+from .._compat import make_generator
 from ..linearization import linearization, prepare
 from ..models import RecurrentStep
 from .spectra import _op, _warn_unconverged
 
 F64 = torch.float64
 DENSE_EIGH_MAX_N = 2048
-FIELDS = ("E_pseudo", "lin", "cos", "ci", "lin_pv", "cos_pv", "err_pv", "lin_pv_t0", "cos_pv_t0", "err_pv_t0",
-          "lin_pv_hard", "cos_pv_hard", "err_pv_hard")
+FIELDS = (
+    "E_pseudo",
+    "lin",
+    "cos",
+    "ci",
+    "lin_pv",
+    "cos_pv",
+    "err_pv",
+    "lin_pv_t0",
+    "cos_pv_t0",
+    "err_pv_t0",
+    "lin_pv_hard",
+    "cos_pv_hard",
+    "err_pv_hard",
+)
 
 
 @dataclass
@@ -116,12 +129,22 @@ def _ci(op, x: Tensor, K: int, dense: bool, tol, maxiter, generator) -> float:
         a = U[:, -K:].T @ x
     else:
         sym = lambda V: op.matvec(V) + op.rmatvec(V)  # noqa: E731
-        res = linalg.eigsh(sym, op.n, K, which="LA", vectors=True, dtype=op.dtype, device=op.device, tol=tol,
-                           maxiter=maxiter, seed=generator)
+        res = linalg.eigsh(
+            sym,
+            op.n,
+            K,
+            which="LA",
+            vectors=True,
+            dtype=op.dtype,
+            device=op.device,
+            tol=tol,
+            maxiter=maxiter,
+            seed=generator,
+        )
         if not res.converged:
             _warn_unconverged("pseudo_energy_trace (contribution index)", res.cycles)
         a = res.vectors @ x
-    return ((a ** 2).sum() / (x @ x)).item()
+    return ((a**2).sum() / (x @ x)).item()
 
 
 def _one_sample(model, traj: Tensor, C: Optional[Tensor], K: int, dense: bool, tol, maxiter, generator):
@@ -137,8 +160,12 @@ def _one_sample(model, traj: Tensor, C: Optional[Tensor], K: int, dense: bool, t
         msa = op.out.reshape(-1).to(F64)
         F = msa if C is None else msa + C.reshape(-1).to(F64)
         Jx = op.matvec(Xt.reshape(1, -1))[0].to(F64)
-        r = {"E_pseudo": -(x @ F).item(), "lin": -(x @ Jx).item(), "cos": _cos(msa, Jx),
-             "ci": _ci(op, x, K, dense, tol, maxiter, generator)}
+        r = {
+            "E_pseudo": -(x @ F).item(),
+            "lin": -(x @ Jx).item(),
+            "cos": _cos(msa, Jx),
+            "ci": _ci(op, x, K, dense, tol, maxiter, generator),
+        }
         for name, P in (("pv", At), ("pv_t0", A0), ("pv_hard", _hard(At))):
             y = pv_apply(P, wvo, Xt).reshape(-1).to(F64)
             r[f"lin_{name}"] = -(x @ y).item()
@@ -148,10 +175,19 @@ def _one_sample(model, traj: Tensor, C: Optional[Tensor], K: int, dense: bool, t
     return {f: torch.tensor([r[f] for r in rows], dtype=F64) for f in FIELDS}
 
 
-def pseudo_energy_trace(step, X0: Tensor, *, C: Optional[Tensor] = None, steps: int, top_frac: float = 0.02,
-                        method: str = "auto", tol: float = 1e-8, maxiter: int = 300,
-                        seed: Optional[Union[int, torch.Generator]] = None,
-                        keep_trajectory: bool = False) -> PseudoEnergyTrace:
+def pseudo_energy_trace(
+    step,
+    X0: Tensor,
+    *,
+    C: Optional[Tensor] = None,
+    steps: int,
+    top_frac: float = 0.02,
+    method: str = "auto",
+    tol: float = 1e-8,
+    maxiter: int = 300,
+    seed: Optional[Union[int, torch.Generator]] = None,
+    keep_trajectory: bool = False,
+) -> PseudoEnergyTrace:
     """Unroll ``model`` from X0 for ``steps`` steps and monitor the pseudo-energy along the way.
 
     Args:
@@ -192,11 +228,23 @@ def pseudo_energy_trace(step, X0: Tensor, *, C: Optional[Tensor] = None, steps: 
         if not batched:
             cols = _one_sample(model, traj, C, K, dense, tol, maxiter, generator)
         else:
-            per = [_one_sample(model, traj[:, b], None if C is None else (C if C.dim() == 2 else C[b]), K, dense,
-                               tol, maxiter, generator) for b in range(X3.shape[0])]
+            per = [
+                _one_sample(
+                    model,
+                    traj[:, b],
+                    None if C is None else (C if C.dim() == 2 else C[b]),
+                    K,
+                    dense,
+                    tol,
+                    maxiter,
+                    generator,
+                )
+                for b in range(X3.shape[0])
+            ]
             cols = {f: torch.stack([p[f] for p in per], dim=1) for f in FIELDS}
-    return PseudoEnergyTrace(**cols, top_k=K, method="dense" if dense else "lanczos",
-                             trajectory=traj if keep_trajectory else None)
+    return PseudoEnergyTrace(
+        **cols, top_k=K, method="dense" if dense else "lanczos", trajectory=traj if keep_trajectory else None
+    )
 
 
 __all__ = ["PseudoEnergyTrace", "pseudo_energy_trace", "pv_apply"]

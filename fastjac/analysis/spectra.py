@@ -12,6 +12,7 @@ Small problems go dense (``fastjac.jacobian`` + ``torch.linalg``); large ones ma
 :mod:`fastjac.linalg` (block Lanczos on JᵀJ, block Arnoldi on J), so S·D can be far beyond a dense matrix. Batched X
 [B, S, D] gives per-sample results (one linearisation per sample).
 """
+
 from __future__ import annotations
 
 import math
@@ -22,9 +23,8 @@ from typing import Callable, Iterator, Optional, Tuple, Union
 import torch
 from torch import Tensor
 
-from .._compat import make_generator
-
 from .. import linalg
+from .._compat import make_generator
 from ..linearization import Linearization, linearization, prepare
 from ..models import ItrSA
 
@@ -38,6 +38,7 @@ DENSE_EIG_AUTO_LIMIT = 4096
 
 
 # ----------------------------------------------------------------------------------------- linear operators ----
+
 
 @dataclass
 class LinearOp:
@@ -75,12 +76,14 @@ def _check_part(part) -> str:
 def _op(lin: Linearization) -> LinearOp:
     """The operator view of one linearisation at one sample [S, D]: matvec, rmatvec and dense share its forward."""
     S, D = lin.X.shape
-    return LinearOp(_rows(lin.jvp, (S, D)), _rows(lin.vjp, (S, D)), lin.dense, lin.out, (S, D), lin.X.dtype,
-                    lin.X.device, lin)
+    return LinearOp(
+        _rows(lin.jvp, (S, D)), _rows(lin.vjp, (S, D)), lin.dense, lin.out, (S, D), lin.X.dtype, lin.X.device, lin
+    )
 
 
-def linear_operator(step, X: Tensor, *, C: Optional[Tensor] = None, part: str = "step",
-                    backend: str = "auto") -> LinearOp:
+def linear_operator(
+    step, X: Tensor, *, C: Optional[Tensor] = None, part: str = "step", backend: str = "auto"
+) -> LinearOp:
     """The Jacobian of one step (``part="step"``) or of MSA alone (``part="msa"``) at one state X [S, D].
 
     Example:
@@ -121,15 +124,30 @@ def _check_opt_int(name: str, v) -> Optional[int]:
 
 
 def _warn_unconverged(what: str, it: int) -> None:
-    warnings.warn(f"{what}: the Krylov iteration did not reach tol in {it} restart cycles; the result is the "
-                  f"best estimate (raise maxiter or tol)", RuntimeWarning, stacklevel=3)
+    warnings.warn(
+        f"{what}: the Krylov iteration did not reach tol in {it} restart cycles; the result is the "
+        f"best estimate (raise maxiter or tol)",
+        RuntimeWarning,
+        stacklevel=3,
+    )
 
 
 # ---------------------------------------------------------------------------------------------- eigenvalues ----
 
-def eigvals(step, X: Tensor, *, C: Optional[Tensor] = None, k: Optional[int] = None, part: str = "step",
-            method: str = "auto", backend: str = "auto", tol: float = 1e-8, maxiter: int = 300,
-            seed: Optional[Union[int, torch.Generator]] = None) -> Tensor:
+
+def eigvals(
+    step,
+    X: Tensor,
+    *,
+    C: Optional[Tensor] = None,
+    k: Optional[int] = None,
+    part: str = "step",
+    method: str = "auto",
+    backend: str = "auto",
+    tol: float = 1e-8,
+    maxiter: int = 300,
+    seed: Optional[Union[int, torch.Generator]] = None,
+) -> Tensor:
     """Eigenvalues of the one-step Jacobian (or of J_MSA), by descending modulus.
 
     Args:
@@ -172,10 +190,12 @@ def eigvals(step, X: Tensor, *, C: Optional[Tensor] = None, k: Optional[int] = N
     if dense and method == "auto" and n > DENSE_EIG_AUTO_LIMIT:
         B = X.shape[0] if X.dim() == 3 else 1
         secs = B * 75.0 * (n / 5184) ** 3
-        raise ValueError(f"k: all S*D = {n} eigenvalues need a dense eig of a [{n}, {n}] matrix per sample "
-                         f"({n * n * X.element_size() / 1e9:.2f} GB, O(n^3): about {secs / 60:.0f} min on 2 CPU "
-                         f"cores); pass k (the k eigenvalues of largest modulus, matrix-free Arnoldi) or "
-                         f"method='dense' to insist")
+        raise ValueError(
+            f"k: all S*D = {n} eigenvalues need a dense eig of a [{n}, {n}] matrix per sample "
+            f"({n * n * X.element_size() / 1e9:.2f} GB, O(n^3): about {secs / 60:.0f} min on 2 CPU "
+            f"cores); pass k (the k eigenvalues of largest modulus, matrix-free Arnoldi) or "
+            f"method='dense' to insist"
+        )
     out = []
     for Xb, Cb in _no_grad(samples):
         op = _op(linearization(step, Xb, C=Cb, part=part, backend=backend, check=False))
@@ -184,8 +204,9 @@ def eigvals(step, X: Tensor, *, C: Optional[Tensor] = None, k: Optional[int] = N
             lam = lam[lam.abs().argsort(descending=True)]
             out.append(lam if k is None else lam[:k])
         else:
-            lam, ok, it = linalg.eigs(op.matvec, n, k, dtype=op.dtype, device=op.device, tol=tol, maxiter=maxiter,
-                                      seed=generator)
+            lam, ok, it = linalg.eigs(
+                op.matvec, n, k, dtype=op.dtype, device=op.device, tol=tol, maxiter=maxiter, seed=generator
+            )
             if not ok:
                 _warn_unconverged("eigvals", it)
             out.append(lam)
@@ -194,9 +215,19 @@ def eigvals(step, X: Tensor, *, C: Optional[Tensor] = None, k: Optional[int] = N
 
 # -------------------------------------------------------------------------------------------- spectral norm ----
 
-def spectral_norm(step, X: Tensor, *, C: Optional[Tensor] = None, part: str = "step", method: str = "lanczos",
-                  backend: str = "auto", tol: float = 1e-8, maxiter: int = 200,
-                  seed: Optional[Union[int, torch.Generator]] = None):
+
+def spectral_norm(
+    step,
+    X: Tensor,
+    *,
+    C: Optional[Tensor] = None,
+    part: str = "step",
+    method: str = "lanczos",
+    backend: str = "auto",
+    tol: float = 1e-8,
+    maxiter: int = 200,
+    seed: Optional[Union[int, torch.Generator]] = None,
+):
     """‖J‖₂, the largest singular value of the one-step Jacobian (or of J_MSA).
 
     Args:
@@ -227,8 +258,9 @@ def spectral_norm(step, X: Tensor, *, C: Optional[Tensor] = None, part: str = "s
         if method == "dense":
             out.append(torch.linalg.matrix_norm(op.dense().to(F64), ord=2).item())
         else:
-            s, ok, it = linalg.power_norm(op.matvec, op.rmatvec, op.n, dtype=op.dtype, device=op.device, tol=tol,
-                                          maxiter=maxiter, seed=generator)
+            s, ok, it = linalg.power_norm(
+                op.matvec, op.rmatvec, op.n, dtype=op.dtype, device=op.device, tol=tol, maxiter=maxiter, seed=generator
+            )
             if not ok:
                 _warn_unconverged("spectral_norm", it)
             out.append(s)
@@ -237,6 +269,7 @@ def spectral_norm(step, X: Tensor, *, C: Optional[Tensor] = None, part: str = "s
 
 
 # ---------------------------------------------------------------------------------------------- Prop 5.1 ----
+
 
 @dataclass
 class Prop51Result:
@@ -262,8 +295,16 @@ class Prop51Result:
         return {k: conv(v) for k, v in asdict(self).items()}
 
 
-def prop51_bound(step, X: Tensor, *, C: Optional[Tensor] = None, backend: str = "auto", tol: float = 1e-10,
-                 maxiter: int = 200, seed: Optional[Union[int, torch.Generator]] = None) -> Prop51Result:
+def prop51_bound(
+    step,
+    X: Tensor,
+    *,
+    C: Optional[Tensor] = None,
+    backend: str = "auto",
+    tol: float = 1e-10,
+    maxiter: int = 200,
+    seed: Optional[Union[int, torch.Generator]] = None,
+) -> Prop51Result:
     """The Prop 5.1 bound ``‖J_step‖₂ ≤ max_j|γ_j| / R · (1 + η ‖J_MSA‖₂)`` evaluated, next to ‖J_step‖₂ measured.
 
     Applies to ItrSA with ``norm="l2"`` (the paper's RMSNorm) and ``norm="rms"`` (the same map with γ scaled by √N
@@ -291,12 +332,19 @@ def prop51_bound(step, X: Tensor, *, C: Optional[Tensor] = None, backend: str = 
     generator = make_generator(seed)
     model = step
     if not isinstance(model, ItrSA):
-        raise TypeError(f"step: Prop 5.1 is stated for the ItrSA step Norm(X + eta (C + MSA(X))); got "
-                        f"{type(model).__name__}")
+        raise TypeError(
+            f"step: Prop 5.1 is stated for the ItrSA step Norm(X + eta (C + MSA(X))); got {type(model).__name__}"
+        )
     if model.norm not in ("l2", "rms"):
-        raise ValueError(f"step: Prop 5.1 applies to norm='l2' (and 'rms', the same up to scale), not "
-                         f"norm={model.norm!r}: " + ("LayerNorm's centring is outside the proposition"
-                                                     if model.norm == "layer" else "there is no normalisation"))
+        raise ValueError(
+            f"step: Prop 5.1 applies to norm='l2' (and 'rms', the same up to scale), not "
+            f"norm={model.norm!r}: "
+            + (
+                "LayerNorm's centring is outside the proposition"
+                if model.norm == "layer"
+                else "there is no normalisation"
+            )
+        )
     samples, batched = _samples(model, X, C)
     N = model.norm_group
     with torch.no_grad():
@@ -319,8 +367,9 @@ def prop51_bound(step, X: Tensor, *, C: Optional[Tensor] = None, backend: str = 
     one = (lambda t: t) if batched else (lambda t: t[0])  # noqa: E731
     t = lambda i: one(torch.tensor([float(v) for v in cols[i]], dtype=F64))  # noqa: E731
     holds = one(torch.tensor([bool(v) for v in cols[3]]))
-    return Prop51Result(t(0), t(1), t(2), holds, torch.tensor(gmax, dtype=F64), t(4), t(5),
-                        torch.tensor(eta, dtype=F64))
+    return Prop51Result(
+        t(0), t(1), t(2), holds, torch.tensor(gmax, dtype=F64), t(4), t(5), torch.tensor(eta, dtype=F64)
+    )
 
 
 __all__ = ["LinearOp", "Prop51Result", "eigvals", "linear_operator", "prop51_bound", "spectral_norm"]

@@ -10,6 +10,7 @@ A backend turns ``(step, X [B, S, D], C)`` into a :class:`fastjac.ops.base.Batch
 - more (the compiled ``"cpp"`` backend) register themselves with :func:`register_backend`; kernel backends know
   model classes through a table (:func:`register_linearizer`), never by falling back silently.
 """
+
 from __future__ import annotations
 
 from typing import Dict, List, Optional
@@ -80,8 +81,7 @@ def select(step, X: Tensor, backend="auto") -> Backend:
     if isinstance(backend, Backend):
         return backend
     if not isinstance(backend, str):
-        raise TypeError(f"backend: expected a string, one of {['auto'] + available()}, got "
-                        f"{type(backend).__name__}")
+        raise TypeError(f"backend: expected a string, one of {['auto'] + available()}, got {type(backend).__name__}")
     if backend == "auto":
         for name in _AUTO_ORDER:
             if _BACKENDS[name].auto_why_not(step, X) is None:
@@ -118,6 +118,7 @@ def _register_cpp() -> None:
     # decides when "auto" picks it); nothing is compiled here
     try:
         from . import cpp
+
         reason = cpp.toolchain_why_not()
         if reason is not None and not cpp.is_built():
             register_backend(UnavailableBackend("cpp", f"the C++ extension cannot be built: {reason}"))
@@ -148,5 +149,18 @@ register_backend(AutogradBackend(), auto_priority=1)
 _register_triton()
 _register_cpp()
 
-__all__ = ["AutogradLinearization", "Backend", "KernelBackend", "UnavailableBackend", "autograd_linearization",
-           "available", "differentiable_backends", "explain", "get", "register_backend", "register_linearizer", "select", "unregister_backend"]
+__all__ = [
+    "AutogradLinearization",
+    "Backend",
+    "KernelBackend",
+    "UnavailableBackend",
+    "autograd_linearization",
+    "available",
+    "differentiable_backends",
+    "explain",
+    "get",
+    "register_backend",
+    "register_linearizer",
+    "select",
+    "unregister_backend",
+]

@@ -6,6 +6,7 @@ Every call of the step runs inside :func:`fastjac.nn.attention.forward_ad` (unle
 fastjac's (k tangents share one softmax), and the fused MHA / encoder fast paths are off. So ``fj.jvp``,
 ``fj.lyapunov_spectrum``, the regularisers, ... work on nn.TransformerEncoderLayer, nn.MultiheadAttention and HF
 layers. Attention written out with ``softmax`` is unaffected (it already works with torch.func)."""
+
 from __future__ import annotations
 
 from typing import Callable, Optional
@@ -28,11 +29,12 @@ class AutogradLinearization(BatchedLinearization):
         if not isinstance(self.out, Tensor):
             raise TypeError(f"step: expected it to return a Tensor, got {type(self.out).__name__}")
         if self.out.shape != X.shape:
-            raise ValueError(f"step: a step must map X to X's shape, got {tuple(self.out.shape)} from "
-                             f"{tuple(X.shape)}")
+            raise ValueError(f"step: a step must map X to X's shape, got {tuple(self.out.shape)} from {tuple(X.shape)}")
         if self.out.dtype != X.dtype:
-            raise TypeError(f"step: returned {self.out.dtype} for a {X.dtype} X; a step must keep X's dtype "
-                            f"(its Jacobian would silently lose precision)")
+            raise TypeError(
+                f"step: returned {self.out.dtype} for a {X.dtype} X; a step must keep X's dtype "
+                f"(its Jacobian would silently lose precision)"
+            )
 
     def jvp(self, T: Tensor) -> Tensor:
         one = lambda t: torch.func.jvp(self.f, (self.X,), (t,))[1]  # noqa: E731
@@ -69,15 +71,18 @@ def _routed(f: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
         if not config.sdpa_forward_ad:
             return f(X3)
         from ..nn.attention import forward_ad
+
         with forward_ad():
             return f(X3)
 
     return g
 
 
-def autograd_linearization(step, X: Tensor, C: Optional[Tensor], batched: bool,
-                           with_c: bool = True) -> AutogradLinearization:
+def autograd_linearization(
+    step, X: Tensor, C: Optional[Tensor], batched: bool, with_c: bool = True
+) -> AutogradLinearization:
     """torch.func linearisation of ``step`` (called as step(x) or step(x, c), unbatched when X was) at X [B, S, D]."""
+
     @_routed
     def f(X3: Tensor) -> Tensor:
         x = X3 if batched else X3[0]
@@ -105,20 +110,29 @@ class AutogradBackend(Backend):
         """For ``fj.info``: whether SDPA is routed to fastjac's forward-mode SDPA, and whether this step calls it
         (one probing forward of ``step`` on X [B, S, D], without gradient; a step that needs C is not probed)."""
         from .. import config
+
         if not config.sdpa_forward_ad:
-            return ("autograd: F.scaled_dot_product_attention is NOT routed (fastjac.config.sdpa_forward_ad is "
-                    "False): a step calling PyTorch's fused SDPA fails under forward AD")
+            return (
+                "autograd: F.scaled_dot_product_attention is NOT routed (fastjac.config.sdpa_forward_ad is "
+                "False): a step calling PyTorch's fused SDPA fails under forward AD"
+            )
         from ..nn import attention as A
         from ..nn.functional import kernel_for
+
         before = A.routed_calls()
         try:
             with torch.no_grad(), A.forward_ad():
                 step(X[0])
             n = A.routed_calls() - before
-            probe = (f"this step calls SDPA {n} time(s) per step" if n else
-                     "this step makes no SDPA call (attention written with softmax needs no routing)")
+            probe = (
+                f"this step calls SDPA {n} time(s) per step"
+                if n
+                else "this step makes no SDPA call (attention written with softmax needs no routing)"
+            )
         except Exception as e:  # a step needing C, or a broken one: say so, do not fail info
             probe = f"the step could not be probed on X alone ({type(e).__name__})"
-        return (f"autograd: F.scaled_dot_product_attention is routed to fastjac.nn.functional (forward_ad(): "
-                f"k tangents share one softmax; JVP kernel {kernel_for(X)}; MHA fast path off; opt out with "
-                f"fastjac.config.settings(sdpa_forward_ad=False)); {probe}")
+        return (
+            f"autograd: F.scaled_dot_product_attention is routed to fastjac.nn.functional (forward_ad(): "
+            f"k tangents share one softmax; JVP kernel {kernel_for(X)}; MHA fast path off; opt out with "
+            f"fastjac.config.settings(sdpa_forward_ad=False)); {probe}"
+        )

@@ -1,4 +1,5 @@
 """What a backend is: a name, a test of whether it can linearise (step, X), and the linearisation itself."""
+
 from __future__ import annotations
 
 from typing import Callable, Dict, Optional
@@ -49,8 +50,10 @@ class KernelBackend(Backend):
     def model_why_not(self, step) -> Optional[str]:
         if type(step) not in self.linearizers:
             known = ", ".join(sorted(c.__name__ for c in self.linearizers)) or "none"
-            return (f"no {self.name} kernels are registered for {type(step).__name__} (registered: {known}; see "
-                    f"fastjac.backends.register_linearizer)")
+            return (
+                f"no {self.name} kernels are registered for {type(step).__name__} (registered: {known}; see "
+                f"fastjac.backends.register_linearizer)"
+            )
         return None
 
     def linearize(self, step, X, C, batched):
@@ -70,9 +73,11 @@ def needs_weight_grad(step, X: Tensor) -> Optional[str]:
         return None
     params = step.parameters() if hasattr(step, "parameters") else ()
     if X.requires_grad or any(p.requires_grad for p in params):
-        return ("gradients may be wanted (grad mode on and X or a weight requires grad) and these kernels are not "
-                "differentiable: 'auto' uses a differentiable backend; wrap the call in torch.no_grad() (or pass "
-                "this backend by name) to use the kernels")
+        return (
+            "gradients may be wanted (grad mode on and X or a weight requires grad) and these kernels are not "
+            "differentiable: 'auto' uses a differentiable backend; wrap the call in torch.no_grad() (or pass "
+            "this backend by name) to use the kernels"
+        )
     return None
 
 

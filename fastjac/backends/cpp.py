@@ -16,6 +16,7 @@ Ops (``torch.ops.fastjac.*``, fake implementations registered here so they trace
 ``torch.library.opcheck``): ``attn_jvp`` (k-tangent attention JVP), ``norm_residual_jvp`` (residual +
 normalisation JVP) and ``step_dense_`` (the dense Jacobian writer). See docs/cpp.md.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,8 +41,15 @@ from .base import KernelBackend, needs_weight_grad
 SUPPORTED_DTYPES = (torch.float32, torch.float64)
 SOURCES = ("register.cpp", "attn_jvp.cpp", "flash_attn.cpp", "norm_jvp.cpp", "step_dense.cpp")
 HEADERS = ("common.h",)
-CFLAGS = ("-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp", "-ffp-contract=fast", "-fno-math-errno",
-          "-fno-trapping-math")
+CFLAGS = (
+    "-O3",
+    "-march=native",
+    "-mprefer-vector-width=512",
+    "-fopenmp",
+    "-ffp-contract=fast",
+    "-fno-math-errno",
+    "-fno-trapping-math",
+)
 LDFLAGS = ("-fopenmp",)
 LIB_NAME = "fastjac_cpp"
 # csrc/common.h FASTJAC_CPP_ABI: a library without this tag (a foreign or stale .so) is rebuilt, never loaded
@@ -59,6 +67,7 @@ _probe: dict = {}  # per-process cache of the toolchain probe and the build key 
 
 
 # ------------------------------------------------------------------------------------------------ build and cache
+
 
 def source_dir() -> Optional[Path]:
     """The folder holding the C++ sources: ``fastjac/_csrc`` in an installed wheel, ``csrc/`` in a checkout."""
@@ -96,6 +105,7 @@ def _toolchain_why_not() -> Optional[str]:
     if _compiler() is None:
         return "no C++ compiler found (set CXX or install g++/clang++)"
     from torch.utils.cpp_extension import is_ninja_available
+
     if not is_ninja_available():
         return "ninja is not installed (pip install ninja)"
     return None
@@ -148,8 +158,9 @@ def cache_dir() -> Path:
     """
     root = os.environ.get("FASTJAC_CPP_CACHE")
     if not root:
-        root = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"),
-                            "fastjac", "cpp")
+        root = os.path.join(
+            os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "fastjac", "cpp"
+        )
     return Path(root) / build_key()
 
 
@@ -185,8 +196,10 @@ def build_info() -> dict:
 
 
 def _cache_error(path: Path, e: OSError) -> RuntimeError:
-    return RuntimeError(f"the C++ build cache {path} is not writable ({type(e).__name__}: {e}); set "
-                        "FASTJAC_CPP_CACHE to a writable folder")
+    return RuntimeError(
+        f"the C++ build cache {path} is not writable ({type(e).__name__}: {e}); set "
+        "FASTJAC_CPP_CACHE to a writable folder"
+    )
 
 
 @contextlib.contextmanager
@@ -198,6 +211,7 @@ def _build_lock(out: Path, timeout: Optional[float] = None):
     lock file. While it is held no other fastjac build of this folder runs, so torch's own lock file there
     (``out/lock``, which a killed build leaves behind and torch then waits on forever) is stale and removed."""
     import fcntl
+
     path = out / "fastjac.lock"
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -213,9 +227,11 @@ def _build_lock(out: Path, timeout: Optional[float] = None):
                 break
             except BlockingIOError:
                 if time.monotonic() - t0 > limit:
-                    raise RuntimeError(f"another process has been building the C++ extension for over {limit:.0f} "
-                                       f"s (it holds the lock {path}); wait for it, or end it (a dead holder "
-                                       "releases the lock by itself), or raise FASTJAC_CPP_LOCK_TIMEOUT") from None
+                    raise RuntimeError(
+                        f"another process has been building the C++ extension for over {limit:.0f} "
+                        f"s (it holds the lock {path}); wait for it, or end it (a dead holder "
+                        "releases the lock by itself), or raise FASTJAC_CPP_LOCK_TIMEOUT"
+                    ) from None
                 time.sleep(0.1)
         try:
             (out / "lock").unlink()  # torch's FileBaton of a killed build: stale, since we hold the build lock
@@ -266,8 +282,9 @@ def load(build: bool = True, verbose: bool = False, force: bool = False) -> str:
                     return _load_file(lib)
                 except Exception as e:
                     _error = f"loading {lib} failed ({type(e).__name__}: {e})"
-                    raise RuntimeError(_error + ": delete it, or run `python -m fastjac build --force` in a new "
-                                       "process") from e
+                    raise RuntimeError(
+                        _error + ": delete it, or run `python -m fastjac build --force` in a new process"
+                    ) from e
             _error = f"{lib} is not a fastjac C++ library of this version (no tag {ABI_TAG.decode()!r})"
             if not build or reason is not None:
                 raise RuntimeError(_error + ": run `python -m fastjac build` to rebuild it")
@@ -284,6 +301,7 @@ def load(build: bool = True, verbose: bool = False, force: bool = False) -> str:
 def _build(verbose: bool, force: bool) -> str:
     global _error
     from torch.utils.cpp_extension import load as _jit_load
+
     d, out = source_dir(), cache_dir()
     lib = out / f"{LIB_NAME}.so"
     with _build_lock(out):
@@ -296,15 +314,28 @@ def _build(verbose: bool, force: bool) -> str:
             raise _cache_error(out, e) from e
         t0 = time.perf_counter()
         try:
-            _jit_load(name=LIB_NAME, sources=[str(d / f) for f in SOURCES], extra_include_paths=[str(d)],
-                      extra_cflags=list(CFLAGS), extra_ldflags=list(LDFLAGS), build_directory=str(out),
-                      is_python_module=False, verbose=verbose)
+            _jit_load(
+                name=LIB_NAME,
+                sources=[str(d / f) for f in SOURCES],
+                extra_include_paths=[str(d)],
+                extra_cflags=list(CFLAGS),
+                extra_ldflags=list(LDFLAGS),
+                build_directory=str(out),
+                is_python_module=False,
+                verbose=verbose,
+            )
         except Exception as e:
             _error = f"building the C++ extension failed ({type(e).__name__}: {str(e).strip()[-2000:]})"
             raise RuntimeError(_error) from e
         secs = time.perf_counter() - t0
-        info = dict(compile_s=round(secs, 1), date=time.strftime("%Y-%m-%dT%H:%M:%S"), torch=torch.__version__,
-                    compiler=_compiler(), cflags=list(CFLAGS), cpu_count=os.cpu_count())
+        info = dict(
+            compile_s=round(secs, 1),
+            date=time.strftime("%Y-%m-%dT%H:%M:%S"),
+            torch=torch.__version__,
+            compiler=_compiler(),
+            cflags=list(CFLAGS),
+            cpu_count=os.cpu_count(),
+        )
         try:
             (out / "build_info.json").write_text(json.dumps(info, indent=1))
         except OSError as e:
@@ -361,6 +392,7 @@ def ops():
 
 # ------------------------------------------------------------------------------------------------------ backend
 
+
 class CppBackend(KernelBackend):
     name = "cpp"
 
@@ -387,8 +419,10 @@ class CppBackend(KernelBackend):
             return reason
         if _loaded is None:
             if not _lib_file().is_file():
-                return ("the C++ extension is not built yet and 'auto' does not start a compile (run "
-                        "`python -m fastjac build` once, or pass backend='cpp', which builds it: ~30-50 s)")
+                return (
+                    "the C++ extension is not built yet and 'auto' does not start a compile (run "
+                    "`python -m fastjac build` once, or pass backend='cpp', which builds it: ~30-50 s)"
+                )
             try:
                 load(build=False)
             except RuntimeError as e:
@@ -402,11 +436,13 @@ class CppBackend(KernelBackend):
 
 def _itrsa(step, X, C):
     from ..ops.step.cpp import CppItrSALinearization
+
     return CppItrSALinearization(X, C, step.step_params())
 
 
 def _akorn(step, X, C):
     from ..ops.step.cpp import CppAKOrNLinearization
+
     return CppAKOrNLinearization(X, C, step.step_params())
 
 
@@ -419,10 +455,13 @@ def make_backend() -> CppBackend:
 
 # --------------------------------------------------------------------------------------- python -m fastjac build
 
+
 def main(argv: Optional[List[str]] = None) -> int:
     """``python -m fastjac build [--force] [--verbose]``: compile (or find) the C++ extension and say where."""
-    ap = argparse.ArgumentParser(prog="fastjac build", description="build the compiled C++ extension "
-                                 "(backend='cpp') for this torch and machine, ahead of first use")
+    ap = argparse.ArgumentParser(
+        prog="fastjac build",
+        description="build the compiled C++ extension (backend='cpp') for this torch and machine, ahead of first use",
+    )
     ap.add_argument("--force", action="store_true", help="recompile even if a cached build exists")
     ap.add_argument("--verbose", action="store_true", help="show the compiler's output")
     args = ap.parse_args([] if argv is None else list(argv))

@@ -2,6 +2,7 @@
 
 Any device, any floating dtype, differentiable in the weights (the training regularisers rely on it).
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -27,8 +28,10 @@ class TorchBackend(Backend):
             return f"{type(step).__name__} defines no linearize_analytic"
         if fwd is not None and lin is not fwd and issubclass(fwd, lin):
             # forward was redefined below the class whose Jacobian we would use: that Jacobian is not this step's
-            return (f"{type(step).__name__} overrides forward (in {fwd.__name__}) but inherits linearize_analytic "
-                    f"from {lin.__name__}, whose Jacobian is not this step's; define linearize_analytic")
+            return (
+                f"{type(step).__name__} overrides forward (in {fwd.__name__}) but inherits linearize_analytic "
+                f"from {lin.__name__}, whose Jacobian is not this step's; define linearize_analytic"
+            )
         return None
 
     def linearize(self, step, X, C, batched):

@@ -6,6 +6,7 @@ as the tests do): the interpreter is for testing, orders of magnitude slower tha
 
 Triton is imported lazily, on the first question about a fastjac model, so ``import fastjac`` works without it.
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -28,6 +29,7 @@ def _step_module():
     if _kernels is None:
         try:
             from ..ops.step import triton as mod
+
             _kernels = mod
         except Exception as e:  # no triton, or a triton whose API the kernels do not compile against
             _kernels = f"triton is not installed or failed to import ({type(e).__name__}: {e})"
@@ -47,18 +49,23 @@ class TritonBackend(KernelBackend):
         interp = interpreter_on()
         if X.dtype not in SUPPORTED_DTYPES:
             extra = " (the Triton interpreter has no bfloat16: it runs on CUDA only)" if interp else ""
-            return (f"dtype {X.dtype} is not supported by the Triton kernels: float32, float64, float16 or "
-                    f"bfloat16{extra}")
+            return (
+                f"dtype {X.dtype} is not supported by the Triton kernels: float32, float64, float16 or bfloat16{extra}"
+            )
         if X.device.type != "cuda" and not interp:
-            return (f"X is on {X.device.type}, not CUDA, and the Triton interpreter is off (set TRITON_INTERPRET=1 "
-                    f"before importing fastjac to run the kernels on the CPU, slowly, e.g. for tests)")
+            return (
+                f"X is on {X.device.type}, not CUDA, and the Triton interpreter is off (set TRITON_INTERPRET=1 "
+                f"before importing fastjac to run the kernels on the CPU, slowly, e.g. for tests)"
+            )
         return None
 
     def auto_why_not(self, step, X: Tensor) -> Optional[str]:
         reason = self.why_not(step, X)
         if reason is None and X.device.type != "cuda":
-            return (f"X is on {X.device.type}: 'auto' never picks the Triton interpreter (TRITON_INTERPRET=1 is for "
-                    f"tests, far slower than 'torch'); pass backend='triton' to use it")
+            return (
+                f"X is on {X.device.type}: 'auto' never picks the Triton interpreter (TRITON_INTERPRET=1 is for "
+                f"tests, far slower than 'torch'); pass backend='triton' to use it"
+            )
         return reason if reason is not None else needs_weight_grad(step, X)
 
 

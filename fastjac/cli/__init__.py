@@ -5,6 +5,7 @@ subsystem jobs ``train``, ``build``, ``aot``, ``sweep``, whose ``main(argv)`` li
 imported only when asked for. The built-in jobs share one set-up (``fastjac.cli.common``: parser, model and state)
 and every job writes JSON through one strict writer (``fastjac._io.write_json``).
 """
+
 from __future__ import annotations
 
 import sys

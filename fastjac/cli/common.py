@@ -2,6 +2,7 @@
 
 The output folder check and the strict JSON writer are ``fastjac._io`` (one writer for every job).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -97,8 +98,10 @@ def make_model_and_state(args, allow_trained: bool = True):
     if args.model:
         if args._model_opts_given:
             given = ", ".join(f"--{k}" for k in args._model_opts_given)
-            raise ValueError(f"--model: {given} would be ignored beside --model (the file fixes the model); drop "
-                             f"{'it' if len(args._model_opts_given) == 1 else 'them'}")
+            raise ValueError(
+                f"--model: {given} would be ignored beside --model (the file fixes the model); drop "
+                f"{'it' if len(args._model_opts_given) == 1 else 'them'}"
+            )
         model = load_model_file(args.model, getattr(args, "allow_pickle", False))
         args.model_kind = "file"
     else:
@@ -131,6 +134,7 @@ def int_at_least(minimum: int):
         if v < minimum:
             raise argparse.ArgumentTypeError(f"expected an int >= {minimum}, got {v}")
         return v
+
     return parse
 
 
@@ -157,38 +161,61 @@ JACREV_AUTO_MAX_N = 8192
 
 def build_parser() -> argparse.ArgumentParser:
     """The parser of the built-in jobs (lyapunov, jacobian; --parallel shards the lyapunov job)."""
-    ap = argparse.ArgumentParser(prog="fastjac", description=DESCRIPTION,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="fastjac", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("job", nargs="?", default="lyapunov", choices=("lyapunov", "jacobian"))
-    ap.add_argument("--model", help="a model saved with fastjac.save_model(model, path), or 'random' for a fresh "
-                    "ItrSA (default: the shipped trained 4x4 Sudoku ItrSA on a held-out puzzle, unless a model or "
-                    "state option is given); --dim/--heads/--norm/--eta do not apply to a file")
-    ap.add_argument("--allow-pickle", action="store_true",
-                    help="let --model load a torch.save(model, path) pickle: unpickling runs code from the file, "
-                         "so only for files you made")
+    ap.add_argument(
+        "--model",
+        help="a model saved with fastjac.save_model(model, path), or 'random' for a fresh "
+        "ItrSA (default: the shipped trained 4x4 Sudoku ItrSA on a held-out puzzle, unless a model or "
+        "state option is given); --dim/--heads/--norm/--eta do not apply to a file",
+    )
+    ap.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help="let --model load a torch.save(model, path) pickle: unpickling runs code from the file, "
+        "so only for files you made",
+    )
     ap.add_argument("--dim", type=int_at_least(1), default=None, help="random model: features D (64)")
     ap.add_argument("--heads", type=int_at_least(1), default=None, help="random model: heads H (4)")
-    ap.add_argument("--tokens", type=int_at_least(1), default=None,
-                    help="tokens S of the random model's state (default 81; the trained default uses its puzzle's 16)")
+    ap.add_argument(
+        "--tokens",
+        type=int_at_least(1),
+        default=None,
+        help="tokens S of the random model's state (default 81; the trained default uses its puzzle's 16)",
+    )
     ap.add_argument("--norm", default=None, choices=("l2", "rms", "layer", "none"), help="random model (l2)")
     ap.add_argument("--eta", type=finite_float, default=None, help="random model: step size eta (1.0)")
     ap.add_argument("--k", type=int_at_least(1), default=32, help="tangents (leading exponents)")
     ap.add_argument("--steps", type=int_at_least(1), default=500, help="steps after burn-in (the cap with --tol)")
     ap.add_argument("--burn-in", type=int_at_least(0), default=50)
-    ap.add_argument("--tol", type=positive_float, default=None,
-                    help="stop early once every non-trivial exponent's standard error is below this (nats/step)")
+    ap.add_argument(
+        "--tol",
+        type=positive_float,
+        default=None,
+        help="stop early once every non-trivial exponent's standard error is below this (nats/step)",
+    )
     ap.add_argument("--seed", type=int_at_least(0), default=0)
     ap.add_argument("--backend", default="auto")
     ap.add_argument("--out", default="fastjac_out", help="output folder (JSON, PNG, checkpoint)")
     ap.add_argument("--checkpoint-every", type=int_at_least(1), default=50)
     ap.add_argument("--repeat", type=int_at_least(1), default=3, help="jacobian: timed runs after a warm-up")
-    ap.add_argument("--reference", choices=("auto", "always", "never"), default="auto",
-                    help=f"jacobian: time torch.func.jacrev too (auto: when S*D <= {JACREV_AUTO_MAX_N})")
+    ap.add_argument(
+        "--reference",
+        choices=("auto", "always", "never"),
+        default="auto",
+        help=f"jacobian: time torch.func.jacrev too (auto: when S*D <= {JACREV_AUTO_MAX_N})",
+    )
     ap.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
-    ap.add_argument("--parallel", choices=("samples", "tokens"), default=None,
-                    help="under torchrun: shard the lyapunov job across ranks by samples or by tokens "
-                         "(fastjac.distributed); samples: FASTJAC_SAMPLES inputs (default: the world size)")
+    ap.add_argument(
+        "--parallel",
+        choices=("samples", "tokens"),
+        default=None,
+        help="under torchrun: shard the lyapunov job across ranks by samples or by tokens "
+        "(fastjac.distributed); samples: FASTJAC_SAMPLES inputs (default: the world size)",
+    )
     return ap
 
 
@@ -198,11 +225,15 @@ def result_line(res, sample: int = 0) -> str:
     mx, mse, mu = float(pick(res.max)), float(pick(res.max_stderr)), float(pick(res.mean))
     triv = res.trivial if not res.batched else res.trivial[sample]
     se = f" +- {mse:.5f}" if mse == mse else " (too few intervals for a standard error)"
-    line = (f"lambda_max = {mx:+.5f}{se}   mean of the {int((~triv).sum())} non-trivial exponents = {mu:+.5f} "
-            f"nats per step   ({int(triv.sum())} trivial; +- one standard error, batch means)")
+    line = (
+        f"lambda_max = {mx:+.5f}{se}   mean of the {int((~triv).sum())} non-trivial exponents = {mu:+.5f} "
+        f"nats per step   ({int(triv.sum())} trivial; +- one standard error, batch means)"
+    )
     s = res.settings
     if s.get("tol") is not None:
-        line += (f"\n--tol {s['tol']:g}: " + (f"every standard error below it after {res.steps} of "
-                                             f"{s['steps_requested']} steps" if s.get("stopped_early") else
-                                             f"not reached in {res.steps} steps (the cap, --steps)"))
+        line += f"\n--tol {s['tol']:g}: " + (
+            f"every standard error below it after {res.steps} of {s['steps_requested']} steps"
+            if s.get("stopped_early")
+            else f"not reached in {res.steps} steps (the cap, --steps)"
+        )
     return line

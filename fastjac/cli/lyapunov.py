@@ -1,4 +1,5 @@
 """The main job: the Lyapunov spectrum of the default (or a given) model; JSON + PNG in the output folder."""
+
 from __future__ import annotations
 
 import os
@@ -37,12 +38,25 @@ def run_lyapunov(args) -> dict:
     ckpt = os.path.join(args.out, "lyapunov.ckpt")
     if args.fresh and os.path.exists(ckpt):
         os.remove(ckpt)
-    print(f"model ({args.model_kind}): {model}\nstate: S={args.tokens} tokens, D={model.dim}; k={args.k} tangents, "
-          f"{args.steps} steps after {args.burn_in} burn-in steps (checkpoint: {ckpt})")
+    print(
+        f"model ({args.model_kind}): {model}\nstate: S={args.tokens} tokens, D={model.dim}; k={args.k} tangents, "
+        f"{args.steps} steps after {args.burn_in} burn-in steps (checkpoint: {ckpt})"
+    )
     t0 = time.perf_counter()
-    res = lyapunov_spectrum(model, X0, C=C, k=args.k, steps=args.steps, burn_in=args.burn_in, seed=args.seed,
-                            checkpoint=ckpt, checkpoint_every=args.checkpoint_every, progress=not args.quiet,
-                            backend=args.backend, tol=args.tol)
+    res = lyapunov_spectrum(
+        model,
+        X0,
+        C=C,
+        k=args.k,
+        steps=args.steps,
+        burn_in=args.burn_in,
+        seed=args.seed,
+        checkpoint=ckpt,
+        checkpoint_every=args.checkpoint_every,
+        progress=not args.quiet,
+        backend=args.backend,
+        tol=args.tol,
+    )
     dt = time.perf_counter() - t0
     print(result_line(res))
     js, png = write_outputs(res, args.out, dict(wall_s_this_run=dt, model=repr(model), model_kind=args.model_kind))

@@ -19,6 +19,7 @@ every ``--checkpoint-every`` steps; the same command resumes (with the same worl
 ``--fresh`` deletes them first. A checkpoint that cannot be written at the end only warns: the result is written.
 Without torchrun's environment the job runs as a single rank (gloo on 127.0.0.1).
 """
+
 from __future__ import annotations
 
 import copy
@@ -43,8 +44,7 @@ def _init():
             with socket.socket() as s:
                 s.bind(("127.0.0.1", 0))
                 port = s.getsockname()[1]
-            os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1",
-                              LOCAL_RANK="0")
+            os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
@@ -117,22 +117,50 @@ def run_parallel(args) -> int:
             what = f"{n} samples" if mode == "samples" else f"S={args.tokens} tokens"
             note = ""
             if mode == "samples" and args.model_kind == "random":
-                note = ("\nsamples mode runs the random ItrSA (the trained default model has one puzzle input); "
-                        "pass --model FILE for another model")
-            print(f"model ({args.model_kind}): {model}\n{mode}-parallel over {P} ranks ({dist.get_backend()}): "
-                  f"{what}, D={model.dim}; k={args.k} tangents, {args.steps} steps after {args.burn_in} burn-in "
-                  f"steps (checkpoints: {ckpt}.rank*){note}", flush=True)
+                note = (
+                    "\nsamples mode runs the random ItrSA (the trained default model has one puzzle input); "
+                    "pass --model FILE for another model"
+                )
+            print(
+                f"model ({args.model_kind}): {model}\n{mode}-parallel over {P} ranks ({dist.get_backend()}): "
+                f"{what}, D={model.dim}; k={args.k} tangents, {args.steps} steps after {args.burn_in} burn-in "
+                f"steps (checkpoints: {ckpt}.rank*){note}",
+                flush=True,
+            )
         reset_stats()
         t0 = time.perf_counter()
-        res = lyapunov_spectrum(model, X0, C=C, k=args.k, steps=args.steps, burn_in=args.burn_in, seed=args.seed,
-                                checkpoint=ckpt, checkpoint_every=args.checkpoint_every,
-                                progress=not args.quiet, backend=args.backend, tol=args.tol, parallel=mode)
+        res = lyapunov_spectrum(
+            model,
+            X0,
+            C=C,
+            k=args.k,
+            steps=args.steps,
+            burn_in=args.burn_in,
+            seed=args.seed,
+            checkpoint=ckpt,
+            checkpoint_every=args.checkpoint_every,
+            progress=not args.quiet,
+            backend=args.backend,
+            tol=args.tol,
+            parallel=mode,
+        )
         dt = time.perf_counter() - t0
         if r == 0:
             print(result_line(res) + (" (sample 0)" if mode == "samples" else ""))
-            js, png = write_outputs(res, args.out, dict(
-                wall_s_this_run=dt, model=repr(model), model_kind=args.model_kind, parallel=mode, world_size=P,
-                backend_dist=dist.get_backend(), samples=n, comm_bytes_rank0=dict(STATS)))
+            js, png = write_outputs(
+                res,
+                args.out,
+                dict(
+                    wall_s_this_run=dt,
+                    model=repr(model),
+                    model_kind=args.model_kind,
+                    parallel=mode,
+                    world_size=P,
+                    backend_dist=dist.get_backend(),
+                    samples=n,
+                    comm_bytes_rank0=dict(STATS),
+                ),
+            )
             print(f"wrote {js}" + (f" and {png}" if png else "") + f" in {dt:.1f} s")
         dist.barrier()
     except KeyboardInterrupt:

@@ -28,10 +28,10 @@ Loaders (for users who have the files; no network access): :func:`load_csv` read
 (``quizzes,solutions``; '.' also accepted for a blank); :func:`load_satnet` reads SATNet's ``features.pt`` /
 ``labels.pt`` one-hot tensors (loaded with ``weights_only=True``); :func:`load_numpy` reads ``.npy`` / ``.npz``.
 """
+
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import os
 import random
@@ -48,6 +48,7 @@ BOXES = {4: (2, 2), 6: (2, 3), 9: (3, 3)}
 
 
 # ------------------------------------------------------------------------------------------------- solver
+
 
 class _Board:
     """Index tables of one board size: row, column and box of every cell."""
@@ -153,12 +154,14 @@ def solve(puzzle) -> Optional[np.ndarray]:
 def _check_board_len(L: int) -> int:
     n = math.isqrt(L)
     if n * n != L or (math.isqrt(n) ** 2 != n and n not in BOXES):
-        raise ValueError(f"puzzle: expected size*size cells with size a square (4, 9, 16) or 6 (2x3 boxes), got "
-                         f"{L} cells")
+        raise ValueError(
+            f"puzzle: expected size*size cells with size a square (4, 9, 16) or 6 (2x3 boxes), got {L} cells"
+        )
     return n
 
 
 # ---------------------------------------------------------------------------------------------- generator
+
 
 def _one(size: int, lo: int, hi: int, seed: int, i: int) -> Tuple[list, list, int]:
     # puzzle i's own stream: independent of n and of the other puzzles
@@ -182,7 +185,9 @@ def _one(size: int, lo: int, hi: int, seed: int, i: int) -> Tuple[list, list, in
                 puz[cell] = v
         if lo <= count <= hi:
             return puz, sol, attempt
-    raise RuntimeError(f"givens: could not reach {lo}..{hi} givens on a {size}x{size} board in 200 fresh grids; 9x9 random removal rarely goes below 22 givens")
+    raise RuntimeError(
+        f"givens: could not reach {lo}..{hi} givens on a {size}x{size} board in 200 fresh grids; 9x9 random removal rarely goes below 22 givens"
+    )
 
 
 def _check_args(n, size, givens, seed):
@@ -194,8 +199,12 @@ def _check_args(n, size, givens, seed):
         givens = ID_GIVENS[size]
     import numbers
 
-    if isinstance(givens, (str, bytes)) or not hasattr(givens, "__len__") or len(givens) != 2 or not all(
-            isinstance(g, numbers.Integral) and not isinstance(g, bool) for g in givens):
+    if (
+        isinstance(givens, (str, bytes))
+        or not hasattr(givens, "__len__")
+        or len(givens) != 2
+        or not all(isinstance(g, numbers.Integral) and not isinstance(g, bool) for g in givens)
+    ):
         raise ValueError(f"givens: expected a pair of ints (lo, hi), got {givens!r}")
     lo, hi = int(givens[0]), int(givens[1])
     if not (1 <= lo <= hi <= size * size):
@@ -244,9 +253,16 @@ def default_cache_dir() -> str:
     return os.path.join(root, "sudoku")
 
 
-def generate(n: int, *, size: int = 9, givens: Optional[Tuple[int, int]] = None, seed: int = 0,
-             cache: bool = True, cache_dir: Optional[str] = None, progress: bool = False
-             ) -> Tuple[np.ndarray, np.ndarray]:
+def generate(
+    n: int,
+    *,
+    size: int = 9,
+    givens: Optional[Tuple[int, int]] = None,
+    seed: int = 0,
+    cache: bool = True,
+    cache_dir: Optional[str] = None,
+    progress: bool = False,
+) -> Tuple[np.ndarray, np.ndarray]:
     """``n`` puzzles with exactly one solution each, and their solutions.
 
     Args:
@@ -280,14 +296,16 @@ def generate(n: int, *, size: int = 9, givens: Optional[Tuple[int, int]] = None,
                     P, S = z["puzzles"].astype(np.int64), z["solutions"].astype(np.int64)
                     version = int(z["version"]) if "version" in z else None
                 why = _cache_problem(P, S, size) or (
-                    None if version == GENERATOR_VERSION else f"generator version {version}")
+                    None if version == GENERATOR_VERSION else f"generator version {version}"
+                )
             except Exception as e:  # unreadable
                 why = f"unreadable: {type(e).__name__}"
             if why is not None:  # a wrong cache is regenerated, never trusted
                 import warnings
 
-                warnings.warn(f"generate: ignoring the Sudoku cache {path!r} ({why}); regenerating", RuntimeWarning,
-                              stacklevel=2)
+                warnings.warn(
+                    f"generate: ignoring the Sudoku cache {path!r} ({why}); regenerating", RuntimeWarning, stacklevel=2
+                )
                 P = np.zeros((0, size * size), np.int64)
                 S = np.zeros((0, size * size), np.int64)
     if len(P) < n:
@@ -313,26 +331,41 @@ def generate(n: int, *, size: int = 9, givens: Optional[Tuple[int, int]] = None,
                     os.remove(tmp)
                 except OSError:
                     pass
-                warnings.warn(f"generate: could not write the Sudoku cache {path!r} ({e.strerror or e}); the "
-                              f"puzzles are returned uncached (set cache_dir= or FASTJAC_CACHE to a writable "
-                              f"folder)", RuntimeWarning, stacklevel=2)
+                warnings.warn(
+                    f"generate: could not write the Sudoku cache {path!r} ({e.strerror or e}); the "
+                    f"puzzles are returned uncached (set cache_dir= or FASTJAC_CACHE to a writable "
+                    f"folder)",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
     return P[:n].copy(), S[:n].copy()
 
 
-def splits(size: int = 4, *, n_train: int = 10000, n_test: int = 1000, seed: int = 0, cache: bool = True,
-           cache_dir: Optional[str] = None, progress: bool = False) -> Dict[str, Tuple[np.ndarray, np.ndarray]]:
+def splits(
+    size: int = 4,
+    *,
+    n_train: int = 10000,
+    n_test: int = 1000,
+    seed: int = 0,
+    cache: bool = True,
+    cache_dir: Optional[str] = None,
+    progress: bool = False,
+) -> Dict[str, Tuple[np.ndarray, np.ndarray]]:
     """The train / in-distribution test / out-of-distribution test sets of the paper's protocol.
 
     train and test_id draw from :data:`ID_GIVENS` (different seeds: disjoint streams); test_ood from
     :data:`OOD_GIVENS` (fewer givens: harder). Returns {"train": (P, S), "test_id": ..., "test_ood": ...}.
     """
     kw = dict(size=size, cache=cache, cache_dir=cache_dir, progress=progress)
-    return {"train": generate(n_train, givens=ID_GIVENS[size], seed=seed, **kw),
-            "test_id": generate(n_test, givens=ID_GIVENS[size], seed=seed + 1_000_003, **kw),
-            "test_ood": generate(n_test, givens=OOD_GIVENS[size], seed=seed + 2_000_003, **kw)}
+    return {
+        "train": generate(n_train, givens=ID_GIVENS[size], seed=seed, **kw),
+        "test_id": generate(n_test, givens=ID_GIVENS[size], seed=seed + 1_000_003, **kw),
+        "test_ood": generate(n_test, givens=OOD_GIVENS[size], seed=seed + 2_000_003, **kw),
+    }
 
 
 # ------------------------------------------------------------------------------------------------ loaders
+
 
 def _digits(s: str, name: str) -> list:
     s = s.strip()
@@ -410,5 +443,16 @@ def load_numpy(path: str) -> Tuple[np.ndarray, np.ndarray]:
     return a[:, 0].astype(np.int64), a[:, 1].astype(np.int64)
 
 
-__all__ = ["generate", "splits", "solve", "count_solutions", "load_csv", "load_satnet", "load_numpy",
-           "ID_GIVENS", "OOD_GIVENS", "default_cache_dir", "GENERATOR_VERSION"]
+__all__ = [
+    "generate",
+    "splits",
+    "solve",
+    "count_solutions",
+    "load_csv",
+    "load_satnet",
+    "load_numpy",
+    "ID_GIVENS",
+    "OOD_GIVENS",
+    "default_cache_dir",
+    "GENERATOR_VERSION",
+]

@@ -24,6 +24,7 @@ single-process run uses, with the same collapse-and-redo rule, rescaling, checks
 Token-parallel linearisations are registered per exact model class (:func:`register_token_linearizer`): an ItrSA
 subclass that is not registered is refused, never given ItrSA's Jacobian. See docs/distributed.md for launching, costs and when each mode pays.
 """
+
 from __future__ import annotations
 
 from typing import Callable, Optional
@@ -32,7 +33,7 @@ import torch
 from torch import Tensor
 
 from . import _comm
-from ._comm import reset_stats, shard_bounds, STATS
+from ._comm import STATS, reset_stats, shard_bounds
 from .tokens import register_token_linearizer
 
 MODES = ("samples", "tokens")
@@ -43,13 +44,28 @@ def _check_mode(parallel: str) -> None:
         raise ValueError(f"parallel: expected None, 'samples' or 'tokens', got {parallel!r}")
 
 
-def lyapunov_spectrum_parallel(step, X0: Tensor, *, C: Optional[Tensor] = None, k: Optional[int] = None, steps: int,
-                               burn_in: int = 0, renorm_every: int = 1, project_radial: bool = False,
-                               backend: str = "auto", qr_backend: str = "auto", seed: int = 0,
-                               history_every: int = 1, checkpoint: Optional[str] = None,
-                               checkpoint_every: int = 100, progress: bool = True,
-                               trivial_below: Optional[float] = None, tol: Optional[float] = None,
-                               parallel: str = "samples", group=None):
+def lyapunov_spectrum_parallel(
+    step,
+    X0: Tensor,
+    *,
+    C: Optional[Tensor] = None,
+    k: Optional[int] = None,
+    steps: int,
+    burn_in: int = 0,
+    renorm_every: int = 1,
+    project_radial: bool = False,
+    backend: str = "auto",
+    qr_backend: str = "auto",
+    seed: int = 0,
+    history_every: int = 1,
+    checkpoint: Optional[str] = None,
+    checkpoint_every: int = 100,
+    progress: bool = True,
+    trivial_below: Optional[float] = None,
+    tol: Optional[float] = None,
+    parallel: str = "samples",
+    group=None,
+):
     """:func:`fastjac.lyapunov_spectrum` sharded over the ranks of ``group`` (default: the default process group).
 
     Args: those of :func:`fastjac.lyapunov_spectrum`, plus
@@ -79,12 +95,29 @@ def lyapunov_spectrum_parallel(step, X0: Tensor, *, C: Optional[Tensor] = None, 
     group = _comm.resolve_group(group, what="parallel")
     r, P = _comm.rank_and_size(group)
     # the single-process run's checks, so both refuse the same inputs with the same messages
-    v = validate_run(step, X0, C, k=k, steps=steps, burn_in=burn_in, renorm_every=renorm_every,
-                     history_every=history_every, checkpoint_every=checkpoint_every, project_radial=project_radial,
-                     seed=seed, trivial_below=trivial_below, qr_backend=qr_backend, checkpoint=checkpoint, tol=tol)
+    v = validate_run(
+        step,
+        X0,
+        C,
+        k=k,
+        steps=steps,
+        burn_in=burn_in,
+        renorm_every=renorm_every,
+        history_every=history_every,
+        checkpoint_every=checkpoint_every,
+        project_radial=project_radial,
+        seed=seed,
+        trivial_below=trivial_below,
+        qr_backend=qr_backend,
+        checkpoint=checkpoint,
+        tol=tol,
+    )
     X, C3 = v["X"], v["C3"]
-    settings = dict(run_settings(v, X0, step, project_radial=project_radial, backend=backend,
-                                 qr_backend=qr_backend), parallel=parallel, world_size=P)
+    settings = dict(
+        run_settings(v, X0, step, project_radial=project_radial, backend=backend, qr_backend=qr_backend),
+        parallel=parallel,
+        world_size=P,
+    )
     settings.pop("device")  # ranks may sit on different devices of one kind
     if parallel == "tokens":  # refused before any checkpoint file is looked at
         from .tokens import token_why_not
@@ -94,8 +127,9 @@ def lyapunov_spectrum_parallel(step, X0: Tensor, *, C: Optional[Tensor] = None, 
             raise ValueError(f"step: {why}")
     store = None
     if v["checkpoint"]:
-        store = ShardStore(ShardCheckpoint(v["checkpoint"], group, fingerprint(step, X0, C, settings), parallel,
-                                           X.device))
+        store = ShardStore(
+            ShardCheckpoint(v["checkpoint"], group, fingerprint(step, X0, C, settings), parallel, X.device)
+        )
     common = dict(k=v["k"], backend=backend, qr_backend=qr_backend, seed=v["seed"], store=store)
     if parallel == "samples":
         from .samples import sample_parts
@@ -105,17 +139,44 @@ def lyapunov_spectrum_parallel(step, X0: Tensor, *, C: Optional[Tensor] = None, 
         from .tokens import token_parts
 
         parts, Xl, gens = token_parts(step, X, C3, group, **common)
-    return run_benettin(parts, step=step, X=Xl, k=v["k"], steps=v["steps"], burn_in=v["burn_in"],
-                        renorm_every=v["renorm_every"], project_radial=project_radial,
-                        history_every=v["history_every"], checkpoint_every=v["checkpoint_every"], gens=gens,
-                        n_triv=v["n_triv"], trivial_below=v["trivial_below"], tol=v["tol"], batched=v["batched"],
-                        settings=settings, progress=progress and r == 0)
+    return run_benettin(
+        parts,
+        step=step,
+        X=Xl,
+        k=v["k"],
+        steps=v["steps"],
+        burn_in=v["burn_in"],
+        renorm_every=v["renorm_every"],
+        project_radial=project_radial,
+        history_every=v["history_every"],
+        checkpoint_every=v["checkpoint_every"],
+        gens=gens,
+        n_triv=v["n_triv"],
+        trivial_below=v["trivial_below"],
+        tol=v["tol"],
+        batched=v["batched"],
+        settings=settings,
+        progress=progress and r == 0,
+    )
 
 
-def finite_time_lyapunov_parallel(step, X0: Tensor, *, C: Optional[Tensor] = None, horizon: int = 16,
-                                  k: Optional[int] = None, method: str = "auto", dense_max: int = 1024,
-                                  backend: str = "auto", tol: float = 1e-8, maxiter: int = 300, seed: int = 0,
-                                  trivial_below: Optional[float] = None, parallel: str = "samples", group=None):
+def finite_time_lyapunov_parallel(
+    step,
+    X0: Tensor,
+    *,
+    C: Optional[Tensor] = None,
+    horizon: int = 16,
+    k: Optional[int] = None,
+    method: str = "auto",
+    dense_max: int = 1024,
+    backend: str = "auto",
+    tol: float = 1e-8,
+    maxiter: int = 300,
+    seed: int = 0,
+    trivial_below: Optional[float] = None,
+    parallel: str = "samples",
+    group=None,
+):
     """:func:`fastjac.finite_time_lyapunov` with the batch X0 [B, S, D] sharded over the ranks (``parallel="samples"``).
 
     The dense method is seed-free: the result equals a single-process batched run. The matrix-free method seeds
@@ -130,8 +191,10 @@ def finite_time_lyapunov_parallel(step, X0: Tensor, *, C: Optional[Tensor] = Non
 
     _check_mode(parallel)
     if parallel == "tokens":
-        raise ValueError("parallel: finite_time_lyapunov supports 'samples' only (its dense product and its "
-                         "matrix-free SVD need the whole state and VJPs); use lyapunov_spectrum(parallel='tokens')")
+        raise ValueError(
+            "parallel: finite_time_lyapunov supports 'samples' only (its dense product and its "
+            "matrix-free SVD need the whole state and VJPs); use lyapunov_spectrum(parallel='tokens')"
+        )
     group = _comm.resolve_group(group, what="parallel")
     r, P = _comm.rank_and_size(group)
     X, C3, batched = prepare(step, X0, C, name="X0")
@@ -140,8 +203,16 @@ def finite_time_lyapunov_parallel(step, X0: Tensor, *, C: Optional[Tensor] = Non
         raise ValueError(f"method: expected 'auto', 'dense' or 'matrix_free', got {method!r}")
     resolved = ("dense" if S * D <= dense_max else "matrix_free") if method == "auto" else method
     lo, hi = shard_bounds(B, P, r)
-    kw = dict(horizon=horizon, k=k, method=resolved, dense_max=dense_max, backend=backend, tol=tol, maxiter=maxiter,
-              trivial_below=trivial_below)
+    kw = dict(
+        horizon=horizon,
+        k=k,
+        method=resolved,
+        dense_max=dense_max,
+        backend=backend,
+        tol=tol,
+        maxiter=maxiter,
+        trivial_below=trivial_below,
+    )
     Cs = lambda a, b: C3 if C3 is None or C3.dim() == 2 else C3[a:b]  # noqa: E731
     local = None
     if hi > lo:
@@ -149,18 +220,23 @@ def finite_time_lyapunov_parallel(step, X0: Tensor, *, C: Optional[Tensor] = Non
             res = finite_time_lyapunov(step, X[lo:hi], C=Cs(lo, hi), seed=seed, **kw)
             local = (res.exponents.cpu(), res.trivial.cpu(), res.settings)
         else:
-            parts = [finite_time_lyapunov(step, X[b:b + 1], C=Cs(b, b + 1), seed=seed + b, **kw)
-                     for b in range(lo, hi)]
-            local = (torch.cat([p.exponents for p in parts]).cpu(), torch.cat([p.trivial for p in parts]).cpu(),
-                     parts[0].settings)
+            parts = [
+                finite_time_lyapunov(step, X[b : b + 1], C=Cs(b, b + 1), seed=seed + b, **kw) for b in range(lo, hi)
+            ]
+            local = (
+                torch.cat([p.exponents for p in parts]).cpu(),
+                torch.cat([p.trivial for p in parts]).cpu(),
+                parts[0].settings,
+            )
     got = [g for g in _comm.gather_objects(local, group) if g is not None]
     ex = torch.cat([g[0] for g in got]).to(X.device)
     triv = torch.cat([g[1] for g in got]).to(X.device)
     settings = dict(got[0][2], shape=list(X0.shape), parallel="samples", world_size=P)
     if not batched:
         ex, triv = ex[0], triv[0]
-    return LyapunovResult(ex, triv, torch.empty(0, dtype=torch.float64), torch.empty(0, dtype=torch.long), horizon,
-                          settings)
+    return LyapunovResult(
+        ex, triv, torch.empty(0, dtype=torch.float64), torch.empty(0, dtype=torch.long), horizon, settings
+    )
 
 
 def map_samples(fn: Callable, X0: Tensor, C: Optional[Tensor] = None, *, group=None):
@@ -208,5 +284,13 @@ def _cat_struct(parts: list, device):
     return parts
 
 
-__all__ = ["lyapunov_spectrum_parallel", "finite_time_lyapunov_parallel", "map_samples", "MODES", "STATS",
-           "register_token_linearizer", "reset_stats", "shard_bounds"]
+__all__ = [
+    "lyapunov_spectrum_parallel",
+    "finite_time_lyapunov_parallel",
+    "map_samples",
+    "MODES",
+    "STATS",
+    "register_token_linearizer",
+    "reset_stats",
+    "shard_bounds",
+]

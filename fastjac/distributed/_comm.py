@@ -3,9 +3,10 @@
 
 Nothing here is a transport of its own: everything goes through ``torch.distributed`` (gloo on CPUs, NCCL on GPUs).
 """
+
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -25,8 +26,10 @@ def reset_stats() -> None:
 def resolve_group(group=None, *, what: str = "parallel"):
     """The process group to use: ``group``, or the default one; a ValueError naming the argument if none exists."""
     if not (dist.is_available() and dist.is_initialized()):
-        raise ValueError(f"{what}: needs an initialised torch.distributed process group "
-                         f"(torch.distributed.init_process_group, e.g. under torchrun); none is initialised")
+        raise ValueError(
+            f"{what}: needs an initialised torch.distributed process group "
+            f"(torch.distributed.init_process_group, e.g. under torchrun); none is initialised"
+        )
     return dist.group.WORLD if group is None else group
 
 
@@ -94,8 +97,9 @@ def all_gather_padded(t: Tensor, sizes: Sequence[int], group, dim: int = 0) -> L
     return [o.narrow(dim, 0, s).to(t.device) for o, s in zip(outs, sizes)]
 
 
-def ring_pass(local: Tensor, shape_of: Callable[[int], Sequence[int]], compute: Callable[[int, Tensor], None],
-              group) -> None:
+def ring_pass(
+    local: Tensor, shape_of: Callable[[int], Sequence[int]], compute: Callable[[int, Tensor], None], group
+) -> None:
     """Visit every rank's block: ``compute(src, block)`` for src = r, r-1, ..., r-P+1 (mod P), own block first.
 
     While a block is being computed on, it is already on its way to rank r+1 and the next one is arriving from

@@ -10,6 +10,7 @@ must carry the run's fingerprint (``fastjac._io.fingerprint`` of the full inputs
 which include the mode and the world size). A checkpoint written under another world size is refused with a
 ValueError naming ``checkpoint``: no re-sharding.
 """
+
 from __future__ import annotations
 
 import glob
@@ -38,7 +39,7 @@ class ShardCheckpoint:
         out = []
         for f in glob.glob(glob.escape(self.base) + ".rank*-of*.step*"):
             m = _NAME.search(f)
-            if m and f[:m.start()] == self.base:
+            if m and f[: m.start()] == self.base:
                 out.append((int(m.group(1)), int(m.group(2)), int(m.group(3)), f))
         return out
 
@@ -51,27 +52,35 @@ class ShardCheckpoint:
         rows = _comm.all_gather_padded(row, [row.numel()] * self.world, self.group)
         others = [int(x[0]) for x in rows if int(x[0])]
         if others:
-            raise ValueError(f"checkpoint: {self.base!r} has files written by a run with world size {others[0]}; "
-                             f"this run has world size {self.world} and parallel checkpoints are not re-sharded: "
-                             f"run with {others[0]} ranks, or delete {self.base}.rank* (or pass another path)")
+            raise ValueError(
+                f"checkpoint: {self.base!r} has files written by a run with world size {others[0]}; "
+                f"this run has world size {self.world} and parallel checkpoints are not re-sharded: "
+                f"run with {others[0]} ranks, or delete {self.base}.rank* (or pass another path)"
+            )
         sets = [set(int(v) for v in x[1:] if int(v) >= 0) for x in rows]
         if not any(sets):
             return None
         common = set.intersection(*sets)
         if not common:
-            raise ValueError(f"checkpoint: the ranks' files of {self.base!r} share no step (some are missing); "
-                             f"delete {self.base}.rank* to start over")
+            raise ValueError(
+                f"checkpoint: the ranks' files of {self.base!r} share no step (some are missing); "
+                f"delete {self.base}.rank* to start over"
+            )
         return max(common)
 
     def load(self, t: int) -> Dict[str, Any]:
         path = self.path(t)
         saved = torch.load(path, map_location=self.device, weights_only=True)
         if saved.get("fingerprint") != self.fp:
-            raise ValueError(f"checkpoint: {path!r} was written by a run with other inputs or settings; delete "
-                             f"{self.base}.rank* or pass another path")
+            raise ValueError(
+                f"checkpoint: {path!r} was written by a run with other inputs or settings; delete "
+                f"{self.base}.rank* or pass another path"
+            )
         if (saved.get("rank"), saved.get("world_size"), saved.get("mode")) != (self.rank, self.world, self.mode):
-            raise ValueError(f"checkpoint: {path!r} belongs to rank {saved.get('rank')} of "
-                             f"{saved.get('world_size')} ({saved.get('mode')!r}), not to this rank")
+            raise ValueError(
+                f"checkpoint: {path!r} belongs to rank {saved.get('rank')} of "
+                f"{saved.get('world_size')} ({saved.get('mode')!r}), not to this rank"
+            )
         return saved
 
     def save(self, t: int, state: Dict[str, Any]) -> bool:
@@ -129,8 +138,13 @@ class ShardStore:
                 err = e
             bad = _comm.all_reduce(torch.tensor([0.0 if err is None else 1.0]), "max", self.ckpt.group)
             if float(bad[0]) > 0:
-                raise err if err is not None else ValueError(
-                    f"checkpoint: {self.ckpt.base!r} cannot be written on another rank (see its message)")
+                raise (
+                    err
+                    if err is not None
+                    else ValueError(
+                        f"checkpoint: {self.ckpt.base!r} cannot be written on another rank (see its message)"
+                    )
+                )
             return None
         saved = self.ckpt.load(t0)
         return saved["state"], saved["rng"]
@@ -140,9 +154,12 @@ class ShardStore:
 
         if not self.ckpt.save(state["t"], dict(state=state, rng=rng)) and not self.failed:
             self.failed = True  # warn once; the run (and the result) goes on
-            warnings.warn(f"lyapunov_spectrum: rank {self.ckpt.rank} could not write its checkpoint "
-                          f"{self.ckpt.path(state['t'])!r} ({self.ckpt.error}); the run goes on without it",
-                          RuntimeWarning, stacklevel=4)
+            warnings.warn(
+                f"lyapunov_spectrum: rank {self.ckpt.rank} could not write its checkpoint "
+                f"{self.ckpt.path(state['t'])!r} ({self.ckpt.error}); the run goes on without it",
+                RuntimeWarning,
+                stacklevel=4,
+            )
 
 
 __all__ = ["ShardCheckpoint", "ShardStore", "clear_checkpoints"]

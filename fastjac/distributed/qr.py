@@ -16,6 +16,7 @@ takes the Householder QR of the stacked ``[R_0; R_1; ...] = Q_s R`` and keeps ``
 M's R factor (signs fixed so that diag R > 0), so the result is the one of a single-process Householder QR up to
 rounding; the cost is one all-gather of P k² per sample, whatever n.
 """
+
 from __future__ import annotations
 
 from typing import Sequence, Tuple
@@ -44,7 +45,7 @@ def tsqr(M: Tensor, rows: Sequence[int], group) -> Tuple[Tensor, Tensor]:
     stacked = torch.cat(Rs, 0).transpose(0, 1)  # [B, sum m_p, k]
     Qs, R = torch.linalg.qr(stacked)  # [B, sum m_p, k], [B, k, k]
     off = sum(m[:r])
-    Q = Qp @ Qs[:, off:off + m[r]]
+    Q = Qp @ Qs[:, off : off + m[r]]
     d = R.diagonal(dim1=-2, dim2=-1)
     sign = torch.where(d < 0, -1.0, 1.0).to(Q.dtype)
     return Q * sign.unsqueeze(-2), d.double().abs().log()

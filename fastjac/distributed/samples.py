@@ -8,6 +8,7 @@ single-process batched run, so the ranks agree on them with one all-reduce of a 
 re-orthonormalisation. The results are gathered at the end (``all_gather_object`` of the shards' float64 sums,
 histories and interval increments, so the gathered numbers are the shards' bytes).
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -21,8 +22,9 @@ from ..linearization import linearization
 from . import _comm
 
 
-def sample_parts(step, X: Tensor, C3: Optional[Tensor], group, *, k: int, backend: str, qr_backend: str, seed: int,
-                 store=None):
+def sample_parts(
+    step, X: Tensor, C3: Optional[Tensor], group, *, k: int, backend: str, qr_backend: str, seed: int, store=None
+):
     """(Parts, this rank's X shard, its generators) for the sample-parallel run of X [B, S, D]."""
     r, P = _comm.rank_and_size(group)
     B, S, D = X.shape
@@ -47,10 +49,18 @@ def sample_parts(step, X: Tensor, C3: Optional[Tensor], group, *, k: int, backen
         cat = lambda i: [torch.cat([g[1 + i][j] for g in got]).to(X.device) for j in range(len(got[0][1 + i]))]  # noqa: E731
         return torch.cat([g[0] for g in got]).to(X.device), cat(0), cat(1)
 
-    parts = Parts(linearize=lin, advance=advance, orthonormalize=lambda V: orthonormalize(V, qr_backend),
-                  draw=lambda gs: torch.stack([torch.randn(k, S, D, generator=g, dtype=torch.float64)
-                                               for g in gs], 1),
-                  radial=lambda Xs: radial_basis(step, Xs), n=S * D,
-                  reduce=lambda t, op: _comm.all_reduce(t, op, group), gather=gather, active=hi > lo, store=store,
-                  check_each_step=False, save_on_interrupt=False)
+    parts = Parts(
+        linearize=lin,
+        advance=advance,
+        orthonormalize=lambda V: orthonormalize(V, qr_backend),
+        draw=lambda gs: torch.stack([torch.randn(k, S, D, generator=g, dtype=torch.float64) for g in gs], 1),
+        radial=lambda Xs: radial_basis(step, Xs),
+        n=S * D,
+        reduce=lambda t, op: _comm.all_reduce(t, op, group),
+        gather=gather,
+        active=hi > lo,
+        store=store,
+        check_each_step=False,
+        save_on_interrupt=False,
+    )
     return parts, Xl, gens

@@ -19,10 +19,11 @@ so the JVP ring carries only the k tangent blocks.
 
 Only ``jvp`` (and the forward) are distributed: ``vjp`` and ``dense`` raise NotImplementedError.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -35,7 +36,7 @@ from . import _comm
 
 # The JVP's per-key-block tensors [k, B, H, S_p, c] (tangent logits, their products with A) are tiled over the keys
 # of a received block so that each tile holds at most this many elements (256 MB in float64).
-JVP_CHUNK_ELEMS = 2 ** 25
+JVP_CHUNK_ELEMS = 2**25
 
 
 @dataclass
@@ -77,9 +78,11 @@ class TokenAttention:
         self.dh, self.dv = k.shape[-1], v.shape[-1]
         H = self.q.shape[1]
         self.kv: List[Optional[Tensor]] = [None] * len(ctx.bounds)
-        st = dict(m=torch.full((B, H, Sp, 1), float("-inf"), dtype=X.dtype, device=X.device),
-                  l=torch.zeros(B, H, Sp, 1, dtype=X.dtype, device=X.device),
-                  acc=torch.zeros(B, H, Sp, self.dv, dtype=X.dtype, device=X.device))
+        st = dict(
+            m=torch.full((B, H, Sp, 1), float("-inf"), dtype=X.dtype, device=X.device),
+            l=torch.zeros(B, H, Sp, 1, dtype=X.dtype, device=X.device),
+            acc=torch.zeros(B, H, Sp, self.dv, dtype=X.dtype, device=X.device),
+        )
 
         def block(src: int, kvb: Tensor) -> None:
             self.kv[src] = kvb
@@ -90,7 +93,7 @@ class TokenAttention:
             alpha = torch.exp(st["m"] - m_new)
             e = torch.exp(s - m_new)
             st["l"] = st["l"] * alpha + e.sum(-1, keepdim=True)
-            st["acc"] = st["acc"] * alpha + e @ kvb[..., self.dh:]
+            st["acc"] = st["acc"] * alpha + e @ kvb[..., self.dh :]
             st["m"] = m_new
 
         kv = torch.cat([k, v], -1)
@@ -121,7 +124,7 @@ class TokenAttention:
         """beta q k^T for this rank's queries and keys [c0, c1) of rank src's block (masked); None if all masked."""
         if self._skip(src, c0):
             return None
-        kb = self.kv[src][..., c0:c1, :self.dh]
+        kb = self.kv[src][..., c0:c1, : self.dh]
         s = self.p.beta * (self.q @ kb.transpose(-1, -2))  # [B, H, S_p, c1 - c0]
         mask = self._mask(src, c0, c1)
         return s if mask is None else s.masked_fill(mask, float("-inf"))
@@ -166,12 +169,15 @@ class _TokenParallelMixin:
         return self.attn.out
 
     def vjp(self, G: Tensor) -> Tensor:
-        raise NotImplementedError("token-parallel linearisations compute JVPs only (the Benettin iteration); "
-                                  "gather the state and use fj.linearization for VJPs")
+        raise NotImplementedError(
+            "token-parallel linearisations compute JVPs only (the Benettin iteration); "
+            "gather the state and use fj.linearization for VJPs"
+        )
 
     def dense(self, out: Optional[Tensor] = None) -> Tensor:
-        raise NotImplementedError("token-parallel linearisations have no dense Jacobian; use fj.jacobian on the "
-                                  "gathered state")
+        raise NotImplementedError(
+            "token-parallel linearisations have no dense Jacobian; use fj.jacobian on the gathered state"
+        )
 
 
 class TokenParallelItrSALinearization(_TokenParallelMixin, ItrSALinearization):
@@ -239,10 +245,12 @@ def token_why_not(step) -> Optional[str]:
     if type(step) in TOKEN_LINEARIZERS:
         return None
     known = ", ".join(sorted(c.__name__ for c in TOKEN_LINEARIZERS)) or "none"
-    return (f"parallel='tokens' has no token-parallel linearisation for {type(step).__name__} (registered, by exact "
-            f"class: {known}); a subclass may change the maths, so it never gets its parent's Jacobian. Run it with "
-            f"parallel='samples' or in one process (the autograd backend), or register one with "
-            f"fastjac.distributed.register_token_linearizer")
+    return (
+        f"parallel='tokens' has no token-parallel linearisation for {type(step).__name__} (registered, by exact "
+        f"class: {known}); a subclass may change the maths, so it never gets its parent's Jacobian. Run it with "
+        f"parallel='samples' or in one process (the autograd backend), or register one with "
+        f"fastjac.distributed.register_token_linearizer"
+    )
 
 
 def token_linearization(step, X: Tensor, C: Optional[Tensor], ctx: TokenContext):
@@ -279,13 +287,26 @@ def ring_bytes(S: int, S_p: int, H: int, dh: int, dv: int, k: int, elt: int, B: 
     return B * (1 + k) * (S - S_p) * H * (dh + dv) * elt
 
 
-__all__ = ["TokenContext", "TokenAttention", "TokenParallelItrSALinearization", "TokenParallelAKOrNLinearization",
-           "TOKEN_LINEARIZERS", "register_token_linearizer", "token_why_not", "token_linearization",
-           "itrsa_token_linearization", "akorn_token_linearization", "token_parts", "jvp_flops", "ring_bytes"]
+__all__ = [
+    "TokenContext",
+    "TokenAttention",
+    "TokenParallelItrSALinearization",
+    "TokenParallelAKOrNLinearization",
+    "TOKEN_LINEARIZERS",
+    "register_token_linearizer",
+    "token_why_not",
+    "token_linearization",
+    "itrsa_token_linearization",
+    "akorn_token_linearization",
+    "token_parts",
+    "jvp_flops",
+    "ring_bytes",
+]
 
 
-def token_parts(step, X: Tensor, C3: Optional[Tensor], group, *, k: int, backend: str, qr_backend: str, seed: int,
-                store=None):
+def token_parts(
+    step, X: Tensor, C3: Optional[Tensor], group, *, k: int, backend: str, qr_backend: str, seed: int, store=None
+):
     """(Parts, this rank's token block of X, the generators) for the token-parallel run of the full X [B, S, D]."""
     from ..analysis.benettin import Parts, radial_basis
     from .qr import distributed_qr
@@ -294,8 +315,10 @@ def token_parts(step, X: Tensor, C3: Optional[Tensor], group, *, k: int, backend
     if why is not None:
         raise ValueError(f"step: {why}")
     if backend not in ("auto", "torch"):
-        raise ValueError(f"backend: parallel='tokens' runs its ring attention in torch ops; expected 'auto' or "
-                         f"'torch', got {backend!r}")
+        raise ValueError(
+            f"backend: parallel='tokens' runs its ring attention in torch ops; expected 'auto' or "
+            f"'torch', got {backend!r}"
+        )
     r, P = _comm.rank_and_size(group)
     B, S, D = X.shape
     if S < P:
@@ -319,9 +342,17 @@ def token_parts(step, X: Tensor, C3: Optional[Tensor], group, *, k: int, backend
     def draw(gs):  # the single-process draws, sliced to this rank's tokens
         return torch.stack([torch.randn(k, S, D, generator=g, dtype=torch.float64)[:, lo:hi] for g in gs], 1)
 
-    parts = Parts(linearize=lambda Xs: token_linearization(step, Xs, Cl, ctx),
-                  advance=lambda Xs: token_linearization(step, Xs, Cl, ctx).out, orthonormalize=orthonormalize,
-                  draw=draw, radial=lambda Xs: radial_basis(step, Xs), n=S * D, colnorms=colnorms,
-                  reduce=lambda t, op: _comm.all_reduce(t, op, group), store=store, check_each_step=False,
-                  save_on_interrupt=False)
+    parts = Parts(
+        linearize=lambda Xs: token_linearization(step, Xs, Cl, ctx),
+        advance=lambda Xs: token_linearization(step, Xs, Cl, ctx).out,
+        orthonormalize=orthonormalize,
+        draw=draw,
+        radial=lambda Xs: radial_basis(step, Xs),
+        n=S * D,
+        colnorms=colnorms,
+        reduce=lambda t, op: _comm.all_reduce(t, op, group),
+        store=store,
+        check_each_step=False,
+        save_on_interrupt=False,
+    )
     return parts, Xl, gens

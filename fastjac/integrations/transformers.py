@@ -11,6 +11,7 @@ inside :func:`fastjac.nn.attention.forward_ad`, and the mask format is the "sdpa
 ``attn_implementation="sdpa"`` also works through fastjac's callable path, which enters forward_ad() by itself;
 the registration makes the model usable with plain ``torch.func`` too, with no context manager.
 """
+
 from __future__ import annotations
 
 NAME = "fastjac"
@@ -40,11 +41,14 @@ def register(name: str = NAME) -> str:
     try:
         from transformers import AttentionInterface
     except ImportError as e:
-        raise ImportError("fastjac.integrations.transformers.register: needs transformers "
-                          "(pip install transformers, or fastjac's 'thirdparty' extra)") from e
+        raise ImportError(
+            "fastjac.integrations.transformers.register: needs transformers "
+            "(pip install transformers, or fastjac's 'thirdparty' extra)"
+        ) from e
     AttentionInterface.register(name, fastjac_attention_forward)
     try:
         from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
         AttentionMaskInterface.register(name, sdpa_mask)
     except ImportError:  # pragma: no cover - older transformers without a mask interface
         pass

@@ -5,6 +5,7 @@
 - :func:`fastjac.nn.attention.forward_ad`: a context manager routing ``torch.nn.functional.scaled_dot_product_attention``
   (however it was imported) to it, with the fused fast paths that bypass SDPA switched off.
 """
+
 from . import attention, functional
 from .attention import forward_ad
 from .functional import scaled_dot_product_attention

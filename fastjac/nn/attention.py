@@ -25,6 +25,7 @@ What it does while active (in the entering thread; restored on exit, re-entrant,
 fastjac's callable path (``backend="autograd"``: ``fj.jvp``, ``fj.lyapunov_spectrum``, ... on any step callable)
 enters this automatically; ``fastjac.config.settings(sdpa_forward_ad=False)`` opts out.
 """
+
 from __future__ import annotations
 
 import contextlib

@@ -23,6 +23,7 @@ Supported transforms (each tested against float64 attention written out with ``s
 over forward (``grad`` of a ``jvp``, one or k tangents). Forward over forward (``jvp`` of ``jvp``) raises a clear
 error instead of returning a silent zero.
 """
+
 from __future__ import annotations
 
 import math
@@ -32,7 +33,7 @@ import torch
 from torch import Tensor
 
 # budget of one block of probabilities (k tangents x batch x heads x rows x S) in the torch reference, bytes
-CHUNK_BYTES = 64 * 2 ** 20
+CHUNK_BYTES = 64 * 2**20
 
 _ORIG_SDPA = torch.nn.functional.scaled_dot_product_attention
 
@@ -40,6 +41,7 @@ _ORIG_SDPA = torch.nn.functional.scaled_dot_product_attention
 # ----------------------------------------------------------------------------------------------------------------
 # torch reference: blocks of query rows, online over nothing (the whole key range of a block fits the budget)
 # ----------------------------------------------------------------------------------------------------------------
+
 
 def _rows_per_block(rows: int, S: int, per_row_elems: int, elsize: int) -> int:
     return max(1, min(rows, CHUNK_BYTES // max(1, per_row_elems * S * elsize)))
@@ -117,7 +119,7 @@ def _jvp_ref(q, k, v, bias, o, lse, qd, kd, vd, bd, scale, causal) -> Tensor:
             t = bd[..., r0:r1, :].permute(1, 2, 3, 0, 4)  # [b, h, r, K, S]
             W = t if W is None else (W.add_(t) if inplace else W + t)
         if W is not None:
-            PW = (W.mul_(p.unsqueeze(-2)) if inplace and kdp is not None else p.unsqueeze(-2) * W)
+            PW = W.mul_(p.unsqueeze(-2)) if inplace and kdp is not None else p.unsqueeze(-2) * W
             PW = PW.reshape(B, H, r * K, S)
             a = (PW @ v1).view(B, H, r, K, Ev + 1)
             t = a[..., :Ev] - a[..., Ev:] * o_r.unsqueeze(-2)
@@ -160,6 +162,7 @@ def _bwd_ref(q, k, v, bias, go, scale, causal, need_bias: bool):
 # kernel choice
 # ----------------------------------------------------------------------------------------------------------------
 
+
 def _cpp_module():
     """fastjac.ops.attention.cpp if it has the flash ops (issue 18's contract) and they are usable, else None."""
     try:
@@ -184,8 +187,12 @@ def kernel_for(q: Tensor) -> str:
     """
     # Under torch.compile the traced C++ flash ops gave wrong tangents (0.86 off in float64, torch 2.13, backend
     # "eager"; their fake kernels' layout is not what the real ops return): compiled code takes the torch reference.
-    if q.device.type == "cpu" and q.dtype in (torch.float32, torch.float64) and _cpp_module() is not None \
-            and not torch.compiler.is_compiling():
+    if (
+        q.device.type == "cpu"
+        and q.dtype in (torch.float32, torch.float64)
+        and _cpp_module() is not None
+        and not torch.compiler.is_compiling()
+    ):
         return "cpp-flash"
     return "torch-chunked"
 
@@ -208,18 +215,29 @@ def _jvp_k(q, k, v, bias, o, lse, qd, kd, vd, bd, scale, causal):
     if bd is None and kernel_for(q) == "cpp-flash":
         K = next(t.shape[0] for t in (qd, kd, vd) if t is not None)
         z = lambda x: torch.zeros((), dtype=x.dtype, device=x.device).expand(K, *x.shape)  # noqa: E731
-        return _cpp_module().flash_jvp(q, k, v, o, lse, z(q) if qd is None else qd, z(k) if kd is None else kd,
-                                       z(v) if vd is None else vd, scale=scale, causal=causal, bias=bias)
+        return _cpp_module().flash_jvp(
+            q,
+            k,
+            v,
+            o,
+            lse,
+            z(q) if qd is None else qd,
+            z(k) if kd is None else kd,
+            z(v) if vd is None else vd,
+            scale=scale,
+            causal=causal,
+            bias=bias,
+        )
     if _low(q):
         f = lambda x: None if x is None else x.float()  # noqa: E731
-        return _jvp_ref(f(q), f(k), f(v), f(bias), f(o), f(lse), f(qd), f(kd), f(vd), f(bd), scale,
-                        causal).to(q.dtype)
+        return _jvp_ref(f(q), f(k), f(v), f(bias), f(o), f(lse), f(qd), f(kd), f(vd), f(bd), scale, causal).to(q.dtype)
     return _jvp_ref(q, k, v, bias, o, lse, qd, kd, vd, bd, scale, causal)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # the autograd Functions
 # ----------------------------------------------------------------------------------------------------------------
+
 
 def _merge(x: Optional[Tensor], bdim, n: int, at: int, size: int) -> Optional[Tensor]:
     """x with vmap's dim ``bdim`` moved to ``at`` and merged with dim ``at+1`` (expanded to ``size`` there first;
@@ -228,8 +246,8 @@ def _merge(x: Optional[Tensor], bdim, n: int, at: int, size: int) -> Optional[Te
         return None
     x = x.unsqueeze(at).expand(*x.shape[:at], n, *x.shape[at:]) if bdim is None else x.movedim(bdim, at)
     if x.shape[at + 1] != size:
-        x = x.expand(*x.shape[:at + 1], size, *x.shape[at + 2:])
-    return x.reshape(*x.shape[:at], -1, *x.shape[at + 2:])
+        x = x.expand(*x.shape[: at + 1], size, *x.shape[at + 2 :])
+    return x.reshape(*x.shape[:at], -1, *x.shape[at + 2 :])
 
 
 def _merge_bcast(x: Optional[Tensor], bdim, n: int, at: int, size: int) -> Optional[Tensor]:
@@ -267,7 +285,8 @@ class _AttnJvp(torch.autograd.Function):
     def jvp(ctx, *tangents):
         raise NotImplementedError(
             "fastjac.nn.functional.scaled_dot_product_attention: forward mode over forward mode (a jvp of a jvp, "
-            "jacfwd(jacfwd), a forward-mode Hessian) is not supported; use jacfwd(jacrev) or jacrev(jacfwd)")
+            "jacfwd(jacfwd), a forward-mode Hessian) is not supported; use jacfwd(jacrev) or jacrev(jacfwd)"
+        )
 
     @staticmethod
     def backward(ctx, god):
@@ -281,11 +300,28 @@ class _AttnJvp(torch.autograd.Function):
             leaves = {i: t.detach().requires_grad_(True) for i, t in ins.items() if t is not None and need[i]}
             a = {i: leaves.get(i, t) for i, t in ins.items()}
             # the differentiable formula: recompute p (no lse hint), so the graph covers its dependence on q, k
-            od = _jvp_ref(a[0], a[1], a[2], a[3], _AttnOut.apply(a[0], a[1], a[2], a[3], ctx.scale, ctx.causal)[0],
-                          None, a[6], a[7], a[8], a[9], ctx.scale, ctx.causal)
+            od = _jvp_ref(
+                a[0],
+                a[1],
+                a[2],
+                a[3],
+                _AttnOut.apply(a[0], a[1], a[2], a[3], ctx.scale, ctx.causal)[0],
+                None,
+                a[6],
+                a[7],
+                a[8],
+                a[9],
+                ctx.scale,
+                ctx.causal,
+            )
             idx = list(leaves)
-            grads = torch.autograd.grad(od, [leaves[i] for i in idx], god, allow_unused=True,
-                                        create_graph=torch.is_grad_enabled()) if idx else ()
+            grads = (
+                torch.autograd.grad(
+                    od, [leaves[i] for i in idx], god, allow_unused=True, create_graph=torch.is_grad_enabled()
+                )
+                if idx
+                else ()
+            )
         out = [None] * 12
         for i, g in zip(idx, grads):
             out[i] = g if g is not None else torch.zeros_like(ins[i])
@@ -380,22 +416,32 @@ def _sum_to(g: Tensor, shape) -> Tensor:
 # public function
 # ----------------------------------------------------------------------------------------------------------------
 
+
 def _forward_mode_active(tensors) -> bool:
     """True when a forward-mode transform (torch.func.jvp / jacfwd, or torch.autograd.forward_ad) sees these."""
     try:
         from torch._C._functorch import TransformType, peek_interpreter_stack  # noqa: F401
         from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+
         if any(i.key() == TransformType.Jvp for i in retrieve_all_functorch_interpreters()):
             return True
     except Exception:  # pragma: no cover - private API moved
         pass
     import torch.autograd.forward_ad as fwAD
+
     return any(isinstance(t, Tensor) and fwAD.unpack_dual(t).tangent is not None for t in tensors)
 
 
-def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor] = None,
-                                 dropout_p: float = 0.0, is_causal: bool = False, scale: Optional[float] = None,
-                                 enable_gqa: bool = False) -> Tensor:
+def scaled_dot_product_attention(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attn_mask: Optional[Tensor] = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: Optional[float] = None,
+    enable_gqa: bool = False,
+) -> Tensor:
     """``torch.nn.functional.scaled_dot_product_attention`` with forward-mode derivatives: the same signature and
     semantics, and it composes with ``torch.func.jvp`` / ``vmap(jvp)`` (k tangents share one softmax, one kernel
     call) / ``jacfwd`` / ``jacrev`` / ``grad`` and the gradient of a JVP.
@@ -445,11 +491,13 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
             raise ValueError(
                 f"dropout_p: {dropout_p} under a forward-mode transform (torch.func.jvp / jacfwd / fastjac's "
                 "Jacobians): the Jacobian of a random map is not defined; put the model in eval() mode or set its "
-                "attention dropout to 0")
+                "attention dropout to 0"
+            )
         # plain training with dropout: PyTorch's own kernel, bit for bit (its RNG, its keep-mask)
         kw = {"enable_gqa": True} if enable_gqa else {}
-        return _ORIG_SDPA(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
-                          scale=scale, **kw)
+        return _ORIG_SDPA(
+            query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale, **kw
+        )
     E = query.shape[-1]
     sc = float(1.0 / math.sqrt(E)) if scale is None else float(scale)
     Hq, Hk = (query.shape[-3] if query.dim() >= 3 else 1), (key.shape[-3] if key.dim() >= 3 else 1)
@@ -475,11 +523,13 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
         except RuntimeError:
             full = None
         if full != (*lead, L, S):
-            raise ValueError(f"attn_mask: expected a shape broadcastable to {(*lead, L, S)}, got "
-                             f"{tuple(attn_mask.shape)}")
+            raise ValueError(
+                f"attn_mask: expected a shape broadcastable to {(*lead, L, S)}, got {tuple(attn_mask.shape)}"
+            )
         if attn_mask.dtype == torch.bool:
             bias = torch.zeros(attn_mask.shape, dtype=query.dtype, device=query.device).masked_fill(
-                ~attn_mask, float("-inf"))
+                ~attn_mask, float("-inf")
+            )
         elif attn_mask.dtype == query.dtype:
             bias = attn_mask
         else:
@@ -487,9 +537,9 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
         # to [b, h, L, S] with b in {1, B}, h in {1, H}: a view whenever the mask does not vary over a folded dim
         bias = bias.reshape((1,) * (len(lead) + 2 - bias.dim()) + tuple(bias.shape))
         if lead:
-            outer = bias.shape[:len(lead) - 1]
+            outer = bias.shape[: len(lead) - 1]
             b = 1 if all(s == 1 for s in outer) else B4
-            bias = bias.expand(*(lead[:-1] if b != 1 else outer), *bias.shape[len(lead) - 1:])
+            bias = bias.expand(*(lead[:-1] if b != 1 else outer), *bias.shape[len(lead) - 1 :])
             bias = bias.reshape(b, bias.shape[-3], *bias.shape[-2:]).expand(b, bias.shape[-3], L, S)
         else:
             bias = bias.reshape(1, 1, *bias.shape[-2:]).expand(1, 1, L, S)

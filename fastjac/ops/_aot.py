@@ -36,6 +36,7 @@ forces a compile.
 What this proves: the kernels compile for sm_80 / sm_90 at every launch configuration, within the resource limits,
 on tensor cores where expected. What it does not: speed, and the runtime behaviour of the compiled code.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -56,14 +57,16 @@ from typing import Dict, List, Optional
 
 METHOD = "fastjac-aot-1"  # bump when the measurement below changes: it invalidates every cached record
 TC_OPS = ("HGMMA", "HMMA", "DMMA")
-KERNELS = OrderedDict([  # short name -> (module, function)
-    ("attn_fwd", ("fastjac.ops.attention.triton", "_attn_fwd_kernel")),
-    ("attn_jvp", ("fastjac.ops.attention.triton", "_attn_jvp_fwd_kernel")),
-    ("norm", ("fastjac.ops.norm.triton", "_norm_jvp_fwd_kernel")),
-    ("dense", ("fastjac.ops.step.dense_triton", "_step_dense_fwd_kernel")),
-    ("qr_gram", ("fastjac.ops.qr.triton", "_qr_gram_kernel")),
-    ("qr_apply", ("fastjac.ops.qr.triton", "_qr_apply_kernel")),
-])
+KERNELS = OrderedDict(
+    [  # short name -> (module, function)
+        ("attn_fwd", ("fastjac.ops.attention.triton", "_attn_fwd_kernel")),
+        ("attn_jvp", ("fastjac.ops.attention.triton", "_attn_jvp_fwd_kernel")),
+        ("norm", ("fastjac.ops.norm.triton", "_norm_jvp_fwd_kernel")),
+        ("dense", ("fastjac.ops.step.dense_triton", "_step_dense_fwd_kernel")),
+        ("qr_gram", ("fastjac.ops.qr.triton", "_qr_gram_kernel")),
+        ("qr_apply", ("fastjac.ops.qr.triton", "_qr_apply_kernel")),
+    ]
+)
 S_LIST, D_LIST, K_LIST, H = (81, 1024, 4096), (256, 512), (1, 16, 64), 8
 QR_K = (16, 64, 128)
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -74,6 +77,7 @@ DEFAULT_MD = os.path.join(REPO, "bench", "results", "aot_table.md")
 
 # ------------------------------------------------------------------------------------------------------- capture
 
+
 class _FakeDriver:
     """Just enough of a Triton driver for JITFunction.run to bind arguments for a CUDA target (device id = arch)."""
 
@@ -82,6 +86,7 @@ class _FakeDriver:
 
     def get_current_target(self):
         from triton.backends.compiler import GPUTarget
+
         return GPUTarget("cuda", self.arch, 32)
 
     def get_current_device(self):
@@ -96,6 +101,7 @@ class _FakeDriver:
 
 def _jsonable(v):
     import triton.language as tl
+
     if isinstance(v, tl.dtype):
         return {"tl.dtype": v.name}
     if isinstance(v, tl.constexpr):
@@ -105,6 +111,7 @@ def _jsonable(v):
 
 def _from_json(v):
     import triton.language as tl
+
     if isinstance(v, dict) and "tl.dtype" in v:
         return tl.dtype(v["tl.dtype"])
     return v
@@ -113,7 +120,9 @@ def _from_json(v):
 def capture(archs=(80, 90)) -> List[dict]:
     """Drive every launcher on meta tensors for each architecture; return the recorded compile requests."""
     from triton.runtime.driver import driver
+
     from . import _launch, _utils
+
     if _utils.INTERPRET:
         raise RuntimeError("capture needs TRITON_INTERPRET unset when fastjac's kernels are imported")
     fake = _FakeDriver()
@@ -130,18 +139,25 @@ def capture(archs=(80, 90)) -> List[dict]:
         return b, cfg
 
     _launch.config = config
-    for short, (modname, fname) in KERNELS.items():
+    for short, (_modname, fname) in KERNELS.items():
         kern = getattr(mods[short], fname)
 
         def _do_compile(key, signature, device, constexprs, options, attrs, warmup, _short=short, _k=kern):
             names = _k.arg_names
-            records.append(dict(
-                short=_short, kernel=f"{_k.fn.__module__}.{_k.fn.__name__}", arch=int(device),
-                signature=dict(signature),
-                constexprs={names[p[0]]: _jsonable(v) for p, v in constexprs.items()},
-                attrs=[[list(p), v] for p, v in attrs.items()],
-                num_warps=options.num_warps, num_stages=options.num_stages,
-                entry=list(used[-1]) if used else None, tag=dict(state["tag"])))
+            records.append(
+                dict(
+                    short=_short,
+                    kernel=f"{_k.fn.__module__}.{_k.fn.__name__}",
+                    arch=int(device),
+                    signature=dict(signature),
+                    constexprs={names[p[0]]: _jsonable(v) for p, v in constexprs.items()},
+                    attrs=[[list(p), v] for p, v in attrs.items()],
+                    num_warps=options.num_warps,
+                    num_stages=options.num_stages,
+                    entry=list(used[-1]) if used else None,
+                    tag=dict(state["tag"]),
+                )
+            )
             return None
 
         kern._do_compile = _do_compile
@@ -158,23 +174,30 @@ def capture(archs=(80, 90)) -> List[dict]:
 
 def _drive(state, used):
     import torch
+
+    from .. import config as fj_config
     from .attention.ref import AttnParams
     from .attention.triton import msa_forward_triton, msa_jvp_triton
     from .norm.ref import NormCache, NormParams
     from .norm.triton import norm_residual_jvp_triton
-    from .step.dense_triton import step_dense_launch
     from .qr.triton import MAX_K, qr_apply_launch, qr_gram_launch
-    from .. import config as fj_config
+    from .step.dense_triton import step_dense_launch
 
     meta = dict(device="meta")
-    dts = (("fp32", torch.float32, "ieee"), ("tf32", torch.float32, "tf32"), ("bf16", torch.bfloat16, "ieee"),
-           ("fp16", torch.float16, "ieee"), ("fp64", torch.float64, "ieee"))
+    dts = (
+        ("fp32", torch.float32, "ieee"),
+        ("tf32", torch.float32, "tf32"),
+        ("bf16", torch.bfloat16, "ieee"),
+        ("fp16", torch.float16, "ieee"),
+        ("fp64", torch.float64, "ieee"),
+    )
     # ---- attention: the grid, plus D = 128 (dh = 16) and D = 1024 (dh = 128) for the other table buckets
     shapes = [(S, D) for S in S_LIST for D in D_LIST] + [(81, 128), (1024, 1024)]
     for (S, D), (dn, dt, prec), causal in itertools.product(shapes, dts, (False, True)):
         dh = D // H
-        p = AttnParams(*(torch.empty(H, D, dh, dtype=dt, **meta) for _ in range(3)), None, None, None, None, None,
-                       dh ** -0.5, causal)
+        p = AttnParams(
+            *(torch.empty(H, D, dh, dtype=dt, **meta) for _ in range(3)), None, None, None, None, None, dh**-0.5, causal
+        )
         X = torch.empty(1, S, D, dtype=dt, **meta)
         with fj_config.settings(matmul_precision=prec):
             state["tag"] = dict(path="attention", S=S, D=D, dtype=dn, causal=causal)
@@ -187,20 +210,28 @@ def _drive(state, used):
         if dn == "tf32" or (dn == "fp64" and D > 4096):
             continue  # no matrix product in this kernel; no float64 entry for rows wider than 4096
         S = 81 if D > 512 else None
-        for S_ in ((S,) if S else S_LIST):
-            for kind, group, gamma in (("l2", D, True), ("rms", D, True), ("layer", D, True), ("none", D, False),
-                                       ("l2", 4, False)):
+        for S_ in (S,) if S else S_LIST:
+            for kind, group, gamma in (
+                ("l2", D, True),
+                ("rms", D, True),
+                ("layer", D, True),
+                ("none", D, False),
+                ("l2", 4, False),
+            ):
                 G = D // group
-                c = NormCache(NormParams(kind, torch.empty(D, dtype=dt, **meta) if gamma else None, None, 1e-6,
-                                         group),
-                              torch.empty(1, S_, G, group, dtype=dt, **meta),
-                              torch.empty(1, S_, G, 1, dtype=dt, **meta), torch.empty(1, S_, D, dtype=dt, **meta))
+                c = NormCache(
+                    NormParams(kind, torch.empty(D, dtype=dt, **meta) if gamma else None, None, 1e-6, group),
+                    torch.empty(1, S_, G, group, dtype=dt, **meta),
+                    torch.empty(1, S_, G, 1, dtype=dt, **meta),
+                    torch.empty(1, S_, D, dtype=dt, **meta),
+                )
                 state["tag"] = dict(path="norm", kind=kind, group=group, S=S_, D=D, dtype=dn, k=K)
                 T = torch.empty(K, 1, S_, D, dtype=dt, **meta)
                 norm_residual_jvp_triton(c, T, torch.empty_like(T), 1.0)
     # ---- dense step Jacobian at S = 81 (D = 16, 32 for the other feature-tile buckets); row chunks of the
     #      library's own chunking (dense_triton.step_dense_triton), R1 expanded (L = I) or per token
     from .step import dense_triton as dn_mod
+
     for D, (dn, dt, _) in itertools.product(D_LIST + (16, 32), dts):
         if dn == "tf32":
             continue
@@ -216,13 +247,16 @@ def _drive(state, used):
             I = i1 - i0
             U = torch.empty(H, I, S, D, dtype=dt, **meta)
             Ed = torch.empty(I, D, D, dtype=dt, **meta)
-            for r1 in (torch.empty(H, D, D, dtype=dt, **meta).unsqueeze(0).expand(I, H, D, D),
-                       torch.empty(I, H, D, D, dtype=dt, **meta)):
+            for r1 in (
+                torch.empty(H, D, D, dtype=dt, **meta).unsqueeze(0).expand(I, H, D, D),
+                torch.empty(I, H, D, D, dtype=dt, **meta),
+            ):
                 state["tag"] = dict(path="dense", S=S, D=D, dtype=dn, rows=f"{i0}:{i1}")
                 step_dense_launch(A, r1, U, rb, Ed, out, i0, i1)
     # ---- CholeskyQR2 primitives: n = S * D, the Lyapunov layout (V [k, B, n] viewed as [B, n, k]) and row-major
-    for S, D, K, (dn, dt) in itertools.product(S_LIST, D_LIST, QR_K + (32,), (("fp32", torch.float32),
-                                                                          ("fp64", torch.float64))):
+    for S, D, K, (dn, dt) in itertools.product(
+        S_LIST, D_LIST, QR_K + (32,), (("fp32", torch.float32), ("fp64", torch.float64))
+    ):
         if K > MAX_K or (K == 32 and (S, D) != (81, 256)):
             continue
         n = S * D
@@ -241,14 +275,17 @@ def _drive(state, used):
 
 def config_key(r: dict) -> str:
     """The identity of one compile: kernel, architecture, signature, constexprs, attrs, options."""
-    return json.dumps([r["kernel"], r["arch"], r["signature"], r["constexprs"], r["attrs"], r["num_warps"],
-                       r["num_stages"]], sort_keys=True)
+    return json.dumps(
+        [r["kernel"], r["arch"], r["signature"], r["constexprs"], r["attrs"], r["num_warps"], r["num_stages"]],
+        sort_keys=True,
+    )
 
 
 def source_hashes() -> Dict[str, str]:
     """kernel qualified name -> sha256 of the @triton.jit function's source, decorator line included (the kernels
     call only ``tl`` builtins, so their source is all of their code); the same under the interpreter and compiled."""
     import inspect
+
     out = {}
     for m, f in KERNELS.values():
         fn = getattr(importlib.import_module(m), f).fn
@@ -258,6 +295,7 @@ def source_hashes() -> Dict[str, str]:
 
 def cache_hash(r: dict, src: Dict[str, str]) -> str:
     import triton
+
     blob = json.dumps([METHOD, triton.__version__, src[r["kernel"]], config_key(r)], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 
@@ -268,8 +306,14 @@ def distinct(records: List[dict]) -> "OrderedDict[str, dict]":
     for r in records:
         k = config_key(r)
         if k not in out:
-            out[k] = dict({f: r[f] for f in ("short", "kernel", "arch", "signature", "constexprs", "attrs",
-                                             "num_warps", "num_stages")}, entries=[], uses=[])
+            out[k] = dict(
+                {
+                    f: r[f]
+                    for f in ("short", "kernel", "arch", "signature", "constexprs", "attrs", "num_warps", "num_stages")
+                },
+                entries=[],
+                uses=[],
+            )
         d = out[k]
         if r["entry"] and r["entry"] not in d["entries"]:
             d["entries"].append(r["entry"])
@@ -280,29 +324,47 @@ def distinct(records: List[dict]) -> "OrderedDict[str, dict]":
 
 # ------------------------------------------------------------------------------------------------------- compile
 
+
 def _bin() -> str:
     import triton
+
     return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 
 
 def _ptxas_v(ptx: str, arch: int) -> dict:
     """Registers and spill bytes from the ptxas of the triton wheel, run as Triton runs it (plus -v)."""
     from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
+
     exe = get_ptxas(arch).path
     with tempfile.TemporaryDirectory() as d:
         src, out = os.path.join(d, "k.ptx"), os.path.join(d, "k.cubin")
         with open(src, "w") as f:
             f.write(ptx)
-        log = subprocess.run([exe, "-lineinfo", "-v", "--regAllocOptLevel=2",
-                              f"--gpu-name={sm_arch_from_capability(arch)}", src, "-o", out],
-                             capture_output=True, text=True)
+        log = subprocess.run(
+            [
+                exe,
+                "-lineinfo",
+                "-v",
+                "--regAllocOptLevel=2",
+                f"--gpu-name={sm_arch_from_capability(arch)}",
+                src,
+                "-o",
+                out,
+            ],
+            capture_output=True,
+            text=True,
+        )
         if log.returncode != 0:
             raise RuntimeError(f"ptxas failed: {log.stderr[-500:]}")
     text = log.stderr + log.stdout
     g = lambda pat: int(m.group(1)) if (m := re.search(pat, text)) else 0  # noqa: E731
-    return dict(registers=g(r"Used (\d+) registers"), spill_stores=g(r"(\d+) bytes spill stores"),
-                spill_loads=g(r"(\d+) bytes spill loads"), stack=g(r"(\d+) bytes stack frame"),
-                ptxas=os.path.basename(exe))
+    return dict(
+        registers=g(r"Used (\d+) registers"),
+        spill_stores=g(r"(\d+) bytes spill stores"),
+        spill_loads=g(r"(\d+) bytes spill loads"),
+        stack=g(r"(\d+) bytes stack frame"),
+        ptxas=os.path.basename(exe),
+    )
 
 
 def _sass_tc(cubin: bytes) -> List[str]:
@@ -310,8 +372,7 @@ def _sass_tc(cubin: bytes) -> List[str]:
         path = os.path.join(d, "k.cubin")
         with open(path, "wb") as f:
             f.write(cubin)
-        sass = subprocess.run([os.path.join(_bin(), "cuobjdump"), "-sass", path], capture_output=True,
-                              text=True).stdout
+        sass = subprocess.run([os.path.join(_bin(), "cuobjdump"), "-sass", path], capture_output=True, text=True).stdout
     return sorted({m for m in re.findall(r"\b(" + "|".join(TC_OPS) + r")\b", sass)})
 
 
@@ -336,16 +397,25 @@ def compile_one(r: dict) -> dict:
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
+
     from . import _launch
+
     t0 = time.time()
     m, f = r["kernel"].rsplit(".", 1)
     fn = getattr(importlib.import_module(m), f)
-    src = ASTSource(fn, dict(r["signature"]), {k: _from_json(v) for k, v in r["constexprs"].items()},
-                    {tuple(p): v for p, v in r["attrs"]})
+    src = ASTSource(
+        fn,
+        dict(r["signature"]),
+        {k: _from_json(v) for k, v in r["constexprs"].items()},
+        {tuple(p): v for p, v in r["attrs"]},
+    )
     res = dict(shared_limit=_launch.SHARED_LIMIT[r["arch"]])
     try:
-        k = triton.compile(src, target=GPUTarget("cuda", r["arch"], 32),
-                           options=dict(num_warps=r["num_warps"], num_stages=r["num_stages"]))
+        k = triton.compile(
+            src,
+            target=GPUTarget("cuda", r["arch"], 32),
+            options=dict(num_warps=r["num_warps"], num_stages=r["num_stages"]),
+        )
         res.update(_ptxas_v(k.asm["ptx"], r["arch"]))
         res["shared"] = int(k.metadata.shared)
         res["tc_ops"] = _sass_tc(k.asm["cubin"])
@@ -353,8 +423,14 @@ def compile_one(r: dict) -> dict:
         res["ptx_mma"] = dict(wgmma=len(re.findall(r"wgmma\.mma_async", ptx)), mma=len(re.findall(r"\bmma\.sync", ptx)))
         res["error"] = None
     except Exception as e:  # a compile failure is a result (it does not fit)
-        res.update(shared=None, registers=None, spill_stores=None, spill_loads=None, tc_ops=[],
-                   error=f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e) else ''}")
+        res.update(
+            shared=None,
+            registers=None,
+            spill_stores=None,
+            spill_loads=None,
+            tc_ops=[],
+            error=f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e) else ''}",
+        )
     res["compile_s"] = round(time.time() - t0, 2)
     return res
 
@@ -362,6 +438,7 @@ def compile_one(r: dict) -> dict:
 def verdict(r: dict) -> dict:
     """The derived fields: spill_bytes, tensor_cores, fits (and why not)."""
     from . import _launch
+
     out = {}
     why = []
     if r.get("error"):
@@ -390,19 +467,21 @@ def _worker_init():
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9's default, stated (silences its warning)
 
 
-def run_check(cache_path: Optional[str] = DEFAULT_CACHE, jobs: int = 2, archs=(80, 90), log=print,
-              recheck: int = 0) -> dict:
+def run_check(
+    cache_path: Optional[str] = DEFAULT_CACHE, jobs: int = 2, archs=(80, 90), log=print, recheck: int = 0
+) -> dict:
     """Capture, compile what the cache lacks, and judge. Returns dict(records, missing_entries, compiled, ...).
 
     ``recheck`` > 0 also recompiles that many cached records (the cheapest) and reports any that differ."""
     from . import _launch
+
     t0 = time.time()
     recs = capture(archs)
     cfgs = distinct(recs)
     src = source_hashes()
     cache = load_cache(cache_path) if cache_path else {}
     todo, out = [], []
-    for ck, c in cfgs.items():
+    for c in cfgs.values():
         c["key"] = cache_hash(c, src)
         hit = cache.get(c["key"])
         if hit is not None:
@@ -410,24 +489,44 @@ def run_check(cache_path: Optional[str] = DEFAULT_CACHE, jobs: int = 2, archs=(8
         else:
             todo.append(c)
         out.append(c)
-    log(f"captured {len(recs)} launches -> {len(cfgs)} distinct configurations ({len(cfgs) - len(todo)} cached, "
-        f"{len(todo)} to compile) in {time.time() - t0:.1f} s")
+    log(
+        f"captured {len(recs)} launches -> {len(cfgs)} distinct configurations ({len(cfgs) - len(todo)} cached, "
+        f"{len(todo)} to compile) in {time.time() - t0:.1f} s"
+    )
     rech = sorted([c for c in out if c.get("cached")], key=lambda c: c.get("compile_s", 9e9))[:recheck]
     jobs_list = todo + rech
     mismatch = []
     if jobs_list:
         ctx = mp.get_context("spawn")
         with cf.ProcessPoolExecutor(max(1, jobs), mp_context=ctx, initializer=_worker_init) as pool:
-            futs = {pool.submit(compile_one, {f: c[f] for f in ("short", "kernel", "arch", "signature",
-                                                                  "constexprs", "attrs", "num_warps",
-                                                                  "num_stages")}): i
-                    for i, c in enumerate(jobs_list)}
+            futs = {
+                pool.submit(
+                    compile_one,
+                    {
+                        f: c[f]
+                        for f in (
+                            "short",
+                            "kernel",
+                            "arch",
+                            "signature",
+                            "constexprs",
+                            "attrs",
+                            "num_warps",
+                            "num_stages",
+                        )
+                    },
+                ): i
+                for i, c in enumerate(jobs_list)
+            }
             for n, fu in enumerate(cf.as_completed(futs), 1):
                 c = jobs_list[futs[fu]]
                 res = fu.result()
                 if c.get("cached"):
-                    diff = {f: (c.get(f), res.get(f)) for f in ("shared", "registers", "spill_stores",
-                                                                 "spill_loads", "tc_ops") if c.get(f) != res.get(f)}
+                    diff = {
+                        f: (c.get(f), res.get(f))
+                        for f in ("shared", "registers", "spill_stores", "spill_loads", "tc_ops")
+                        if c.get(f) != res.get(f)
+                    }
                     if diff:
                         mismatch.append(dict(key=c["key"], kernel=c["kernel"], arch=c["arch"], diff=diff))
                 else:
@@ -438,8 +537,14 @@ def run_check(cache_path: Optional[str] = DEFAULT_CACHE, jobs: int = 2, archs=(8
         c.update(verdict(c))
     reached = {tuple(e) for c in out for e in c["entries"]}
     missing = sorted(set(k for k in _launch.TABLE if k[1] in archs) - reached)
-    return dict(records=out, missing_entries=missing, compiled=len(todo), rechecked=len(rech),
-                recheck_mismatch=mismatch, seconds=time.time() - t0)
+    return dict(
+        records=out,
+        missing_entries=missing,
+        compiled=len(todo),
+        rechecked=len(rech),
+        recheck_mismatch=mismatch,
+        seconds=time.time() - t0,
+    )
 
 
 def load_cache(path: str, flag: str = "--cache") -> Dict[str, dict]:
@@ -454,12 +559,13 @@ def load_cache(path: str, flag: str = "--cache") -> Dict[str, dict]:
         with open(path) as fh:
             data = json.load(fh)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-        raise ValueError(f"{flag}: {path!r} is not readable JSON ({type(e).__name__}: {str(e)[:120]}); {fix}"
-                         ) from None
+        raise ValueError(f"{flag}: {path!r} is not readable JSON ({type(e).__name__}: {str(e)[:120]}); {fix}") from None
     recs = data.get("records") if isinstance(data, dict) else None
     if not isinstance(recs, list) or not all(isinstance(c, dict) and isinstance(c.get("key"), str) for c in recs):
-        raise ValueError(f"{flag}: {path!r} is not a fastjac aot cache (expected an object with a list of "
-                         f"records that have keys, got a {type(data).__name__}); {fix}")
+        raise ValueError(
+            f"{flag}: {path!r} is not a fastjac aot cache (expected an object with a list of "
+            f"records that have keys, got a {type(data).__name__}); {fix}"
+        )
     return {c["key"]: c for c in recs}
 
 
@@ -472,18 +578,54 @@ def _int_at_least(minimum: int):
         if v < minimum:
             raise argparse.ArgumentTypeError(f"expected an int >= {minimum}, got {v}")
         return v
+
     return parse
 
 
-MEASURED = ("shared", "shared_limit", "registers", "spill_stores", "spill_loads", "stack", "ptxas", "tc_ops",
-            "ptx_mma", "error", "compile_s")
+MEASURED = (
+    "shared",
+    "shared_limit",
+    "registers",
+    "spill_stores",
+    "spill_loads",
+    "stack",
+    "ptxas",
+    "tc_ops",
+    "ptx_mma",
+    "error",
+    "compile_s",
+)
 
 
 def public_record(c: dict) -> dict:
     """One record of ``--json``: the fields named in the issue, then the raw measurements and what uses it."""
-    keep = ("kernel", "arch", "signature", "constexprs", "attrs", "num_warps", "num_stages", "shared", "registers",
-            "spill_bytes", "tensor_cores", "fits", "why_not", "shared_limit", "spill_stores", "spill_loads", "stack",
-            "tc_ops", "ptx_mma", "ptxas", "error", "compile_s", "entries", "uses", "key")
+    keep = (
+        "kernel",
+        "arch",
+        "signature",
+        "constexprs",
+        "attrs",
+        "num_warps",
+        "num_stages",
+        "shared",
+        "registers",
+        "spill_bytes",
+        "tensor_cores",
+        "fits",
+        "why_not",
+        "shared_limit",
+        "spill_stores",
+        "spill_loads",
+        "stack",
+        "tc_ops",
+        "ptx_mma",
+        "ptxas",
+        "error",
+        "compile_s",
+        "entries",
+        "uses",
+        "key",
+    )
     out = {f: c.get(f) for f in keep}
     out["n_uses"] = len(c.get("uses") or [])
     out["uses"] = (c.get("uses") or [])[:3]  # a sample of the problem shapes that reach it (n_uses in all)
@@ -491,6 +633,7 @@ def public_record(c: dict) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------------- report
+
 
 def describe(c: dict) -> str:
     cx = c["constexprs"]
@@ -500,12 +643,15 @@ def describe(c: dict) -> str:
     if short.startswith("attn"):
         dc = "fp64" if cx.get("F64") else (dt if dt != "fp32" else ("tf32" if cx.get("PREC") == "tf32" else "fp32"))
         split = f" DSPLIT={cx['DSPLIT']}" if cx.get("DSPLIT", 1) != 1 else ""
-        return (f"{short} {dc}{' causal' if cx.get('CAUSAL') else ''} BM={cx['BM']} BN={cx['BN']} BDH={cx['BDH']} "
-                f"BV={cx['BV']}{split} {ws}")
+        return (
+            f"{short} {dc}{' causal' if cx.get('CAUSAL') else ''} BM={cx['BM']} BN={cx['BN']} BDH={cx['BDH']} "
+            f"BV={cx['BV']}{split} {ws}"
+        )
     if short == "norm":
         kind = {0: "none", 1: "l2", 2: "rms", 3: "layer"}[cx["KIND"]]
-        return (f"norm {kind}{' gamma' if cx.get('HAS_GAMMA') else ''} {dt} BR={cx['BR']} BG={cx['BG']} "
-                f"BN={cx['BN']} {ws}")
+        return (
+            f"norm {kind}{' gamma' if cx.get('HAS_GAMMA') else ''} {dt} BR={cx['BR']} BG={cx['BG']} BN={cx['BN']} {ws}"
+        )
     if short == "dense":
         return f"dense {dt} BR={cx['BR']} BM={cx['BM']} BB={cx['BB']} {ws}"
     if short == "qr_gram":
@@ -521,8 +667,11 @@ def spec(c: dict) -> str:
     fn = getattr(importlib.import_module(m), f)
     unspec = {i if isinstance(i, str) else names[i] for i in getattr(fn, "do_not_specialize", ())}  # never specialised
     nod = [n for n, t in c["signature"].items() if t in ("i32", "i64") and n not in div and n not in unspec]
-    ones = [n for n, t in c["signature"].items() if t == "constexpr" and n in c["constexprs"]
-            and n[0].islower() and not n.isupper()]
+    ones = [
+        n
+        for n, t in c["signature"].items()
+        if t == "constexpr" and n in c["constexprs"] and n[0].islower() and not n.isupper()
+    ]
     s = []
     if nod:
         s.append("not%16: " + ",".join(nod))
@@ -533,24 +682,28 @@ def spec(c: dict) -> str:
 
 def table_md(result: dict, archs=(80, 90)) -> str:
     import triton
+
     from . import _launch
+
     recs = result["records"]
     by = OrderedDict()
     for c in sorted(recs, key=lambda c: (list(KERNELS).index(c["short"]), describe(c), spec(c), c["arch"])):
         by.setdefault((describe(c), spec(c)), {})[c["arch"]] = c
     nfit = sum(c["fits"] for c in recs)
-    L = [f"# AOT check of fastjac's Triton kernels: sm_80 (A100) and sm_90 (H100)\n",
-         f"`python -m fastjac aot` (fastjac/ops/_aot.py), triton {triton.__version__}, no GPU: "
-         f"`triton.compile` for GPUTarget('cuda', 80 / 90), ptxas of the triton wheel with `-v`, `cuobjdump -sass`. "
-         f"Limits: shared memory per block sm_80 {_launch.SHARED_LIMIT[80]} B, sm_90 {_launch.SHARED_LIMIT[90]} B; "
-         f"{_launch.REGS_PER_SM} registers per block, 255 per thread.\n",
-         f"**{len(recs)} compiled configurations ({len(by)} distinct per architecture pair), {nfit} fit, "
-         f"{len(recs) - nfit} do not.** Table entries never reached: {len(result['missing_entries'])}.\n",
-         "Columns per architecture: shared bytes, registers per thread, spill bytes (stores + loads), tensor-core "
-         "SASS (HMMA = mma.sync, HGMMA = wgmma, DMMA = FP64 mma; `-` where no tensor core applies: IEEE float32 "
-         "products, kernels without a matrix product), verdict. `spec` = the shape-dependent part of the compile "
-         "key (int args not divisible by 16; the shape ints S, H, row counts, n are never specialised). Speed is not "
-         "measured here.\n"]
+    L = [
+        "# AOT check of fastjac's Triton kernels: sm_80 (A100) and sm_90 (H100)\n",
+        f"`python -m fastjac aot` (fastjac/ops/_aot.py), triton {triton.__version__}, no GPU: "
+        f"`triton.compile` for GPUTarget('cuda', 80 / 90), ptxas of the triton wheel with `-v`, `cuobjdump -sass`. "
+        f"Limits: shared memory per block sm_80 {_launch.SHARED_LIMIT[80]} B, sm_90 {_launch.SHARED_LIMIT[90]} B; "
+        f"{_launch.REGS_PER_SM} registers per block, 255 per thread.\n",
+        f"**{len(recs)} compiled configurations ({len(by)} distinct per architecture pair), {nfit} fit, "
+        f"{len(recs) - nfit} do not.** Table entries never reached: {len(result['missing_entries'])}.\n",
+        "Columns per architecture: shared bytes, registers per thread, spill bytes (stores + loads), tensor-core "
+        "SASS (HMMA = mma.sync, HGMMA = wgmma, DMMA = FP64 mma; `-` where no tensor core applies: IEEE float32 "
+        "products, kernels without a matrix product), verdict. `spec` = the shape-dependent part of the compile "
+        "key (int args not divisible by 16; the shape ints S, H, row counts, n are never specialised). Speed is not "
+        "measured here.\n",
+    ]
     hdr = "| configuration | spec | " + " | ".join(f"sm_{a} shared | regs | spill | TC | fits" for a in archs) + " |"
     L += [hdr, "|" + "---|" * (hdr.count("|") - 1)]
     for (d, s), per in by.items():
@@ -564,8 +717,13 @@ def table_md(result: dict, archs=(80, 90)) -> str:
                 cells += ["error", "", "", "", "NO"]
                 continue
             tc = "-" if c["tensor_cores"] is None else (",".join(c["tc_ops"]) or "NONE")
-            cells += [str(c["shared"]), str(c["registers"]), str(c["spill_bytes"]), tc,
-                      "yes" if c["fits"] else "NO: " + c["why_not"]]
+            cells += [
+                str(c["shared"]),
+                str(c["registers"]),
+                str(c["spill_bytes"]),
+                tc,
+                "yes" if c["fits"] else "NO: " + c["why_not"],
+            ]
         L.append(f"| {d} | {s} | " + " | ".join(cells) + " |")
     bad = [c for c in recs if not c["fits"]]
     if bad:
@@ -581,18 +739,23 @@ def summary(result: dict) -> str:
     recs = result["records"]
     nfit = sum(c["fits"] for c in recs)
     tc = [c for c in recs if c["tensor_cores"] is not None]
-    return (f"{len(recs)} configurations compiled for sm_80/sm_90: {nfit} fit, {len(recs) - nfit} do not; "
-            f"{sum(c['tensor_cores'] for c in tc)}/{len(tc)} with a TF32/bf16/fp16/fp64 product on tensor cores; "
-            f"max shared {max(c['shared'] or 0 for c in recs)} B, max registers "
-            f"{max(c['registers'] or 0 for c in recs)}, total spill bytes "
-            f"{sum(c['spill_bytes'] or 0 for c in recs)}; table entries not reached: "
-            f"{len(result['missing_entries'])}; {result['compiled']} compiled now, rest from the cache "
-            f"({result['seconds']:.0f} s)")
+    return (
+        f"{len(recs)} configurations compiled for sm_80/sm_90: {nfit} fit, {len(recs) - nfit} do not; "
+        f"{sum(c['tensor_cores'] for c in tc)}/{len(tc)} with a TF32/bf16/fp16/fp64 product on tensor cores; "
+        f"max shared {max(c['shared'] or 0 for c in recs)} B, max registers "
+        f"{max(c['registers'] or 0 for c in recs)}, total spill bytes "
+        f"{sum(c['spill_bytes'] or 0 for c in recs)}; table entries not reached: "
+        f"{len(result['missing_entries'])}; {result['compiled']} compiled now, rest from the cache "
+        f"({result['seconds']:.0f} s)"
+    )
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m fastjac aot", description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m fastjac aot",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ap.add_argument("--json", default=None, help="write one record per compiled configuration to this file")
     ap.add_argument("--md", default=None, help="write the markdown table to this file")
     ap.add_argument("--cache", default=DEFAULT_CACHE, help="cache of compiled results (default: %(default)s)")
@@ -609,8 +772,12 @@ def main(argv=None) -> int:
     try:
         if not args.no_cache:
             load_cache(args.cache)
-        for flag, path in (("--json", args.json), ("--md", args.md), ("--cache", args.cache if args.update else None),
-                           ("--update", DEFAULT_MD if args.update else None)):
+        for flag, path in (
+            ("--json", args.json),
+            ("--md", args.md),
+            ("--cache", args.cache if args.update else None),
+            ("--update", DEFAULT_MD if args.update else None),
+        ):
             if path:
                 check_out_file(path, flag)
     except ValueError as e:
@@ -618,11 +785,13 @@ def main(argv=None) -> int:
         return 2
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9's default, stated (silences its warning)
     from . import _utils
+
     if _utils.INTERPRET:  # kernels already decorated for the interpreter: redo this in a clean process
         env = dict(os.environ)
         env.pop("TRITON_INTERPRET", None)
-        return subprocess.call([sys.executable, "-m", "fastjac.ops._aot"] + list(argv if argv is not None
-                                                                                  else sys.argv[1:]), env=env)
+        return subprocess.call(
+            [sys.executable, "-m", "fastjac.ops._aot"] + list(argv if argv is not None else sys.argv[1:]), env=env
+        )
     log = (lambda *a: None) if args.quiet else (lambda *a: print(*a, flush=True))
     res = run_check(None if args.no_cache else args.cache, args.jobs, tuple(args.arch), log, args.recheck)
     md = table_md(res, tuple(args.arch))
@@ -638,6 +807,7 @@ def main(argv=None) -> int:
         def write(tmp):
             with open(tmp, "w") as fh:
                 fh.write(text)
+
         return write
 
     outputs = []  # written atomically; a late failure falls back to the temp folder (the run is not lost)
@@ -647,8 +817,14 @@ def main(argv=None) -> int:
         outputs.append((args.md, md, "aot_table"))
     if args.update:
         import triton
-        outputs.append((args.cache, json.dumps(dict(method=METHOD, triton=triton.__version__, records=recs),
-                                               indent=0), "aot_cache"))
+
+        outputs.append(
+            (
+                args.cache,
+                json.dumps(dict(method=METHOD, triton=triton.__version__, records=recs), indent=0),
+                "aot_cache",
+            )
+        )
         outputs.append((DEFAULT_MD, md, "aot_table"))
     lost = [path for path, text, what in outputs if write_with_fallback(path, text_writer(text), what) is None]
     if lost:

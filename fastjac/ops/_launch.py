@@ -20,6 +20,7 @@ Buckets (a problem outside every bucket raises instead of compiling an unverifie
 Under ``TRITON_INTERPRET=1`` (``arch=None``) the launchers keep small tiles of their own (ragged edges for tests);
 those never reach a GPU compiler and are not in this table.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -70,32 +71,52 @@ def _fill():
         for bdh in (16, 32, 64, 128):
             bv = min(bdh, 64)
             # IEEE float32: FFMA products, no tensor cores; register bound
-            T[("attn_fwd", a, "fp32", bdh)] = (_c(4, 2, BM=64, BN=32, BV=bv) if bdh <= 32 else
-                                               _c(8, 2, BM=64, BN=32, BV=bv) if bdh == 64 else
-                                               _c(8, 2, BM=32 if a == 80 else 16, BN=32, BV=64))
-            T[("attn_fwd", a, "fp64", bdh)] = (_c(4, 2, BM=32, BN=32, BV=bv) if bdh <= 64 else
-                                               _c(8, 1, BM=32, BN=32, BV=64))
+            T[("attn_fwd", a, "fp32", bdh)] = (
+                _c(4, 2, BM=64, BN=32, BV=bv)
+                if bdh <= 32
+                else _c(8, 2, BM=64, BN=32, BV=bv)
+                if bdh == 64
+                else _c(8, 2, BM=32 if a == 80 else 16, BN=32, BV=64)
+            )
+            T[("attn_fwd", a, "fp64", bdh)] = (
+                _c(4, 2, BM=32, BN=32, BV=bv) if bdh <= 64 else _c(8, 1, BM=32, BN=32, BV=64)
+            )
             # TF32 / bfloat16 / float16: mma.sync (sm_80) / wgmma (sm_90)
-            T[("attn_fwd", a, "tf32", bdh)] = (_c(8 if (a == 80 and bdh != 32) else 4, 3, BM=64, BN=64, BV=bv)
-                                               if bdh <= 64 else
-                                               _c(8, 2, BM=64, BN=64, BV=64))
+            T[("attn_fwd", a, "tf32", bdh)] = (
+                _c(8 if (a == 80 and bdh != 32) else 4, 3, BM=64, BN=64, BV=bv)
+                if bdh <= 64
+                else _c(8, 2, BM=64, BN=64, BV=64)
+            )
             for dc in ("bf16", "fp16"):
-                T[("attn_fwd", a, dc, bdh)] = (_c(4, 3, BM=64, BN=64, BV=bv) if bdh <= 64 else
-                                               _c(8, 2, BM=64, BN=64, BV=64))
+                T[("attn_fwd", a, dc, bdh)] = (
+                    _c(4, 3, BM=64, BN=64, BV=bv) if bdh <= 64 else _c(8, 2, BM=64, BN=64, BV=64)
+                )
         # ---- attention JVP tangent pass: one tangent per program, p recomputed from the saved lse
         for bdh in (16, 32, 64, 128):
             bv = min(bdh, 64)
-            T[("attn_jvp", a, "fp32", bdh)] = (_c(4, 2, BM=32, BN=32, BV=bv) if bdh == 16 else
-                                               _c(8, 2, BM=32, BN=32, BV=bv) if bdh == 32 else
-                                               _c(8, 2, BM=16, BN=32, BV=bv) if bdh == 64 else
-                                               _c(8, 2, BM=16, BN=32, BV=64, DSPLIT=2))
-            T[("attn_jvp", a, "fp64", bdh)] = (_c(4, 1, BM=32, BN=32, BV=min(bdh, 32)) if bdh <= 64 else
-                                               _c(8, 1, BM=16, BN=32, BV=64, DSPLIT=1 if a == 90 else 2))
-            T[("attn_jvp", a, "tf32", bdh)] = (_c(4, 2, BM=64, BN=32, BV=bv) if bdh <= 64 else
-                                               _c(8, 1, BM=32, BN=32, BV=64))
+            T[("attn_jvp", a, "fp32", bdh)] = (
+                _c(4, 2, BM=32, BN=32, BV=bv)
+                if bdh == 16
+                else _c(8, 2, BM=32, BN=32, BV=bv)
+                if bdh == 32
+                else _c(8, 2, BM=16, BN=32, BV=bv)
+                if bdh == 64
+                else _c(8, 2, BM=16, BN=32, BV=64, DSPLIT=2)
+            )
+            T[("attn_jvp", a, "fp64", bdh)] = (
+                _c(4, 1, BM=32, BN=32, BV=min(bdh, 32))
+                if bdh <= 64
+                else _c(8, 1, BM=16, BN=32, BV=64, DSPLIT=1 if a == 90 else 2)
+            )
+            T[("attn_jvp", a, "tf32", bdh)] = (
+                _c(4, 2, BM=64, BN=32, BV=bv) if bdh <= 64 else _c(8, 1, BM=32, BN=32, BV=64)
+            )
             for dc in ("bf16", "fp16"):
-                T[("attn_jvp", a, dc, bdh)] = (_c(8 if (a == 80 and bdh == 64) else 4, 2, BM=64, BN=32, BV=bv)
-                                               if bdh <= 64 else _c(8, 1, BM=64, BN=32, BV=64))
+                T[("attn_jvp", a, dc, bdh)] = (
+                    _c(8 if (a == 80 and bdh == 64) else 4, 2, BM=64, BN=32, BV=bv)
+                    if bdh <= 64
+                    else _c(8, 1, BM=64, BN=32, BV=64)
+                )
         # ---- fused residual + norm JVP: no loop, no dot; elems = BR * BG * BN per program
         for dc in ("fp32", "bf16", "fp16", "fp64"):
             T[("norm", a, dc, 1024)] = _c(4, 1, elems=2048 if dc != "fp64" else 1024)
@@ -110,16 +131,20 @@ def _fill():
         for dc in ("fp32", "fp64"):
             for bk in (16, 32, 64, 128):
                 if dc == "fp32":
-                    g, ga, ap = ({16: 256, 32: 128, 64: 32, 128: 32}[bk], {16: 256, 32: 128, 64: 32, 128: 16}[bk],
-                                 {16: 256, 32: 128, 64: 64, 128: 16}[bk])
+                    g, ga, ap = (
+                        {16: 256, 32: 128, 64: 32, 128: 32}[bk],
+                        {16: 256, 32: 128, 64: 32, 128: 16}[bk],
+                        {16: 256, 32: 128, 64: 64, 128: 16}[bk],
+                    )
                     T[("qr_gram", a, dc, bk)] = _c(8, 2, BLOCK_N=g)
                     T[("qr_gram_apply", a, dc, bk)] = _c(16 if bk == 128 else 8, 2, BLOCK_N=ga)  # w16: W [128, 128]
                     T[("qr_apply", a, dc, bk)] = _c(16 if bk == 128 else 8, 2, BLOCK_N=ap)
                 else:
                     g = {16: 128, 32: 128, 64: 64, 128: 16}[bk]
                     T[("qr_gram", a, dc, bk)] = _c(8, 2, BLOCK_N=g)
-                    T[("qr_gram_apply", a, dc, bk)] = _c(8, 2 if bk < 128 else 1, BLOCK_N={16: 256, 32: 128, 64: 64,
-                                                                                         128: 16}[bk])
+                    T[("qr_gram_apply", a, dc, bk)] = _c(
+                        8, 2 if bk < 128 else 1, BLOCK_N={16: 256, 32: 128, 64: 64, 128: 16}[bk]
+                    )
                     T[("qr_apply", a, dc, bk)] = _c(8, 2, BLOCK_N={16: 256, 32: 128, 64: 64, 128: 32}[bk])
 
 
@@ -127,7 +152,7 @@ _fill()
 
 
 def dtype_class(dtype: torch.dtype, precision: str = "ieee") -> str:
-    """"fp32" (IEEE float32), "tf32" (float32 operands on TF32 tensor cores), "bf16", "fp16" or "fp64"."""
+    """ "fp32" (IEEE float32), "tf32" (float32 operands on TF32 tensor cores), "bf16", "fp16" or "fp64"."""
     if dtype == torch.float32:
         return "tf32" if precision == "tf32" else "fp32"
     name = {torch.float64: "fp64", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype)
@@ -144,6 +169,7 @@ def arch_of(device) -> Optional[int]:
     if ARCH_OVERRIDE is not None:
         return ARCH_OVERRIDE
     from ._utils import current_arch
+
     return current_arch(device)
 
 
@@ -156,8 +182,10 @@ def bucket_for(kernel: str, size: int) -> int:
     for b in buckets(kernel):
         if size <= b:
             return b
-    raise ValueError(f"{kernel}: size {size} is beyond the verified launch table (largest bucket "
-                     f"{buckets(kernel)[-1]}); no unverified configuration is compiled: use backend='torch'")
+    raise ValueError(
+        f"{kernel}: size {size} is beyond the verified launch table (largest bucket "
+        f"{buckets(kernel)[-1]}); no unverified configuration is compiled: use backend='torch'"
+    )
 
 
 def config(kernel: str, arch: int, dclass: str, size: int) -> Tuple[int, LaunchConfig]:

@@ -2,6 +2,7 @@
 
 Nothing here imports triton, the models or the backends, so any op module (reference or kernel) may import it.
 """
+
 from __future__ import annotations
 
 import os
@@ -32,6 +33,7 @@ def precision_for(dtype: torch.dtype, precision: Optional[str] = None) -> str:
     """The tl.dot input precision: "tf32" only for float32 operands when asked (fastjac.config.matmul_precision)."""
     if precision is None:
         from .. import config
+
         precision = config.matmul_precision
     if precision not in PRECISIONS:
         raise ValueError(f"precision: expected one of {PRECISIONS}, got {precision!r}")
@@ -70,6 +72,8 @@ def compiled_ops():
     """
     ns = torch.ops.fastjac
     if not hasattr(ns, "attn_jvp"):
-        raise RuntimeError("the compiled fastjac extension is not loaded: call fastjac.backends.cpp.load() (it builds "
-                           "on first use) or use backend='cpp'")
+        raise RuntimeError(
+            "the compiled fastjac extension is not loaded: call fastjac.backends.cpp.load() (it builds "
+            "on first use) or use backend='cpp'"
+        )
     return ns

@@ -4,6 +4,7 @@ Backends return a :class:`BatchedLinearization`; the public :class:`fastjac.Line
 user-facing shapes (unbatched X, one or k tangents). Shapes here are always batched: X, out [B, S, D]; tangents
 and cotangents [k, B, S, D]; dense [B, S*D, S*D] token-major.
 """
+
 from __future__ import annotations
 
 from typing import Optional

@@ -1,4 +1,5 @@
 """The matplotlib set-up shared by the plot modules: imported lazily, so fastjac imports without matplotlib."""
+
 from __future__ import annotations
 
 import sys
@@ -12,9 +13,11 @@ def _interactive() -> bool:
 def mpl():
     """matplotlib.pyplot, switched to the headless Agg backend unless a file backend or a session chose one."""
     import matplotlib
+
     if matplotlib.get_backend().lower() not in ("agg", "pdf", "svg", "ps", "cairo") and not _interactive():
         matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     return plt
 
 

@@ -2,6 +2,7 @@
 
 matplotlib is imported inside the functions (``Agg`` backend when none is chosen), so fastjac imports without it.
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -16,8 +17,7 @@ def _np(x):
     return np.asarray(x.detach().cpu() if hasattr(x, "detach") else x, dtype=float)
 
 
-def plot_pseudo_energy(trace, *, ax=None, path: Optional[str] = None, title: Optional[str] = None,
-                       pv: bool = True):
+def plot_pseudo_energy(trace, *, ax=None, path: Optional[str] = None, title: Optional[str] = None, pv: bool = True):
     """Pseudo-energy, its linearisation (and the PV ones) on the left axis, contribution index on the right.
 
     Args:
@@ -38,7 +38,7 @@ def plot_pseudo_energy(trace, *, ax=None, path: Optional[str] = None, title: Opt
         raise TypeError(f"trace: expected a PseudoEnergyTrace, got {type(trace).__name__}")
     pick = lambda v: _np(v)[:, 0] if _np(v).ndim == 2 else _np(v)  # noqa: E731
     t = np.arange(pick(trace.E_pseudo).size)
-    fig, ax = (plt.subplots(figsize=(6, 3.8)) if ax is None else (ax.figure, ax))
+    fig, ax = plt.subplots(figsize=(6, 3.8)) if ax is None else (ax.figure, ax)
     ax.plot(t, pick(trace.E_pseudo), "-", color="C0", label="E_pseudo = −Tr Xᵀ(C+MSA)")
     ax.plot(t, pick(trace.lin), "--", color="C1", label="−½ xᵀ(J+Jᵀ)x")
     if pv:
@@ -71,7 +71,7 @@ def plot_energy_flow(results: dict, *, ax=None, path: Optional[str] = None, titl
     plt = _mpl()
     if not isinstance(results, dict) or not results:
         raise TypeError("results: expected a non-empty dict label -> FlowResult")
-    fig, ax = (plt.subplots(figsize=(5, 3.5)) if ax is None else (ax.figure, ax))
+    fig, ax = plt.subplots(figsize=(5, 3.5)) if ax is None else (ax.figure, ax)
     for label, r in results.items():
         e = _np(r.energy)
         ax.plot(_np(r.times), e - e[0], label=f"{label} (max rise {r.max_increase:.2g})")

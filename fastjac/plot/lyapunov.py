@@ -3,6 +3,7 @@
 Exponents are in nats per step (natural log of the growth factor per application of the step); steps are counted
 after the burn-in.
 """
+
 from __future__ import annotations
 
 import math
@@ -37,8 +38,21 @@ def _steps_label(result) -> str:
 def settings_text(result) -> str:
     """One line of the settings that produced ``result`` (for a plot annotation)."""
     s = result.settings
-    keys = ("method", "k", "steps", "burn_in", "renorm_every_used", "tol", "stopped_early", "horizon",
-            "project_radial", "backend", "dtype", "seed", "step")
+    keys = (
+        "method",
+        "k",
+        "steps",
+        "burn_in",
+        "renorm_every_used",
+        "tol",
+        "stopped_early",
+        "horizon",
+        "project_radial",
+        "backend",
+        "dtype",
+        "seed",
+        "step",
+    )
     parts = [f"{k}={s[k]}" for k in keys if k in s]
     return ", ".join(parts)
 
@@ -51,8 +65,9 @@ def _fit_ylim(ax, values, pad: float = 0.08) -> None:
     span = hi - lo if hi > lo else max(abs(hi), 1e-3)
     ax.set_ylim(lo - pad * span, hi + pad * span)
 
-from ._mpl import finish
-from ._mpl import mpl as _mpl
+
+from ._mpl import finish  # noqa: E402 (after the helpers above; matplotlib itself loads lazily)
+from ._mpl import mpl as _mpl  # noqa: E402
 
 
 def plot_spectrum(result, ax=None, path: Optional[str] = None, sample: int = 0):
@@ -75,15 +90,29 @@ def plot_spectrum(result, ax=None, path: Optional[str] = None, sample: int = 0):
     if se is not None:
         errs = [se.tolist()[i - 1] for i, _ in fin]
         errs = [SE_WIDTH * v if math.isfinite(v) else 0.0 for v in errs]
-        ax.errorbar([i for i, _ in fin], [e for _, e in fin], yerr=errs, fmt="o-", ms=3, capsize=2, elinewidth=0.8,
-                    label=f"exponents, +-{SE_WIDTH:g} std. errors")
+        ax.errorbar(
+            [i for i, _ in fin],
+            [e for _, e in fin],
+            yerr=errs,
+            fmt="o-",
+            ms=3,
+            capsize=2,
+            elinewidth=0.8,
+            label=f"exponents, +-{SE_WIDTH:g} std. errors",
+        )
     else:
         ax.plot([i for i, _ in fin], [e for _, e in fin], "o-", ms=3, label="exponents")
     triv = [i for i, t in zip(idx, tv.tolist()) if t]
     if triv and fin:
         low = min(e for _, e in fin)
-        ax.plot(triv, [low - 0.1 * (abs(low) + 1)] * len(triv), "v", color="gray", ms=4,
-                label=f"trivial (-inf): {len(triv)}")
+        ax.plot(
+            triv,
+            [low - 0.1 * (abs(low) + 1)] * len(triv),
+            "v",
+            color="gray",
+            ms=4,
+            label=f"trivial (-inf): {len(triv)}",
+        )
     shown = [e for _, e in fin] + ([low - 0.1 * (abs(low) + 1)] if triv and fin else [])
     if shown and min(shown) <= 0 <= max(shown) * 1.5 + 0.1:
         ax.axhline(0.0, color="k", lw=0.6)
@@ -119,7 +148,7 @@ def plot_convergence(result, ax=None, path: Optional[str] = None, top: int = 8, 
     for i in range(min(top, k)):
         if not bool(triv[i]):
             col = h[:, i].tolist()
-            line, = ax.plot(steps, col, lw=1, label=rf"$\lambda_{{{i + 1}}}$")
+            (line,) = ax.plot(steps, col, lw=1, label=rf"$\lambda_{{{i + 1}}}$")
             if se is not None and math.isfinite(float(se[i])) and steps:
                 # the final estimate's band: where the running estimate is expected to settle
                 e, w = col[-1], SE_WIDTH * float(se[i])
@@ -164,8 +193,9 @@ def plot_lyapunov(result, path: str, sample: int = 0, top: int = 8):
     import textwrap
 
     pm = f" +- {mse:.4f} (std. error)" if math.isfinite(mse) else ""
-    note = textwrap.fill(f"max {mx:+.4f}{pm}, mean {mu:+.4f} {UNITS}  |  {settings_text(result)}",
-                         width=150 if has_hist else 75)
+    note = textwrap.fill(
+        f"max {mx:+.4f}{pm}, mean {mu:+.4f} {UNITS}  |  {settings_text(result)}", width=150 if has_hist else 75
+    )
     fig.text(0.01, 0.01, note, fontsize=7, color="0.3", va="bottom")
     fig.tight_layout(rect=(0, 0.03 + 0.025 * note.count("\n") + 0.02, 1, 1))
     fig.savefig(path, dpi=120)

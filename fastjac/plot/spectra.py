@@ -2,6 +2,7 @@
 
 matplotlib is imported inside the functions (``Agg`` backend when none is chosen), so fastjac imports without it.
 """
+
 from __future__ import annotations
 
 from typing import Dict, Optional, Sequence
@@ -29,7 +30,7 @@ def plot_eigenvalues(eigs: Dict[str, object], *, ax=None, path: Optional[str] = 
     plt = _mpl()
     if not isinstance(eigs, dict) or not eigs:
         raise TypeError("eigs: expected a non-empty dict label -> complex eigenvalues")
-    fig, ax = (plt.subplots(figsize=(4.5, 4.5)) if ax is None else (ax.figure, ax))
+    fig, ax = plt.subplots(figsize=(4.5, 4.5)) if ax is None else (ax.figure, ax)
     t = np.linspace(0, 2 * np.pi, 400)
     ax.plot(np.cos(t), np.sin(t), "k--", lw=0.8, label="unit circle")
     for label, lam in eigs.items():
@@ -46,8 +47,15 @@ def plot_eigenvalues(eigs: Dict[str, object], *, ax=None, path: Optional[str] = 
     return _finish(fig, ax, path)
 
 
-def plot_norm_vs_length(lengths: Sequence[int], norms: Dict[str, Sequence[float]], *, ax=None,
-                        path: Optional[str] = None, title: Optional[str] = None, logy: bool = True):
+def plot_norm_vs_length(
+    lengths: Sequence[int],
+    norms: Dict[str, Sequence[float]],
+    *,
+    ax=None,
+    path: Optional[str] = None,
+    title: Optional[str] = None,
+    logy: bool = True,
+):
     """Spectral norm of the Jacobian against the number of tokens, one line per label (e.g. with/without norm).
 
     Args:
@@ -61,7 +69,7 @@ def plot_norm_vs_length(lengths: Sequence[int], norms: Dict[str, Sequence[float]
     if not isinstance(norms, dict) or not norms:
         raise TypeError("norms: expected a non-empty dict label -> list of norms")
     L = np.asarray(list(lengths), dtype=float)
-    fig, ax = (plt.subplots(figsize=(5, 3.5)) if ax is None else (ax.figure, ax))
+    fig, ax = plt.subplots(figsize=(5, 3.5)) if ax is None else (ax.figure, ax)
     for label, v in norms.items():
         v = np.asarray(list(v), dtype=float)
         if v.shape != L.shape:

@@ -6,6 +6,7 @@
 ``python -m fastjac train --preset cpu`` trains a 4x4 Sudoku ItrSA in minutes on a CPU (docs/training.md).
 Submodules are imported lazily so that ``import fastjac`` stays light.
 """
+
 from __future__ import annotations
 
 import importlib

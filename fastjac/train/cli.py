@@ -10,11 +10,11 @@ Every field of :class:`fastjac.train.loop.TrainConfig` is a flag (``--batch-size
 sets defaults that explicit flags override. The same command again resumes from ``OUT/checkpoint.pt``
 (``--fresh`` starts over). Results: ``OUT/results.json``, ``OUT/log.jsonl``, ``OUT/model.safetensors``.
 """
+
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import signal
 import sys
 from typing import List, Optional
@@ -22,25 +22,42 @@ from typing import List, Optional
 from .loop import PRESETS, TrainConfig, TrainingInterrupted, train
 
 _HELP = {
-    "kind": "itrsa | akorn", "size": "board side: 4, 6 (2x3 boxes) or 9", "dim": "D", "heads": "H", "steps": "T, recurrent steps",
-    "spec": "weight of R_Spec", "e_single": "weight of E-single", "e_multi": "weight of E-multi's symmetry penalty "
-    "(with the orthogonal parametrisation of W^V, W^O)", "e_multi_hard": "E-multi with exact constraints",
-    "jac_frob": "weight of the Hutchinson |J|_F^2", "jac_spec": "weight of sigma_max(J)^2",
-    "lyap": "weight of (lambda_max - target)^2", "lyap_target": "target finite-horizon lambda_max",
-    "ema": "EMA decay of the weights (0: off)", "clip": "gradient-norm clip (0: off)",
-    "eval_steps": "T values of the final evaluation", "stop_at": "stop after this many steps (checkpointed)",
-    "reg_samples": "boards per batch the Jacobian regularisers use", "threads": "torch threads (0: default)",
+    "kind": "itrsa | akorn",
+    "size": "board side: 4, 6 (2x3 boxes) or 9",
+    "dim": "D",
+    "heads": "H",
+    "steps": "T, recurrent steps",
+    "spec": "weight of R_Spec",
+    "e_single": "weight of E-single",
+    "e_multi": "weight of E-multi's symmetry penalty (with the orthogonal parametrisation of W^V, W^O)",
+    "e_multi_hard": "E-multi with exact constraints",
+    "jac_frob": "weight of the Hutchinson |J|_F^2",
+    "jac_spec": "weight of sigma_max(J)^2",
+    "lyap": "weight of (lambda_max - target)^2",
+    "lyap_target": "target finite-horizon lambda_max",
+    "ema": "EMA decay of the weights (0: off)",
+    "clip": "gradient-norm clip (0: off)",
+    "eval_steps": "T values of the final evaluation",
+    "stop_at": "stop after this many steps (checkpointed)",
+    "reg_samples": "boards per batch the Jacobian regularisers use",
+    "threads": "torch threads (0: default)",
     "lyap_iters": "alignment passes of the Lyapunov frame (1: unbiased lambda_max; 0: random frame, biased low)",
-    "lyap_form": "squared | above | below (one-sided hinges)", "lyap_aggregate": "board | batch (penalise the mean)",
+    "lyap_form": "squared | above | below (one-sided hinges)",
+    "lyap_aggregate": "board | batch (penalise the mean)",
     "lyap_boards": "boards per step for the Lyapunov term (0: reg-samples)",
-    "reg_warmup": "steps with every regulariser off", "reg_ramp": "steps of linear weight ramp after the warm-up",
+    "reg_warmup": "steps with every regulariser off",
+    "reg_ramp": "steps of linear weight ramp after the warm-up",
     "lyap_log_boards": "held-out boards whose lambda_max is logged each epoch (0: off)",
 }
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m fastjac train", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    p = argparse.ArgumentParser(
+        prog="python -m fastjac train",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 1)[1],
+    )
     p.add_argument("--preset", choices=sorted(PRESETS), default="cpu", help="defaults to start from (default: cpu)")
     p.add_argument("--fresh", action="store_true", help="start over: delete OUT's checkpoint, log and results first")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -75,22 +92,30 @@ def main(argv: Optional[List[str]] = None) -> int:
     except (TypeError, ValueError) as e:
         print(f"error: {_as_flag(str(e))}", file=sys.stderr)
         return 2
-    print(f"training {cfg.kind} on {cfg.size}x{cfg.size} Sudoku: D={cfg.dim}, H={cfg.heads}, T={cfg.steps}, "
-          f"{cfg.epochs} epochs of {cfg.n_train} boards, batch {cfg.batch_size}; out: {cfg.out}")
+    print(
+        f"training {cfg.kind} on {cfg.size}x{cfg.size} Sudoku: D={cfg.dim}, H={cfg.heads}, T={cfg.steps}, "
+        f"{cfg.epochs} epochs of {cfg.n_train} boards, batch {cfg.batch_size}; out: {cfg.out}"
+    )
     try:
         res = train(cfg, fresh=args.fresh)
     except TrainingInterrupted as e:
         name = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}.get(e.signum, f"signal {e.signum}")
         if e.saved:
-            print(f"\ninterrupted ({name}) after step {e.step}: checkpointed; run the same command again to resume",
-                  file=sys.stderr)
+            print(
+                f"\ninterrupted ({name}) after step {e.step}: checkpointed; run the same command again to resume",
+                file=sys.stderr,
+            )
         else:
-            print(f"\ninterrupted ({name}) after step {e.step}: the checkpoint could not be written (see the "
-                  f"warning); a resume starts from the last one written", file=sys.stderr)
+            print(
+                f"\ninterrupted ({name}) after step {e.step}: the checkpoint could not be written (see the "
+                f"warning); a resume starts from the last one written",
+                file=sys.stderr,
+            )
         return 128 + int(e.signum)
     except KeyboardInterrupt:
-        print("\ninterrupted: the last checkpoint written is kept; run the same command again to resume",
-              file=sys.stderr)
+        print(
+            "\ninterrupted: the last checkpoint written is kept; run the same command again to resume", file=sys.stderr
+        )
         return 130
     except (ValueError, TypeError) as e:
         print(f"error: {_as_flag(str(e))}", file=sys.stderr)
@@ -100,12 +125,16 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 0
     ev = res["eval"]
     for split in ev:
-        print(f"{split:9s} " + "  ".join(f"T={t}: board {v['board']:.3f} cell {v['cell']:.3f}"
-                                         for t, v in ev[split].items()))
+        print(
+            f"{split:9s} "
+            + "  ".join(f"T={t}: board {v['board']:.3f} cell {v['cell']:.3f}" for t, v in ev[split].items())
+        )
     if res.get("lyapunov"):
         ly = res["lyapunov"]
-        print(f"finite-horizon Lyapunov (T={ly['horizon']}, {ly['boards']} boards): max {ly['max']:.4f}, "
-              f"mean {ly['mean']:.4f}")
+        print(
+            f"finite-horizon Lyapunov (T={ly['horizon']}, {ly['boards']} boards): max {ly['max']:.4f}, "
+            f"mean {ly['mean']:.4f}"
+        )
     print(f"train time {res['train_time_s']:.1f} s; results: {res['files']['results']}")
     return 0
 

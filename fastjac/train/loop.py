@@ -16,6 +16,7 @@ strings, lists and dicts only), ``log.jsonl`` (one JSON line per logged step and
 recurrent core, ``fj.load_model``-able) and ``sudoku_net.safetensors`` (the whole Sudoku model: embedding,
 positions, core, readout; :func:`load_net`).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -28,7 +29,7 @@ import signal
 import threading
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
@@ -42,24 +43,75 @@ from .sudoku_models import SudokuNet, accuracy, sudoku_loss
 
 PRESETS: Dict[str, Dict[str, Any]] = {
     # 4x4 boards, trains in a few minutes on 2 CPU cores (docs/training.md has the measured numbers)
-    "cpu": dict(size=4, dim=32, heads=4, steps=16, batch_size=64, n_train=8000, n_test=500, epochs=20, lr=3e-3,
-                eval_steps=(16, 32, 64), lyap_samples=16),  # 16 boards: lambda_max's standard error ~0.01, not 0.04
+    "cpu": dict(
+        size=4,
+        dim=32,
+        heads=4,
+        steps=16,
+        batch_size=64,
+        n_train=8000,
+        n_test=500,
+        epochs=20,
+        lr=3e-3,
+        eval_steps=(16, 32, 64),
+        lyap_samples=16,
+    ),  # 16 boards: lambda_max's standard error ~0.01, not 0.04
     # 6x6 boards (2x3 boxes; no solution recall: ~2.8e7 grids), the harder CPU task (docs/training.md)
-    "cpu6": dict(size=6, dim=32, heads=4, steps=16, batch_size=64, n_train=4000, n_test=500, epochs=20, lr=3e-3,
-                 eval_steps=(16, 32, 64), lyap_samples=4),
+    "cpu6": dict(
+        size=6,
+        dim=32,
+        heads=4,
+        steps=16,
+        batch_size=64,
+        n_train=4000,
+        n_test=500,
+        epochs=20,
+        lr=3e-3,
+        eval_steps=(16, 32, 64),
+        lyap_samples=4,
+    ),
     # the paper's setting (9x9, D = 512, H = 8, batch 100, 100 epochs): for a GPU
-    "paper": dict(size=9, dim=512, heads=8, steps=16, batch_size=100, n_train=9000, n_test=1000, epochs=100,
-                  lr=5e-4, eval_steps=(16, 32, 64), lyap_samples=1, device="cuda"),
+    "paper": dict(
+        size=9,
+        dim=512,
+        heads=8,
+        steps=16,
+        batch_size=100,
+        n_train=9000,
+        n_test=1000,
+        epochs=100,
+        lr=5e-4,
+        eval_steps=(16, 32, 64),
+        lyap_samples=1,
+        device="cuda",
+    ),
 }
 
 # fields that do not change the trajectory of the weights (excluded from the resume fingerprint)
-_NON_TRAJECTORY = ("out", "progress", "stop_at", "checkpoint_every", "log_every", "eval_steps", "lyap_samples",
-                   "cache_dir", "threads", "eval_every", "lyap_log_boards")
+_NON_TRAJECTORY = (
+    "out",
+    "progress",
+    "stop_at",
+    "checkpoint_every",
+    "log_every",
+    "eval_steps",
+    "lyap_samples",
+    "cache_dir",
+    "threads",
+    "eval_every",
+    "lyap_log_boards",
+)
 # fields added after checkpoints of the other fields were written: left out of the fingerprint while they cannot
 # change the trajectory (at the value the code before them behaved as, or the lyap_* ones with lyap = 0), so those
 # checkpoints still resume and a non-Lyapunov run keeps its fingerprint
-_LEGACY = {"lyap_iters": 0, "lyap_form": "squared", "lyap_aggregate": "board", "lyap_boards": 0, "reg_warmup": 0,
-           "reg_ramp": 0}
+_LEGACY = {
+    "lyap_iters": 0,
+    "lyap_form": "squared",
+    "lyap_aggregate": "board",
+    "lyap_boards": 0,
+    "reg_warmup": 0,
+    "reg_ramp": 0,
+}
 
 
 @dataclass
@@ -146,8 +198,19 @@ class TrainConfig:
             raise ValueError(f"kind: expected 'itrsa' or 'akorn', got {self.kind!r}")
         if self.schedule not in ("cosine", "constant"):
             raise ValueError(f"schedule: expected 'cosine' or 'constant', got {self.schedule!r}")
-        for name in ("dim", "heads", "steps", "n_train", "n_test", "batch_size", "epochs", "probes", "lyap_k",
-                     "reg_samples", "reg_every"):
+        for name in (
+            "dim",
+            "heads",
+            "steps",
+            "n_train",
+            "n_test",
+            "batch_size",
+            "epochs",
+            "probes",
+            "lyap_k",
+            "reg_samples",
+            "reg_every",
+        ):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name}: expected an int >= 1, got {v!r}")
@@ -165,18 +228,33 @@ class TrainConfig:
                 raise ValueError(f"{name}: expected a number >= 0, got {v!r}")
         if self.ema >= 1:
             raise ValueError(f"ema: expected a decay in [0, 1), got {self.ema}")
-        if isinstance(self.lr, bool) or not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr)
-                                             and self.lr > 0):
+        if isinstance(self.lr, bool) or not (
+            isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0
+        ):
             raise ValueError(f"lr: expected a finite number > 0, got {self.lr!r}")
         for name in ("clip", "lyap_target"):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or (
-                    name == "clip" and v < 0):
-                raise ValueError(f"{name}: expected a finite number{' >= 0 (0: off)' if name == 'clip' else ''}, "
-                                 f"got {v!r}")
-        for name, lo in (("checkpoint_every", 1), ("log_every", 1), ("jac_iters", 1), ("osc_dim", 1),
-                         ("warmup", 0), ("stop_at", 0), ("eval_every", 0), ("lyap_samples", 0), ("threads", 0),
-                         ("seed", 0)):
+            if (
+                isinstance(v, bool)
+                or not isinstance(v, (int, float))
+                or not math.isfinite(v)
+                or (name == "clip" and v < 0)
+            ):
+                raise ValueError(
+                    f"{name}: expected a finite number{' >= 0 (0: off)' if name == 'clip' else ''}, got {v!r}"
+                )
+        for name, lo in (
+            ("checkpoint_every", 1),
+            ("log_every", 1),
+            ("jac_iters", 1),
+            ("osc_dim", 1),
+            ("warmup", 0),
+            ("stop_at", 0),
+            ("eval_every", 0),
+            ("lyap_samples", 0),
+            ("threads", 0),
+            ("seed", 0),
+        ):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < lo:
                 raise ValueError(f"{name}: expected an int >= {lo}, got {v!r}")
@@ -189,16 +267,24 @@ class TrainConfig:
         except TypeError:
             steps = None
         if not steps or any(isinstance(t, bool) or not isinstance(t, int) or t < 1 for t in steps):
-            raise ValueError(f"eval_steps: expected one or more ints >= 1 (recurrent steps T of the final "
-                             f"evaluation), got {self.eval_steps!r}")
+            raise ValueError(
+                f"eval_steps: expected one or more ints >= 1 (recurrent steps T of the final "
+                f"evaluation), got {self.eval_steps!r}"
+            )
         self.eval_steps = steps
         from ..models import check_model_size
 
-        check_model_size(self.dim, self.heads, osc_dim=self.osc_dim if self.kind == "akorn" else None,
-                         dtype=torch.float32, what=f"{self.kind} core")  # before anything is allocated
+        check_model_size(
+            self.dim,
+            self.heads,
+            osc_dim=self.osc_dim if self.kind == "akorn" else None,
+            dtype=torch.float32,
+            what=f"{self.kind} core",
+        )  # before anything is allocated
         self.device = _check_device(self.device)
-        if not isinstance(self.cache_dir, str) or (self.cache_dir and os.path.exists(self.cache_dir)
-                                                   and not os.path.isdir(self.cache_dir)):
+        if not isinstance(self.cache_dir, str) or (
+            self.cache_dir and os.path.exists(self.cache_dir) and not os.path.isdir(self.cache_dir)
+        ):
             raise ValueError(f"cache_dir: {self.cache_dir!r} is not a folder; pass a folder (or '' for the default)")
         if not isinstance(self.out, str) or not self.out:
             raise ValueError(f"out: expected a folder path, got {self.out!r}")
@@ -234,8 +320,16 @@ def _fingerprint(cfg: TrainConfig) -> str:
 
 def build_net(cfg: TrainConfig) -> SudokuNet:
     """The Sudoku model of a config (with E-multi's parametrisation applied when asked)."""
-    net = SudokuNet(cfg.kind, size=cfg.size, dim=cfg.dim, heads=cfg.heads, steps=cfg.steps, osc_dim=cfg.osc_dim,
-                    dtype=torch.float32, seed=cfg.seed)
+    net = SudokuNet(
+        cfg.kind,
+        size=cfg.size,
+        dim=cfg.dim,
+        heads=cfg.heads,
+        steps=cfg.steps,
+        osc_dim=cfg.osc_dim,
+        dtype=torch.float32,
+        seed=cfg.seed,
+    )
     if cfg.e_multi > 0 or cfg.e_multi_hard:
         R.orthogonal_values(net.core, hard=cfg.e_multi_hard)
     return net.to(cfg.device)
@@ -244,8 +338,14 @@ def build_net(cfg: TrainConfig) -> SudokuNet:
 def load_data(cfg: TrainConfig):
     from ..data import sudoku
 
-    sp = sudoku.splits(cfg.size, n_train=cfg.n_train, n_test=cfg.n_test, seed=cfg.seed,
-                       cache_dir=cfg.cache_dir or None, progress=cfg.progress)
+    sp = sudoku.splits(
+        cfg.size,
+        n_train=cfg.n_train,
+        n_test=cfg.n_test,
+        seed=cfg.seed,
+        cache_dir=cfg.cache_dir or None,
+        progress=cfg.progress,
+    )
     return {k: (torch.from_numpy(p), torch.from_numpy(s)) for k, (p, s) in sp.items()}
 
 
@@ -261,7 +361,7 @@ def _lr_at(cfg: TrainConfig, step: int, total: int) -> float:
 def regularizer_terms(cfg: TrainConfig, net: SudokuNet, xs: List[Tensor], C: Tensor, step: int) -> Dict[str, Tensor]:
     """The weighted regulariser terms of one training step (a dict name -> 0-dim tensor, before the weights)."""
     terms: Dict[str, Tensor] = {}
-    seed = (cfg.seed * 1_000_003 + step) % (2 ** 62)
+    seed = (cfg.seed * 1_000_003 + step) % (2**62)
     if cfg.spec > 0:
         terms["spec"] = R.spec(net.core, seed=cfg.seed)
     if cfg.e_single > 0:
@@ -277,9 +377,18 @@ def regularizer_terms(cfg: TrainConfig, net: SudokuNet, xs: List[Tensor], C: Ten
         terms["jac_spec"] = R.jacobian_spectral(net.core, xs[-2][r], C=C[r], iters=cfg.jac_iters, seed=seed)
     if cfg.lyap > 0:
         rl = slice(0, min(cfg.lyap_boards or cfg.reg_samples, C.shape[0]))
-        terms["lyap"] = R.lyapunov_penalty(net.core, xs[0][rl], C=C[rl], target=cfg.lyap_target, horizon=cfg.steps,
-                                           k=cfg.lyap_k, iters=cfg.lyap_iters, seed=seed, form=cfg.lyap_form,
-                                           aggregate=cfg.lyap_aggregate)
+        terms["lyap"] = R.lyapunov_penalty(
+            net.core,
+            xs[0][rl],
+            C=C[rl],
+            target=cfg.lyap_target,
+            horizon=cfg.steps,
+            k=cfg.lyap_k,
+            iters=cfg.lyap_iters,
+            seed=seed,
+            form=cfg.lyap_form,
+            aggregate=cfg.lyap_aggregate,
+        )
     return terms
 
 
@@ -287,8 +396,13 @@ _WEIGHTS = ("spec", "e_single", "e_multi", "jac_frob", "jac_spec", "lyap")
 
 
 @torch.no_grad()
-def evaluate(net: SudokuNet, data: Dict[str, Tuple[Tensor, Tensor]], steps=(16, 32, 64), batch_size: int = 500,
-             splits=("test_id", "test_ood")) -> Dict[str, Dict[str, Dict[str, float]]]:
+def evaluate(
+    net: SudokuNet,
+    data: Dict[str, Tuple[Tensor, Tensor]],
+    steps=(16, 32, 64),
+    batch_size: int = 500,
+    splits=("test_id", "test_ood"),
+) -> Dict[str, Dict[str, Dict[str, float]]]:
     """Board and cell accuracy per split and per number of recurrent steps T (test-time scaling).
 
     Returns {split: {str(T): {"board": ..., "cell": ...}}}."""
@@ -301,7 +415,7 @@ def evaluate(net: SudokuNet, data: Dict[str, Tuple[Tensor, Tensor]], steps=(16, 
         for T in steps:
             nb = cb = nblank = 0
             for i in range(0, len(P), batch_size):
-                p, s = P[i:i + batch_size].to(dev), S[i:i + batch_size].to(dev)
+                p, s = P[i : i + batch_size].to(dev), S[i : i + batch_size].to(dev)
                 acc = accuracy(net(p, steps=T), p, s)
                 blank = int((p == 0).sum())
                 nb += acc["board"] * len(p)
@@ -330,14 +444,21 @@ def lyapunov_of(net: SudokuNet, puzzles: Tensor, horizon: int = 16) -> Dict[str,
             res = finite_time_lyapunov(core, X0[b], C=C[b], k=None if n <= 1024 else 32, **kw)
             maxs.append(float(res.max))
             means.append(float(res.mean))
-    return {"max": float(np.mean(maxs)), "mean": float(np.mean(means)), "per_board_max": maxs,
-            "per_board_mean": means, "horizon": horizon, "boards": len(maxs),
-            "method": "dense (all exponents)" if n <= 1024 else "matrix-free top 32"}
+    return {
+        "max": float(np.mean(maxs)),
+        "mean": float(np.mean(means)),
+        "per_board_max": maxs,
+        "per_board_mean": means,
+        "horizon": horizon,
+        "boards": len(maxs),
+        "method": "dense (all exponents)" if n <= 1024 else "matrix-free top 32",
+    }
 
 
 @torch.no_grad()
-def heldout_lambda_max(net: SudokuNet, puzzles: Tensor, horizon: int = 16, k: int = 4, iters: int = 2
-                       ) -> Dict[str, Any]:
+def heldout_lambda_max(
+    net: SudokuNet, puzzles: Tensor, horizon: int = 16, k: int = 4, iters: int = 2
+) -> Dict[str, Any]:
     """The finite-horizon lambda_max (T = ``horizon`` from X0) of the core on held-out ``puzzles`` [B, S], by
     :func:`fastjac.train.regularizers.lyapunov` with ``iters`` alignment passes in float64 (the per-epoch log;
     no random draw from torch's global generator). Returns {"max": mean over boards, "se": its standard error,
@@ -411,8 +532,7 @@ def _deferred_signals():
 
 
 def _start_over(out: str) -> str:
-    return (f"run with --fresh to start over (API: train(cfg, fresh=True)), delete {out!r}, or pass another "
-            f"--out")
+    return f"run with --fresh to start over (API: train(cfg, fresh=True)), delete {out!r}, or pass another --out"
 
 
 def _load_checkpoint(path: str, cfg: TrainConfig, fp: str) -> Dict[str, Any]:
@@ -426,21 +546,35 @@ def _load_checkpoint(path: str, cfg: TrainConfig, fp: str) -> Dict[str, Any]:
         saved = torch.load(path, map_location=cfg.device, weights_only=True)
     except Exception as e:  # truncated / random bytes / a pickle with objects weights_only refuses
         why = str(e).strip().splitlines()[0][:160] if str(e).strip() else ""
-        raise ValueError(f"out: {path!r} is not a readable training checkpoint (corrupt or truncated: "
-                         f"{type(e).__name__}: {why}); nothing in it was run. {_start_over(cfg.out)}") from None
+        raise ValueError(
+            f"out: {path!r} is not a readable training checkpoint (corrupt or truncated: "
+            f"{type(e).__name__}: {why}); nothing in it was run. {_start_over(cfg.out)}"
+        ) from None
     keys = ("fingerprint", "model", "optimizer", "step", "train_time", "history")
-    if not isinstance(saved, dict) or any(k not in saved for k in keys) or not isinstance(saved["model"], dict) \
-            or isinstance(saved["step"], bool) or not isinstance(saved["step"], int):
-        raise ValueError(f"out: {path!r} is not a training checkpoint of this fastjac version (a "
-                         f"{type(saved).__name__}); {_start_over(cfg.out)}")
+    if (
+        not isinstance(saved, dict)
+        or any(k not in saved for k in keys)
+        or not isinstance(saved["model"], dict)
+        or isinstance(saved["step"], bool)
+        or not isinstance(saved["step"], int)
+    ):
+        raise ValueError(
+            f"out: {path!r} is not a training checkpoint of this fastjac version (a "
+            f"{type(saved).__name__}); {_start_over(cfg.out)}"
+        )
     if saved["fingerprint"] != fp:
         old = saved.get("config") if isinstance(saved.get("config"), dict) else {}
         new = cfg.to_dict()
-        changed = [f"{k} {old.get(k, '(unset)')!r} -> {v!r}" for k, v in new.items()
-                   if k not in _NON_TRAJECTORY and old.get(k, "(unset)") != v]
+        changed = [
+            f"{k} {old.get(k, '(unset)')!r} -> {v!r}"
+            for k, v in new.items()
+            if k not in _NON_TRAJECTORY and old.get(k, "(unset)") != v
+        ]
         what = ("; changed: " + ", ".join(changed)) if changed else ""
-        raise ValueError(f"out: {path!r} was written by a run with other settings{what}. Resume with the old "
-                         f"settings, or {_start_over(cfg.out)}")
+        raise ValueError(
+            f"out: {path!r} was written by a run with other settings{what}. Resume with the old "
+            f"settings, or {_start_over(cfg.out)}"
+        )
     return saved
 
 
@@ -466,8 +600,16 @@ def save_net(net: SudokuNet, path: str, info: Optional[Dict[str, Any]] = None) -
 def plain_net(net: SudokuNet) -> SudokuNet:
     """A copy of ``net`` whose core carries no parametrisation (E-multi's), with the current weights."""
     c = net.config()
-    new = SudokuNet(c["kind"], size=c["size"], dim=c["dim"], heads=c["heads"], steps=c["steps"],
-                    osc_dim=c["osc_dim"], dtype=net.pos.dtype, seed=c["seed"])
+    new = SudokuNet(
+        c["kind"],
+        size=c["size"],
+        dim=c["dim"],
+        heads=c["heads"],
+        steps=c["steps"],
+        osc_dim=c["osc_dim"],
+        dtype=net.pos.dtype,
+        seed=c["seed"],
+    )
     core = R.plain_copy(net.core)
     sd = {k: v for k, v in net.state_dict().items() if not k.startswith("core.")}
     sd.update({"core." + k: v for k, v in core.state_dict().items()})
@@ -498,10 +640,24 @@ def load_net(path: str, dtype: torch.dtype = torch.float32, *, max_gb: Optional[
     _file_dtype(path, infos)
     try:
         kind = cfg["kind"]
-        check_model_size(cfg["dim"], cfg["heads"], osc_dim=cfg.get("osc_dim", 4) if kind == "akorn" else None,
-                         dtype=dtype, limit_gb=max_gb, what=f"Sudoku {kind} core")
-        net = SudokuNet(kind, size=cfg["size"], dim=cfg["dim"], heads=cfg["heads"], steps=cfg["steps"],
-                        osc_dim=cfg.get("osc_dim", 4), dtype=dtype, seed=cfg.get("seed", 0))
+        check_model_size(
+            cfg["dim"],
+            cfg["heads"],
+            osc_dim=cfg.get("osc_dim", 4) if kind == "akorn" else None,
+            dtype=dtype,
+            limit_gb=max_gb,
+            what=f"Sudoku {kind} core",
+        )
+        net = SudokuNet(
+            kind,
+            size=cfg["size"],
+            dim=cfg["dim"],
+            heads=cfg["heads"],
+            steps=cfg["steps"],
+            osc_dim=cfg.get("osc_dim", 4),
+            dtype=dtype,
+            seed=cfg.get("seed", 0),
+        )
     except (KeyError, TypeError, ValueError) as e:
         raise ValueError(f"path: {path!r} has a Sudoku config SudokuNet refuses: {e}") from None
     _check_tensors(path, net, infos)
@@ -556,10 +712,17 @@ def train(cfg: TrainConfig, data=None, *, fresh: bool = False) -> Dict[str, Any]
             if ema is not None:
                 ema = saved["ema"]
         except (RuntimeError, KeyError, ValueError, TypeError) as e:
-            raise ValueError(f"out: {ckpt_path!r} does not fit this run's model ({str(e).splitlines()[0][:160]}); "
-                             f"{_start_over(cfg.out)}") from None
-        st = dict(step=saved["step"], train_time=saved["train_time"], history=saved["history"],
-                  log_bytes=saved.get("log_bytes"), heldout=saved.get("heldout", []))
+            raise ValueError(
+                f"out: {ckpt_path!r} does not fit this run's model ({str(e).splitlines()[0][:160]}); "
+                f"{_start_over(cfg.out)}"
+            ) from None
+        st = dict(
+            step=saved["step"],
+            train_time=saved["train_time"],
+            history=saved["history"],
+            log_bytes=saved.get("log_bytes"),
+            heldout=saved.get("heldout", []),
+        )
         _truncate(log_path, st["log_bytes"])  # lines of steps after the checkpoint: they are redone now
     elif os.path.isfile(log_path):
         _truncate(log_path, 0)  # a run from step 0: the log of an earlier run in this folder goes
@@ -569,35 +732,61 @@ def train(cfg: TrainConfig, data=None, *, fresh: bool = False) -> Dict[str, Any]
         """Write the checkpoint of the current (consistent) state; False when the disk refused it."""
         for k, v in net.state_dict().items():
             if v.is_floating_point() and not bool(torch.isfinite(v).all()):
-                raise TrainingDiverged(f"training diverged: the weight {k} holds NaN/inf after step {st['step']}; "
-                                       f"{_kept()}")
+                raise TrainingDiverged(
+                    f"training diverged: the weight {k} holds NaN/inf after step {st['step']}; {_kept()}"
+                )
         try:
-            _save_ckpt(ckpt_path, dict(fingerprint=fp, model=net.state_dict(), optimizer=opt.state_dict(),
-                                       spec_state=R.spec_state(net.core), ema=ema, step=st["step"],
-                                       train_time=st["train_time"], history=st["history"], config=cfg.to_dict(),
-                                       log_bytes=st["log_bytes"], heldout=st["heldout"]))
+            _save_ckpt(
+                ckpt_path,
+                dict(
+                    fingerprint=fp,
+                    model=net.state_dict(),
+                    optimizer=opt.state_dict(),
+                    spec_state=R.spec_state(net.core),
+                    ema=ema,
+                    step=st["step"],
+                    train_time=st["train_time"],
+                    history=st["history"],
+                    config=cfg.to_dict(),
+                    log_bytes=st["log_bytes"],
+                    heldout=st["heldout"],
+                ),
+            )
         except OSError as e:  # a full disk must not cost the run: warn, go on, and try again at the next one
             if not last["ckpt_failed"]:
-                warnings.warn(f"train: could not write the checkpoint {ckpt_path!r} ({e.strerror or e}); the run "
-                              f"goes on (it cannot be resumed from this step)", RuntimeWarning, stacklevel=3)
+                warnings.warn(
+                    f"train: could not write the checkpoint {ckpt_path!r} ({e.strerror or e}); the run "
+                    f"goes on (it cannot be resumed from this step)",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
             last["ckpt_failed"] = True
             return False
         last["saved_step"] = st["step"]
         return True
 
     def _kept() -> str:
-        where = (f"the last good checkpoint (step {last['saved_step']}) is kept in {ckpt_path!r}"
-                 if last["saved_step"] is not None else "no checkpoint was written")
-        return (f"{where}. Lower --lr, raise --warmup or set --clip, then run with --fresh (the same settings "
-                f"would diverge again)")
+        where = (
+            f"the last good checkpoint (step {last['saved_step']}) is kept in {ckpt_path!r}"
+            if last["saved_step"] is not None
+            else "no checkpoint was written"
+        )
+        return (
+            f"{where}. Lower --lr, raise --warmup or set --clip, then run with --fresh (the same settings "
+            f"would diverge again)"
+        )
 
     def log(rec: Dict[str, Any]) -> None:
         try:
             st["log_bytes"] = _log(log_path, rec)
         except OSError as e:  # the records stay in the checkpoint's history and in results.json
             if not last["log_failed"]:
-                warnings.warn(f"train: could not write {log_path!r} ({e.strerror or e}); the run goes on (the "
-                              f"log records are kept in results.json)", RuntimeWarning, stacklevel=3)
+                warnings.warn(
+                    f"train: could not write {log_path!r} ({e.strerror or e}); the run goes on (the "
+                    f"log records are kept in results.json)",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
             last["log_failed"] = True
 
     from tqdm.auto import tqdm
@@ -613,7 +802,7 @@ def train(cfg: TrainConfig, data=None, *, fresh: bool = False) -> Dict[str, Any]
                 step = st["step"]
                 epoch, j = divmod(step, per_epoch)
                 perm = torch.randperm(len(Ptr), generator=torch.Generator().manual_seed(cfg.seed * 7919 + epoch))
-                idx = perm[j * cfg.batch_size:(j + 1) * cfg.batch_size]
+                idx = perm[j * cfg.batch_size : (j + 1) * cfg.batch_size]
                 p, s = Ptr[idx].to(cfg.device), Str[idx].to(cfg.device)
                 t0 = time.perf_counter()
                 for gr in opt.param_groups:
@@ -627,13 +816,18 @@ def train(cfg: TrainConfig, data=None, *, fresh: bool = False) -> Dict[str, Any]
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 gnorm = torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.clip) if cfg.clip > 0 else None
-                bad = [n for n, v in (("loss", loss), ("gradient norm", gnorm))
-                       if v is not None and not bool(torch.isfinite(v))]
+                bad = [
+                    n
+                    for n, v in (("loss", loss), ("gradient norm", gnorm))
+                    if v is not None and not bool(torch.isfinite(v))
+                ]
                 if bad:  # before opt.step: the weights and the checkpoint stay those of the last good step
                     val = float((loss if bad[0] == "loss" else gnorm).detach())
-                    raise TrainingDiverged(f"training diverged at step {step + 1}: the {bad[0]} is {val} (lr "
-                                           f"{opt.param_groups[0]['lr']:g}, ce {ce.item()}, terms {last_terms}); "
-                                           f"{_kept()}")
+                    raise TrainingDiverged(
+                        f"training diverged at step {step + 1}: the {bad[0]} is {val} (lr "
+                        f"{opt.param_groups[0]['lr']:g}, ce {ce.item()}, terms {last_terms}); "
+                        f"{_kept()}"
+                    )
                 # from here to the step counter the state is that of no step: an exception in between (a second
                 # Ctrl-C, a kill) writes no checkpoint, the resume redoes the step from the last one on disk
                 mutating = True
@@ -643,14 +837,20 @@ def train(cfg: TrainConfig, data=None, *, fresh: bool = False) -> Dict[str, Any]
                 st["train_time"] += time.perf_counter() - t0
                 done = step + 1
                 if done % cfg.log_every == 0 or done == total:
-                    rec = dict(step=done, epoch=epoch, loss=loss.item(), ce=ce.item(),
-                               lr=opt.param_groups[0]["lr"], grad_norm=None if gnorm is None else float(gnorm),
-                               **last_terms)  # the latest value of each term (with reg_every > 1: of a past step)
+                    rec = dict(
+                        step=done,
+                        epoch=epoch,
+                        loss=loss.item(),
+                        ce=ce.item(),
+                        lr=opt.param_groups[0]["lr"],
+                        grad_norm=None if gnorm is None else float(gnorm),
+                        **last_terms,
+                    )  # the latest value of each term (with reg_every > 1: of a past step)
                     log(rec)
                     st["history"].append(rec)
                     bar.set_postfix(ce=f"{ce.item():.3f}")
                 if cfg.lyap_log_boards and done % per_epoch == 0:  # after its optimizer time: not in train_time
-                    hl = heldout_lambda_max(net, data["test_id"][0][:cfg.lyap_log_boards], horizon=cfg.steps)
+                    hl = heldout_lambda_max(net, data["test_id"][0][: cfg.lyap_log_boards], horizon=cfg.steps)
                     hl = dict(step=done, epoch=epoch, heldout_lambda_max=hl["max"], se=hl["se"], boards=hl["boards"])
                     st["heldout"].append(hl)
                     log(hl)
@@ -681,20 +881,32 @@ def train(cfg: TrainConfig, data=None, *, fresh: bool = False) -> Dict[str, Any]
         net.load_state_dict(ema)
     t_eval = time.perf_counter()
     ev = evaluate(net, data, steps=cfg.eval_steps)
-    lyap = lyapunov_of(net, data["test_id"][0][:cfg.lyap_samples], horizon=cfg.steps) if cfg.lyap_samples else None
+    lyap = lyapunov_of(net, data["test_id"][0][: cfg.lyap_samples], horizon=cfg.steps) if cfg.lyap_samples else None
     t_eval = time.perf_counter() - t_eval
     from ..models import save_model
 
     core = R.plain_copy(net.core)
     files = dict(
-        model=write_with_fallback(os.path.join(cfg.out, "model.safetensors"), lambda tmp: save_model(core, tmp),
-                                  "model"),
-        sudoku_net=write_with_fallback(os.path.join(cfg.out, "sudoku_net.safetensors"),
-                                       lambda tmp: save_net(net, tmp), "sudoku_net"))
-    res = dict(config=cfg.to_dict(), steps=total, train_time_s=st["train_time"], data_time_s=t_data,
-               eval_time_s=t_eval, final_ce=st["history"][-1]["ce"] if st["history"] else None,
-               eval=ev, lyapunov=lyap, heldout_lambda_max_per_epoch=st["heldout"], torch=torch.__version__,
-               date=time.strftime("%Y-%m-%d %H:%M:%S"))
+        model=write_with_fallback(
+            os.path.join(cfg.out, "model.safetensors"), lambda tmp: save_model(core, tmp), "model"
+        ),
+        sudoku_net=write_with_fallback(
+            os.path.join(cfg.out, "sudoku_net.safetensors"), lambda tmp: save_net(net, tmp), "sudoku_net"
+        ),
+    )
+    res = dict(
+        config=cfg.to_dict(),
+        steps=total,
+        train_time_s=st["train_time"],
+        data_time_s=t_data,
+        eval_time_s=t_eval,
+        final_ce=st["history"][-1]["ce"] if st["history"] else None,
+        eval=ev,
+        lyapunov=lyap,
+        heldout_lambda_max_per_epoch=st["heldout"],
+        torch=torch.__version__,
+        date=time.strftime("%Y-%m-%d %H:%M:%S"),
+    )
     if last["log_failed"]:
         res["history"] = st["history"]  # the log could not be written: its records are kept here
     files["results"] = write_json(os.path.join(cfg.out, "results.json"), res, "train_results")
@@ -705,5 +917,19 @@ def train(cfg: TrainConfig, data=None, *, fresh: bool = False) -> Dict[str, Any]
     return res
 
 
-__all__ = ["TrainConfig", "PRESETS", "train", "TrainingInterrupted", "TrainingDiverged", "evaluate", "build_net", "load_data", "lyapunov_of", "save_net",
-           "load_net", "plain_net", "regularizer_terms", "heldout_lambda_max"]
+__all__ = [
+    "TrainConfig",
+    "PRESETS",
+    "train",
+    "TrainingInterrupted",
+    "TrainingDiverged",
+    "evaluate",
+    "build_net",
+    "load_data",
+    "lyapunov_of",
+    "save_net",
+    "load_net",
+    "plain_net",
+    "regularizer_terms",
+    "heldout_lambda_max",
+]

@@ -6,6 +6,7 @@
 Made by ``python examples/train_default_model.py`` (the CPU preset, seed 0); weights in
 ``fastjac/train/weights/`` (safetensors, loaded without unpickling).
 """
+
 from __future__ import annotations
 
 import json
@@ -29,8 +30,10 @@ def _info() -> Dict[str, Any]:
             meta = f.metadata() or {}
         info = json.loads(meta.get("info", "{}"))
     except (SafetensorError, OSError, ValueError, RecursionError) as e:
-        return {"what": f"unreadable: {CORE_FILE} ({type(e).__name__}); reinstall fastjac or run "
-                        f"python examples/train_default_model.py"}
+        return {
+            "what": f"unreadable: {CORE_FILE} ({type(e).__name__}); reinstall fastjac or run "
+            f"python examples/train_default_model.py"
+        }
     return info if isinstance(info, dict) else {"what": f"unreadable: {CORE_FILE} (info is not a JSON object)"}
 
 

@@ -26,19 +26,37 @@ device the tensors are on, because the Triton kernels are not differentiable in 
 All random draws (probes, initial vectors) take one ``seed`` argument (an int), so a training step is reproducible;
 pass a different seed per step (e.g. the step index) to draw fresh probes.
 """
+
 from __future__ import annotations
 
 import math
-from typing import Dict, Iterable, List, Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
 
 from .._checks import NonFiniteError, check_int
 
-__all__ = ["spec", "spec_state", "load_spec_state", "e_single", "e_multi", "orthogonal_values", "remove_orthogonal",
-           "plain_copy", "jacobian_frobenius", "jacobian_spectral", "lyapunov", "lyapunov_penalty", "value_output_maps",
-           "WEIGHT_NAMES", "BIAS_NAMES", "ramp_weight", "PENALTY_FORMS", "PENALTY_AGGREGATES"]
+__all__ = [
+    "spec",
+    "spec_state",
+    "load_spec_state",
+    "e_single",
+    "e_multi",
+    "orthogonal_values",
+    "remove_orthogonal",
+    "plain_copy",
+    "jacobian_frobenius",
+    "jacobian_spectral",
+    "lyapunov",
+    "lyapunov_penalty",
+    "value_output_maps",
+    "WEIGHT_NAMES",
+    "BIAS_NAMES",
+    "ramp_weight",
+    "PENALTY_FORMS",
+    "PENALTY_AGGREGATES",
+]
 
 WEIGHT_NAMES = ("wq", "wk", "wv", "wo")
 BIAS_NAMES = ("bq", "bk", "bv", "bo")
@@ -48,12 +66,14 @@ DIFF_BACKENDS = ("auto", "torch", "autograd")
 
 # ------------------------------------------------------------------------------------------------- helpers
 
+
 def _core(model: nn.Module) -> nn.Module:
     """The fastjac attention core of ``model``: the model itself, or its ``.core`` (the Sudoku wrappers)."""
     m = getattr(model, "core", model)
     if not all(hasattr(m, n) for n in ("wq", "wk", "wv", "wo", "heads", "dim")):
-        raise TypeError(f"model: expected a fastjac ItrSA/AKOrN (or a module with one as .core), got "
-                        f"{type(model).__name__}")
+        raise TypeError(
+            f"model: expected a fastjac ItrSA/AKOrN (or a module with one as .core), got {type(model).__name__}"
+        )
     return m
 
 
@@ -75,14 +95,17 @@ def _check_backend(step, backend: str) -> str:
     if not isinstance(backend, str):
         raise TypeError(f"backend: expected a string, one of {DIFF_BACKENDS}, got {type(backend).__name__}")
     if backend == "triton":
-        raise ValueError("backend: the Triton path is not differentiable in the weights, so a regulariser cannot use "
-                         "it (its gradient would be silently zero); use backend='torch' (or 'auto', which maps to "
-                         "'torch' for fastjac models)")
+        raise ValueError(
+            "backend: the Triton path is not differentiable in the weights, so a regulariser cannot use "
+            "it (its gradient would be silently zero); use backend='torch' (or 'auto', which maps to "
+            "'torch' for fastjac models)"
+        )
     from ..backends import differentiable_backends  # the backends' own `differentiable` property decides
 
     if backend != "auto" and backend not in differentiable_backends():
-        raise ValueError(f"backend: a differentiable regulariser needs 'auto' or one of {differentiable_backends()}, "
-                         f"got {backend!r}")
+        raise ValueError(
+            f"backend: a differentiable regulariser needs 'auto' or one of {differentiable_backends()}, got {backend!r}"
+        )
     if backend == "auto":
         return "torch" if _is_fastjac(step) else "autograd"
     if backend == "torch" and not _is_fastjac(step):
@@ -93,8 +116,7 @@ def _check_backend(step, backend: str) -> str:
 class _Lin:
     """One linearisation (out, jvp, vjp) through fastjac's public API, whichever version of it is installed."""
 
-    def __init__(self, step, X: Tensor, C: Optional[Tensor], backend: str, need_vjp: bool = False,
-                 check: bool = True):
+    def __init__(self, step, X: Tensor, C: Optional[Tensor], backend: str, need_vjp: bool = False, check: bool = True):
         try:  # the lead's one-object seam, when present
             from ..linearization import linearization as _linearization
         except ImportError:
@@ -133,6 +155,7 @@ def _reduce(v: Tensor, reduction: str) -> Tensor:
 
 # ------------------------------------------------------------------------------------------------- Spec
 
+
 def _grouped(W: Tensor, name: str, group: str) -> Tensor:
     """The matrices whose sigma_max Spec penalises: [G, m, n]."""
     if group == "head":
@@ -157,8 +180,9 @@ def _spec_buffers(core: nn.Module, name: str, M: Tensor, seed: int) -> Tuple[Ten
     return getattr(core, key_u), getattr(core, key_v)
 
 
-def spec(model: nn.Module, *, group: str = "concat", n_power_iterations: int = 1, biases: bool = True,
-         seed: int = 0) -> Tensor:
+def spec(
+    model: nn.Module, *, group: str = "concat", n_power_iterations: int = 1, biases: bool = True, seed: int = 0
+) -> Tensor:
     """The paper's R_Spec = sum_W (sigma_max(W)^2 - 1)^2 + sum_b |b|^4 over the attention weights and biases.
 
     sigma_max by persistent power iteration, as ``torch.nn.utils.spectral_norm`` does: each call runs
@@ -208,7 +232,7 @@ def spec(model: nn.Module, *, group: str = "concat", n_power_iterations: int = 1
                 v.copy_(nn.functional.normalize(torch.einsum("gmn,gm->gn", Md, u), dim=-1, eps=1e-30))
                 u.copy_(nn.functional.normalize(torch.einsum("gmn,gn->gm", Md, v), dim=-1, eps=1e-30))
         sigma = torch.einsum("gm,gmn,gn->g", u.clone(), M, v.clone())
-        term = ((sigma ** 2 - 1) ** 2).sum()
+        term = ((sigma**2 - 1) ** 2).sum()
         total = term if total is None else total + term
     if biases:
         for name in BIAS_NAMES:
@@ -235,6 +259,7 @@ def load_spec_state(model: nn.Module, state: Dict[str, Tensor]) -> None:
 
 
 # ------------------------------------------------------------------------------------------------- energy regularisers
+
 
 def value_output_maps(model: nn.Module) -> Tensor:
     """M_h = Wv_h Wo_h [H, D, D], the map by which head h writes its values into the state (Wv_h without Wo)."""
@@ -401,6 +426,7 @@ def remove_orthogonal(model: nn.Module) -> nn.Module:
 
 # ------------------------------------------------------------------------------------------------- Jacobian regularisers
 
+
 def _probes(X: Tensor, k: int, seed: int, dist: str) -> Tensor:
     g = _gen(seed)
     shape = (k,) + tuple(X.shape)
@@ -413,8 +439,17 @@ def _probes(X: Tensor, k: int, seed: int, dist: str) -> Tensor:
     return V.to(dtype=X.dtype, device=X.device)
 
 
-def jacobian_frobenius(step, X: Tensor, *, C: Optional[Tensor] = None, probes: int = 4, seed: int = 0,
-                       dist: str = "rademacher", backend: str = "auto", reduction: str = "mean") -> Tensor:
+def jacobian_frobenius(
+    step,
+    X: Tensor,
+    *,
+    C: Optional[Tensor] = None,
+    probes: int = 4,
+    seed: int = 0,
+    dist: str = "rademacher",
+    backend: str = "auto",
+    reduction: str = "mean",
+) -> Tensor:
     """Hutchinson estimate of the squared Frobenius norm of the step Jacobian, ``|J|_F^2 ~ (1/k) sum_p |J v_p|^2``.
 
     The k probes (Rademacher, or Gaussian; both unbiased) share one linearisation and, on the analytic path, one
@@ -446,9 +481,18 @@ def jacobian_frobenius(step, X: Tensor, *, C: Optional[Tensor] = None, probes: i
     return _reduce(per, reduction) if X.dim() == 3 else per
 
 
-def jacobian_spectral(step, X: Tensor, *, C: Optional[Tensor] = None, iters: int = 8, seed: int = 0,
-                      v0: Optional[Tensor] = None, backend: str = "auto", reduction: str = "mean",
-                      return_vector: bool = False):
+def jacobian_spectral(
+    step,
+    X: Tensor,
+    *,
+    C: Optional[Tensor] = None,
+    iters: int = 8,
+    seed: int = 0,
+    v0: Optional[Tensor] = None,
+    backend: str = "auto",
+    reduction: str = "mean",
+    return_vector: bool = False,
+):
     """sigma_max(J)^2 of the step Jacobian by power iteration on J^T J (JVP + VJP, no dense matrix).
 
     ``iters`` power steps ``v <- J^T J v / |.|`` run without gradient from a seeded random v (or ``v0``, e.g. the
@@ -493,8 +537,17 @@ def _trivial_below(dtype: torch.dtype) -> float:
     return math.log(1e3 * torch.finfo(dtype).eps)
 
 
-def lyapunov(step, X0: Tensor, *, C: Optional[Tensor] = None, horizon: int = 16, k: Optional[int] = None,
-             iters: int = 0, seed: int = 0, backend: str = "auto") -> Tensor:
+def lyapunov(
+    step,
+    X0: Tensor,
+    *,
+    C: Optional[Tensor] = None,
+    horizon: int = 16,
+    k: Optional[int] = None,
+    iters: int = 0,
+    seed: int = 0,
+    backend: str = "auto",
+) -> Tensor:
     """The k leading finite-horizon Lyapunov exponents of the ``horizon``-step map, differentiable.
 
     ``lambda_i = (1/horizon) ln sigma_i(P Q0)`` with ``P = J_{horizon-1} ... J_0`` along the trajectory from X0 and
@@ -551,8 +604,14 @@ def lyapunov(step, X0: Tensor, *, C: Optional[Tensor] = None, horizon: int = 16,
 
     _gen(seed)  # validates
     # sample b draws its frame with seed + b (as lyapunov_spectrum does): a batched call equals B single calls
-    Q0 = torch.linalg.qr(torch.stack([torch.randn(n, k, generator=torch.Generator().manual_seed(seed + b),
-                                                  dtype=torch.float64) for b in range(B)]))[0]
+    Q0 = torch.linalg.qr(
+        torch.stack(
+            [
+                torch.randn(n, k, generator=torch.Generator().manual_seed(seed + b), dtype=torch.float64)
+                for b in range(B)
+            ]
+        )
+    )[0]
     Q0 = Q0.to(dtype=X.dtype, device=X.device)
     as_tangent = lambda M: M.permute(2, 0, 1).reshape(k, B, S, D)  # [B, n, k] -> [k, B, S, D]  # noqa: E731
     as_matrix = lambda V: V.reshape(k, B, n).permute(1, 2, 0)  # noqa: E731
@@ -594,13 +653,14 @@ def lyapunov(step, X0: Tensor, *, C: Optional[Tensor] = None, horizon: int = 16,
         raise NonFiniteError(
             f"lyapunov: the tangents became NaN/inf within the horizon of {horizon} steps (a diverging model: the "
             f"state or its Jacobian overflowed {X.dtype}); shorten the horizon, use float64, or turn "
-            f"fastjac.config.check_finite on to find the step") from None
+            f"fastjac.config.check_finite on to find the step"
+        ) from None
     tiny = torch.finfo(torch.float64).tiny
     ex = sv.clamp_min(tiny).log() / horizon
     triv = ex.detach() < _trivial_below(X.dtype)
     n_triv = _n_trivial(step, S, D)
     if n_triv and k > n - n_triv:  # the structural tail, as finite_time_lyapunov marks it
-        triv[..., n - n_triv:] = True
+        triv[..., n - n_triv :] = True
     ex = ex.masked_fill(triv, float("-inf"))
     return ex if batched else ex[0]
 
@@ -609,9 +669,22 @@ PENALTY_FORMS = ("squared", "above", "below")
 PENALTY_AGGREGATES = ("board", "batch")
 
 
-def lyapunov_penalty(step, X0: Tensor, *, C: Optional[Tensor] = None, target: float = 0.1, horizon: int = 16,
-                     k: int = 4, iters: int = 1, seed: int = 0, which: str = "max", backend: str = "auto",
-                     reduction: str = "mean", form: str = "squared", aggregate: str = "board") -> Tensor:
+def lyapunov_penalty(
+    step,
+    X0: Tensor,
+    *,
+    C: Optional[Tensor] = None,
+    target: float = 0.1,
+    horizon: int = 16,
+    k: int = 4,
+    iters: int = 1,
+    seed: int = 0,
+    which: str = "max",
+    backend: str = "auto",
+    reduction: str = "mean",
+    form: str = "squared",
+    aggregate: str = "board",
+) -> Tensor:
     """A penalty that trains a model towards a chosen finite-horizon exponent (e.g. the slightly chaotic
     lambda_max ~ 0.1 of the paper's best models), from :func:`lyapunov`'s k leading exponents.
 
@@ -658,7 +731,7 @@ def lyapunov_penalty(step, X0: Tensor, *, C: Optional[Tensor] = None, target: fl
     if aggregate == "batch":
         val = val.mean()
     d = val - target
-    per = d ** 2 if form == "squared" else (torch.relu(d) if form == "above" else torch.relu(-d)) ** 2
+    per = d**2 if form == "squared" else (torch.relu(d) if form == "above" else torch.relu(-d)) ** 2
     if aggregate == "batch":
         return per
     return _reduce(per, reduction) if X0.dim() == 3 else per[0]

@@ -8,9 +8,9 @@ a fastjac recurrent core (ItrSA or AKOrN) runs T steps from X0, and a linear rea
 X0 is the injected input put on the state manifold: ``C / |C|`` per token for ItrSA (the l2 norm's sphere, scaled
 by gamma), per oscillator for AKOrN. The loss is on the final step only (:func:`sudoku_loss`).
 """
+
 from __future__ import annotations
 
-import math
 from typing import Any, Dict, Optional, Tuple
 
 import torch
@@ -33,8 +33,18 @@ class SudokuNet(nn.Module):
     Attributes: embed (nn.Embedding(size + 1, D)), pos [S, D], core (the fastjac model), readout (Linear(D, size)).
     """
 
-    def __init__(self, kind: str = "itrsa", *, size: int = 4, dim: int = 64, heads: int = 4, steps: int = 16,
-                 osc_dim: int = 4, dtype: Optional[torch.dtype] = None, seed: int = 0):
+    def __init__(
+        self,
+        kind: str = "itrsa",
+        *,
+        size: int = 4,
+        dim: int = 64,
+        heads: int = 4,
+        steps: int = 16,
+        osc_dim: int = 4,
+        dtype: Optional[torch.dtype] = None,
+        seed: int = 0,
+    ):
         super().__init__()
         if kind not in KINDS:
             raise ValueError(f"kind: expected one of {KINDS}, got {kind!r}")
@@ -62,10 +72,16 @@ class SudokuNet(nn.Module):
 
     def inputs(self, puzzles: Tensor) -> Tuple[Tensor, Tensor]:
         """(X0, C) [B, S, D] for int64 puzzles [B, S]."""
-        if not isinstance(puzzles, Tensor) or puzzles.dtype not in (torch.int64, torch.int32) or puzzles.dim() != 2 \
-                or puzzles.shape[1] != self.size ** 2:
-            raise ValueError(f"puzzles: expected an int64 tensor [B, {self.size ** 2}], got "
-                             f"{getattr(puzzles, 'dtype', type(puzzles).__name__)} {tuple(getattr(puzzles, 'shape', ()))}")
+        if (
+            not isinstance(puzzles, Tensor)
+            or puzzles.dtype not in (torch.int64, torch.int32)
+            or puzzles.dim() != 2
+            or puzzles.shape[1] != self.size**2
+        ):
+            raise ValueError(
+                f"puzzles: expected an int64 tensor [B, {self.size**2}], got "
+                f"{getattr(puzzles, 'dtype', type(puzzles).__name__)} {tuple(getattr(puzzles, 'shape', ()))}"
+            )
         C = self.embed(puzzles.long()) + self.pos
         if self.kind == "akorn":
             X0 = self.core.project(C)
@@ -98,8 +114,10 @@ def accuracy(logits: Tensor, puzzles: Tensor, solutions: Tensor) -> Dict[str, fl
     pred = logits.argmax(-1) + 1
     ok = pred == solutions
     blank = puzzles == 0
-    return {"board": (ok | ~blank).all(-1).double().mean().item(),
-            "cell": (ok & blank).sum().item() / max(1, blank.sum().item())}
+    return {
+        "board": (ok | ~blank).all(-1).double().mean().item(),
+        "cell": (ok & blank).sum().item() / max(1, blank.sum().item()),
+    }
 
 
 __all__ = ["SudokuNet", "sudoku_loss", "accuracy", "KINDS"]

@@ -29,6 +29,7 @@ and the one command that resumes the unfinished runs. PNGs (``--png-dir``): fig3
 accuracy vs achieved lambda_max), fig4 (accuracy vs T with +-sd bands), fig5 (accuracy per regulariser, mean +- sd
 with the seeds as points), sudoku6.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -55,11 +56,16 @@ EVAL_STEPS = (4, 8, 16, 32, 64, 128)
 _LYAP = ["--lyap-k", "4", "--lyap-iters", "1", "--lyap-boards", "4", "--reg-warmup", "250", "--reg-ramp", "250"]
 
 
-def _lyap_cfg(tau: float, weight: float = 1.0, aggregate: str = "board", preset: str = "cpu",
-              every: int = 1) -> Tuple[str, list]:
-    return (preset, ["--lyap", str(weight), "--lyap-target", str(tau)] + _LYAP
-            + (["--lyap-aggregate", aggregate] if aggregate != "board" else [])
-            + (["--reg-every", str(every)] if every != 1 else []))
+def _lyap_cfg(
+    tau: float, weight: float = 1.0, aggregate: str = "board", preset: str = "cpu", every: int = 1
+) -> Tuple[str, list]:
+    return (
+        preset,
+        ["--lyap", str(weight), "--lyap-target", str(tau)]
+        + _LYAP
+        + (["--lyap-aggregate", aggregate] if aggregate != "board" else [])
+        + (["--reg-every", str(every)] if every != 1 else []),
+    )
 
 
 #: name -> (label, preset, CLI flags of ``python -m fastjac train`` on top of the preset)
@@ -114,12 +120,13 @@ def lyap_target(name: str) -> Optional[float]:
 
 # ------------------------------------------------------------------------------------------------- layout
 
+
 def run_dir(root: str, name: str, seed: int) -> str:
     return os.path.join(root, name, f"seed{seed}")
 
 
 def status(root: str, name: str, seed: int) -> str:
-    """"finished" (DONE and results.json), "interrupted" (a checkpoint, no DONE) or "missing"."""
+    """ "finished" (DONE and results.json), "interrupted" (a checkpoint, no DONE) or "missing"."""
     d = run_dir(root, name, seed)
     if os.path.exists(os.path.join(d, "DONE")) and os.path.exists(os.path.join(d, "results.json")):
         return "finished"
@@ -130,22 +137,48 @@ def status(root: str, name: str, seed: int) -> str:
 QUICK_FLAGS = ["--epochs", "1", "--n-train", "2000", "--n-test", "200"]
 
 
-def train_command(name: str, seed: int, root: str, *, threads: int = 1, cache_dir: str = "",
-                  extra: Sequence[str] = ()) -> List[str]:
+def train_command(
+    name: str, seed: int, root: str, *, threads: int = 1, cache_dir: str = "", extra: Sequence[str] = ()
+) -> List[str]:
     """The ``python -m fastjac.train.cli`` command line of one run (the final evaluation is left to the sweep);
     ``extra`` flags are appended (e.g. :data:`QUICK_FLAGS`)."""
     if name not in CONFIGS:
         raise ValueError(f"config: unknown {name!r}; expected one of {sorted(CONFIGS)}")
     _, preset, flags = CONFIGS[name]
-    cmd = [sys.executable, "-m", "fastjac.train.cli", "--preset", preset, "--quiet", "--threads", str(threads),
-           "--seed", str(seed), "--out", run_dir(root, name, seed), "--eval-steps", "16", "--lyap-samples", "0"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "fastjac.train.cli",
+        "--preset",
+        preset,
+        "--quiet",
+        "--threads",
+        str(threads),
+        "--seed",
+        str(seed),
+        "--out",
+        run_dir(root, name, seed),
+        "--eval-steps",
+        "16",
+        "--lyap-samples",
+        "0",
+    ]
     if cache_dir:
         cmd += ["--cache-dir", cache_dir]
     return cmd + list(flags) + list(extra)
 
 
-def train_runs(runs: Sequence[Tuple[str, int]], root: str, *, jobs: int = 2, threads: int = 1, cache_dir: str = "",
-               nice: int = 0, progress: bool = True, extra: Sequence[str] = ()) -> Dict[Tuple[str, int], str]:
+def train_runs(
+    runs: Sequence[Tuple[str, int]],
+    root: str,
+    *,
+    jobs: int = 2,
+    threads: int = 1,
+    cache_dir: str = "",
+    nice: int = 0,
+    progress: bool = True,
+    extra: Sequence[str] = (),
+) -> Dict[Tuple[str, int], str]:
     """Train every (config, seed) of ``runs`` that is not finished, ``jobs`` processes at a time; returns each
     run's status afterwards. A failing run is reported (its stdout.txt keeps the error), not raised."""
     from tqdm.auto import tqdm
@@ -164,8 +197,15 @@ def train_runs(runs: Sequence[Tuple[str, int]], root: str, *, jobs: int = 2, thr
                 cmd = train_command(name, seed, root, threads=threads, cache_dir=cache_dir, extra=extra)
                 log = open(os.path.join(d, "stdout.txt"), "a")
                 pre = (lambda: os.nice(nice)) if nice else None
-                procs.append(((name, seed), subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                                             preexec_fn=pre), log, time.time(), cmd))
+                procs.append(
+                    (
+                        (name, seed),
+                        subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, preexec_fn=pre),
+                        log,
+                        time.time(),
+                        cmd,
+                    )
+                )
             time.sleep(1.0)
             for item in list(procs):
                 key, p, log, t0, cmd = item
@@ -175,16 +215,23 @@ def train_runs(runs: Sequence[Tuple[str, int]], root: str, *, jobs: int = 2, thr
                 procs.remove(item)
                 d = run_dir(root, *key)
                 if p.returncode == 0 and os.path.exists(os.path.join(d, "results.json")):
-                    _write_json(os.path.join(d, "DONE"), dict(wall_s=time.time() - t0, cmd=cmd[1:],
-                                                              finished=time.strftime("%Y-%m-%dT%H:%M:%SZ",
-                                                                                     time.gmtime())))
+                    _write_json(
+                        os.path.join(d, "DONE"),
+                        dict(
+                            wall_s=time.time() - t0,
+                            cmd=cmd[1:],
+                            finished=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                        ),
+                    )
                 else:
                     failed.add(key)
-                    bar.write(f"[sweep] {key[0]} seed {key[1]} failed (rc={p.returncode}); see "
-                              f"{os.path.join(d, 'stdout.txt')}")
+                    bar.write(
+                        f"[sweep] {key[0]} seed {key[1]} failed (rc={p.returncode}); see "
+                        f"{os.path.join(d, 'stdout.txt')}"
+                    )
                 bar.update(1)
     finally:
-        for key, p, log, _, _ in procs:  # interrupted: the children checkpoint on SIGINT/SIGTERM and resume later
+        for _key, p, log, _, _ in procs:  # interrupted: the children checkpoint on SIGINT/SIGTERM and resume later
             p.terminate()
             p.wait()
             log.close()
@@ -218,14 +265,21 @@ def _clean(x):
 
 # ------------------------------------------------------------------------------------------------- common test set
 
+
 def _preset(name: str) -> Dict[str, Any]:
     from .loop import PRESETS
 
     return PRESETS[name]
 
 
-def common_test_set(size: int, *, n_test: int = 500, n_train: Optional[int] = None, cache_dir: Optional[str] = None,
-                    exclude_seeds: Sequence[int] = EXCLUDE_SEEDS) -> Dict[str, Tuple[np.ndarray, np.ndarray]]:
+def common_test_set(
+    size: int,
+    *,
+    n_test: int = 500,
+    n_train: Optional[int] = None,
+    cache_dir: Optional[str] = None,
+    exclude_seeds: Sequence[int] = EXCLUDE_SEEDS,
+) -> Dict[str, Tuple[np.ndarray, np.ndarray]]:
     """The one held-out test set of every run of a board size: {"test_id": (P, S), "test_ood": (P, S)}, each
     ``n_test`` puzzles from :data:`TEST_SEED`, none of which occurs in the training set (``n_train`` boards, the
     size's preset by default) of any seed in ``exclude_seeds``. Deterministic (a function of its arguments)."""
@@ -248,7 +302,7 @@ def common_test_set(size: int, *, n_test: int = 500, n_train: Optional[int] = No
             m = int(m * 1.5) + 1
         idx = np.nonzero(keep)[0][:n_test]
         out[split] = (P[idx], S[idx])
-        out[split + "_removed"] = int((~keep[:idx[-1] + 1]).sum()) if len(idx) else 0
+        out[split + "_removed"] = int((~keep[: idx[-1] + 1]).sum()) if len(idx) else 0
     return out
 
 
@@ -262,8 +316,10 @@ def testset_hash(ts: Dict[str, Any]) -> str:
 
 # ------------------------------------------------------------------------------------------------- evaluation
 
-def evaluate_run(d: str, ts: Dict[str, Any], *, steps: Sequence[int] = EVAL_STEPS, lyap_boards: int = 16,
-                 threads: int = 1) -> Dict[str, Any]:
+
+def evaluate_run(
+    d: str, ts: Dict[str, Any], *, steps: Sequence[int] = EVAL_STEPS, lyap_boards: int = 16, threads: int = 1
+) -> Dict[str, Any]:
     """Evaluate the finished run in folder ``d`` on the common test set ``ts`` (cached in common_eval.json)."""
     import torch
 
@@ -299,12 +355,17 @@ def _eval_job(args):
 
 # ------------------------------------------------------------------------------------------------- aggregation
 
+
 def _stats(v: Sequence[float]) -> Dict[str, Any]:
     a = np.asarray([x for x in v if x is not None and math.isfinite(x)], dtype=np.float64)
     if len(a) == 0:
         return dict(mean=None, sd=None, n=0)
-    return dict(mean=float(a.mean()), sd=float(a.std(ddof=1)) if len(a) > 1 else None, n=int(len(a)),
-                values=[float(x) for x in a])
+    return dict(
+        mean=float(a.mean()),
+        sd=float(a.std(ddof=1)) if len(a) > 1 else None,
+        n=int(len(a)),
+        values=[float(x) for x in a],
+    )
 
 
 def _metrics(e: Dict[str, Any]) -> Dict[str, float]:
@@ -329,14 +390,22 @@ def aggregate(records: List[Dict[str, Any]]) -> Dict[str, Any]:
     out = {}
     for name, seeds in by.items():
         keys = sorted({k for m in seeds.values() for k in m})
-        agg = dict(label=CONFIGS[name][0], seeds=sorted(seeds), baseline=baseline_of(name),
-                   stats={k: _stats([seeds[s].get(k) for s in sorted(seeds)]) for k in keys})
+        agg = dict(
+            label=CONFIGS[name][0],
+            seeds=sorted(seeds),
+            baseline=baseline_of(name),
+            stats={k: _stats([seeds[s].get(k) for s in sorted(seeds)]) for k in keys},
+        )
         base = by.get(baseline_of(name))
         if base is not None and name != baseline_of(name):
             common = sorted(set(seeds) & set(base))
             agg["diff_vs_baseline"] = {
-                k: dict(_stats([seeds[s][k] - base[s][k] for s in common if k in seeds[s] and k in base[s]]),
-                        seeds=common) for k in keys if not k.endswith("_se")}
+                k: dict(
+                    _stats([seeds[s][k] - base[s][k] for s in common if k in seeds[s] and k in base[s]]), seeds=common
+                )
+                for k in keys
+                if not k.endswith("_se")
+            }
         tau = lyap_target(name)
         if tau is not None:
             agg["target"] = tau
@@ -359,13 +428,13 @@ def fig3_analysis(records: List[Dict[str, Any]], configs: Sequence[str]) -> Dict
     pts = [r for r in records if r["config"] in configs and r.get("metrics") and "lambda_max" in r["metrics"]]
     res = dict(n_runs=len(pts))
     lam = [r["metrics"]["lambda_max"] for r in pts]
-    for k in ("test_id/T16/board", "test_ood/T16/board", "test_ood/T64/board", "test_id/T16/cell",
-              "test_ood/T16/cell"):
+    for k in ("test_id/T16/board", "test_ood/T16/board", "test_ood/T64/board", "test_id/T16/cell", "test_ood/T16/cell"):
         res[f"r({k}, lambda_max)"] = _pearson([r["metrics"].get(k, float("nan")) for r in pts], lam)
     return res
 
 
 # ------------------------------------------------------------------------------------------------- figures
+
 
 def plot_all(summary: Dict[str, Any], records: List[Dict[str, Any]], png_dir: str) -> List[str]:
     """The PNGs of the grids present in the results; returns their paths."""
@@ -434,12 +503,22 @@ def plot_all(summary: Dict[str, Any], records: List[Dict[str, Any]], png_dir: st
             x = [lyap_target(n) for n in ns]
             y = [st(n, "lambda_max")[0] for n in ns]
             e = [st(n, "lambda_max")[1] for n in ns]
-            fl = {"lyap": "term every 2nd step (fig3 grid)", "lyap_w1_board": "term every step",
-                  "lyap_w1_batch": "every step, batch mean", "lyap_w0.1_board": "weight 0.1"}.get(fam, fam)
+            fl = {
+                "lyap": "term every 2nd step (fig3 grid)",
+                "lyap_w1_board": "term every step",
+                "lyap_w1_batch": "every step, batch mean",
+                "lyap_w0.1_board": "weight 0.1",
+            }.get(fam, fam)
             axes[0].errorbar(x, y, yerr=e, fmt="o-", capsize=3, label=f"{fl} (mean +- sd)", color=f"C{j}")
             for n in ns:
-                axes[0].plot([lyap_target(n)] * len(st(n, "lambda_max")[2]), st(n, "lambda_max")[2], ".",
-                             color=f"C{j}", ms=4, alpha=0.6)
+                axes[0].plot(
+                    [lyap_target(n)] * len(st(n, "lambda_max")[2]),
+                    st(n, "lambda_max")[2],
+                    ".",
+                    color=f"C{j}",
+                    ms=4,
+                    alpha=0.6,
+                )
         lo, hi = min(TAUS) - 0.1, max(TAUS) + 0.1
         axes[0].plot([lo, hi], [lo, hi], "k--", lw=1, label="lambda_max = target")
         axes[0].fill_between([lo, hi], [lo - 0.05, hi - 0.05], [lo + 0.05, hi + 0.05], color="gray", alpha=0.15)
@@ -450,14 +529,21 @@ def plot_all(summary: Dict[str, Any], records: List[Dict[str, Any]], png_dir: st
         axes[0].set_xlabel("target tau")
         axes[0].set_ylabel("achieved lambda_max (16 held-out boards)")
         axes[0].legend(fontsize=7)
-        pts = [r for r in records if r.get("metrics") and "lambda_max" in r["metrics"]
-               and r["config"] in set(lyap) | {"original"}]
+        pts = [
+            r
+            for r in records
+            if r.get("metrics") and "lambda_max" in r["metrics"] and r["config"] in set(lyap) | {"original"}
+        ]
         for ax, split in zip(axes[1:], ("test_id", "test_ood")):
             for r in pts:
                 tau = lyap_target(r["config"])
-                ax.scatter(r["metrics"]["lambda_max"], r["metrics"][f"{split}/T16/board"], s=18,
-                           c="k" if tau is None else [[(tau + 0.3) / 0.6, 0.2, 1 - (tau + 0.3) / 0.6]],
-                           marker="s" if tau is None else "o")
+                ax.scatter(
+                    r["metrics"]["lambda_max"],
+                    r["metrics"][f"{split}/T16/board"],
+                    s=18,
+                    c="k" if tau is None else [[(tau + 0.3) / 0.6, 0.2, 1 - (tau + 0.3) / 0.6]],
+                    marker="s" if tau is None else "o",
+                )
             ax.set_xlabel("achieved lambda_max")
             ax.set_ylabel(f"{split} board accuracy, T = 16")
             ax.set_title(f"{split}: o target runs (blue -0.3 ... red +0.3), s Original", fontsize=9)
@@ -474,8 +560,16 @@ def plot_all(summary: Dict[str, Any], records: List[Dict[str, Any]], png_dir: st
             for j, split in enumerate(("test_id", "test_ood")):
                 m, sd, vals = st(n, f"{split}/T16/cell")
                 if m is not None:
-                    ax.bar(i + (j - 0.5) * w, m, w, yerr=sd, color=f"C{j}", alpha=0.7, capsize=3,
-                           label=split if i == 0 else None)
+                    ax.bar(
+                        i + (j - 0.5) * w,
+                        m,
+                        w,
+                        yerr=sd,
+                        color=f"C{j}",
+                        alpha=0.7,
+                        capsize=3,
+                        label=split if i == 0 else None,
+                    )
                     ax.plot([i + (j - 0.5) * w] * len(vals), vals, "k.", ms=4)
         ax.set_xticks(range(len(names)))
         ax.set_xticklabels([agg[n]["label"] for n in names], rotation=20, fontsize=8)
@@ -491,6 +585,7 @@ def plot_all(summary: Dict[str, Any], records: List[Dict[str, Any]], png_dir: st
 
 
 # ------------------------------------------------------------------------------------------------- report
+
 
 def markdown(summary: Dict[str, Any]) -> str:
     """Markdown tables of a summary: per configuration (n, accuracies, lambda_max, same-seed differences), the
@@ -510,47 +605,70 @@ def markdown(summary: Dict[str, Any]) -> str:
             return "-"
         return f"{d['mean']:+.3f}" + ("" if d.get("sd") is None else f" ± {d['sd']:.3f}") + f" (n={d['n']})"
 
-    lines = ["| config | n | ID board T=16 | OOD board T=16 | OOD board T=64 | OOD cell T=16 | lambda_max "
-             "| mean exponent | OOD board T=16 vs baseline, same seed |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| config | n | ID board T=16 | OOD board T=16 | OOD board T=64 | OOD cell T=16 | lambda_max "
+        "| mean exponent | OOD board T=16 vs baseline, same seed |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for n in agg:
-        lines.append(f"| {agg[n]['label']} | {len(agg[n]['seeds'])} | {ms(n, 'test_id/T16/board')} | "
-                     f"{ms(n, 'test_ood/T16/board')} | {ms(n, 'test_ood/T64/board')} | {ms(n, 'test_ood/T16/cell')} | "
-                     f"{ms(n, 'lambda_max', sign=True)} | {ms(n, 'lambda_mean', sign=True)} | "
-                     f"{dm(n, 'test_ood/T16/board')} |")
+        lines.append(
+            f"| {agg[n]['label']} | {len(agg[n]['seeds'])} | {ms(n, 'test_id/T16/board')} | "
+            f"{ms(n, 'test_ood/T16/board')} | {ms(n, 'test_ood/T64/board')} | {ms(n, 'test_ood/T16/cell')} | "
+            f"{ms(n, 'lambda_max', sign=True)} | {ms(n, 'lambda_mean', sign=True)} | "
+            f"{dm(n, 'test_ood/T16/board')} |"
+        )
     tg = [n for n in agg if "target" in agg[n]]
     if tg:
-        lines += ["", "| config | target | achieved lambda_max (mean ± sd over seeds) | per-run SE (16 boards) | gap "
-                  "| within 0.05 |", "|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            "| config | target | achieved lambda_max (mean ± sd over seeds) | per-run SE (16 boards) | gap "
+            "| within 0.05 |",
+            "|---|---|---|---|---|---|",
+        ]
         for n in sorted(tg, key=lambda n: (n.split("_t")[0], agg[n]["target"])):
             se = agg[n]["stats"].get("lambda_max_se", {}).get("mean")
             g = agg[n].get("target_gap", {})
-            lines.append(f"| {agg[n]['label']} | {agg[n]['target']:+.2f} | {ms(n, 'lambda_max', sign=True)} (n="
-                         f"{len(agg[n]['seeds'])}) | {'-' if se is None else f'{se:.3f}'} | "
-                         f"{'-' if g.get('mean') is None else format(g['mean'], '+.3f')} | "
-                         f"{'-' if g.get('mean') is None else ('yes' if g['within_0_05'] else 'no')} |")
+            lines.append(
+                f"| {agg[n]['label']} | {agg[n]['target']:+.2f} | {ms(n, 'lambda_max', sign=True)} (n="
+                f"{len(agg[n]['seeds'])}) | {'-' if se is None else f'{se:.3f}'} | "
+                f"{'-' if g.get('mean') is None else format(g['mean'], '+.3f')} | "
+                f"{'-' if g.get('mean') is None else ('yes' if g['within_0_05'] else 'no')} |"
+            )
     Ts = summary.get("eval_steps", [])
     lines += ["", "| config | split | " + " | ".join(f"T={t}" for t in Ts) + " |", "|---|---|" + "---|" * len(Ts)]
     for n in agg:
         for split in ("test_id", "test_ood"):
-            lines.append(f"| {agg[n]['label']} | {split} | " + " | ".join(ms(n, f"{split}/T{t}/board") for t in Ts)
-                         + " |")
-    lines += ["", "| config | finished runs (seeds) | wall time of a run, s: mean (min-max) "
-              "| optimizer time, s: mean |",
-              "|---|---|---|---|"]
+            lines.append(
+                f"| {agg[n]['label']} | {split} | " + " | ".join(ms(n, f"{split}/T{t}/board") for t in Ts) + " |"
+            )
+    lines += [
+        "",
+        "| config | finished runs (seeds) | wall time of a run, s: mean (min-max) | optimizer time, s: mean |",
+        "|---|---|---|---|",
+    ]
     for n in agg:
         rs = [r for r in summary["runs"] if r["config"] == n and r["status"] == "finished"]
         w = [r["wall_s"] for r in rs if r.get("wall_s") is not None]
         t = [r["train_time_s"] for r in rs if r.get("train_time_s") is not None]
-        lines.append(f"| {agg[n]['label']} | {len(rs)} ({', '.join(str(r['seed']) for r in rs)}) | "
-                     + (f"{np.mean(w):.0f} ({min(w):.0f}-{max(w):.0f})" if w else "-") + " | "
-                     + (f"{np.mean(t):.0f}" if t else "-") + " |")
+        lines.append(
+            f"| {agg[n]['label']} | {len(rs)} ({', '.join(str(r['seed']) for r in rs)}) | "
+            + (f"{np.mean(w):.0f} ({min(w):.0f}-{max(w):.0f})" if w else "-")
+            + " | "
+            + (f"{np.mean(t):.0f}" if t else "-")
+            + " |"
+        )
     un = summary["status"]["unfinished"]
-    lines += ["", f"Finished runs: {summary['status']['finished']}; not finished: "
-              + (", ".join(f"{c} seed {s} ({st})" for c, s, st in un) if un else "none") + "."]
+    lines += [
+        "",
+        f"Finished runs: {summary['status']['finished']}; not finished: "
+        + (", ".join(f"{c} seed {s} ({st})" for c, s, st in un) if un else "none")
+        + ".",
+    ]
     return "\n".join(lines) + "\n"
 
 
 # ------------------------------------------------------------------------------------------------- driver
+
 
 def _seeds(spec: Sequence[str]) -> List[int]:
     out: List[int] = []
@@ -578,17 +696,39 @@ def _machine() -> Dict[str, Any]:
         load = list(os.getloadavg())
     except OSError:  # pragma: no cover
         load = None
-    return dict(host=platform.node(), cpu=platform.processor() or platform.machine(), cores=os.cpu_count(),
-                python=platform.python_version(), torch=torch.__version__, numpy=np.__version__, loadavg=load,
-                date=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    return dict(
+        host=platform.node(),
+        cpu=platform.processor() or platform.machine(),
+        cores=os.cpu_count(),
+        python=platform.python_version(),
+        torch=torch.__version__,
+        numpy=np.__version__,
+        loadavg=load,
+        date=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    )
 
 
-def sweep(configs: Sequence[str], seeds: Sequence[int], *, root: str = "runs/sweep", jobs: int = 2,
-          threads: int = 1, train: bool = True, out: Optional[str] = None, png_dir: Optional[str] = None,
-          cache_dir: str = "", steps: Sequence[int] = EVAL_STEPS, lyap_boards: int = 16, nice: int = 0,
-          progress: bool = True, argv: Optional[List[str]] = None, n_test: int = 500,
-          n_train_exclude: Optional[int] = None, extra: Sequence[str] = (),
-          runs: Optional[Sequence[Tuple[str, int]]] = None) -> Dict[str, Any]:
+def sweep(
+    configs: Sequence[str],
+    seeds: Sequence[int],
+    *,
+    root: str = "runs/sweep",
+    jobs: int = 2,
+    threads: int = 1,
+    train: bool = True,
+    out: Optional[str] = None,
+    png_dir: Optional[str] = None,
+    cache_dir: str = "",
+    steps: Sequence[int] = EVAL_STEPS,
+    lyap_boards: int = 16,
+    nice: int = 0,
+    progress: bool = True,
+    argv: Optional[List[str]] = None,
+    n_test: int = 500,
+    n_train_exclude: Optional[int] = None,
+    extra: Sequence[str] = (),
+    runs: Optional[Sequence[Tuple[str, int]]] = None,
+) -> Dict[str, Any]:
     """Train (unless ``train=False``) and evaluate the grid ``configs`` x ``seeds`` (or the explicit (config, seed)
     pairs ``runs``); returns the summary dict
     (also written to ``out`` as JSON, with PNGs in ``png_dir``). ``n_test`` / ``n_train_exclude``: the common test
@@ -604,8 +744,9 @@ def sweep(configs: Sequence[str], seeds: Sequence[int], *, root: str = "runs/swe
             raise ValueError(f"configs: unknown {n!r}; expected some of {sorted(CONFIGS)}")
     t0 = time.time()
     if train:
-        train_runs(runs, root, jobs=jobs, threads=threads, cache_dir=cache_dir, nice=nice, progress=progress,
-                   extra=extra)
+        train_runs(
+            runs, root, jobs=jobs, threads=threads, cache_dir=cache_dir, nice=nice, progress=progress, extra=extra
+        )
     t_train = time.time() - t0
     sizes = {n: (6 if CONFIGS[n][1] == "cpu6" else 4) for n in configs}
     tkw = dict(n_test=n_test, n_train=n_train_exclude, cache_dir=cache_dir or None)
@@ -653,17 +794,32 @@ def sweep(configs: Sequence[str], seeds: Sequence[int], *, root: str = "runs/swe
     agg = aggregate(records)
     unfinished = [r for r in records if r["status"] != "finished"]
     summary = dict(
-        machine=_machine(), threads_per_run=threads, jobs=jobs, root=root, train_wall_s=t_train,
-        test_sets={str(sz): dict(hash=testset_hash(ts), n_id=len(ts["test_id"][0]), n_ood=len(ts["test_ood"][0]),
-                                 seed=TEST_SEED, removed_as_in_training=[ts["test_id_removed"],
-                                                                         ts["test_ood_removed"]],
-                                 excluded_training_seeds=list(EXCLUDE_SEEDS)) for sz, ts in test_sets.items()},
-        eval_steps=list(steps), lyap_boards=lyap_boards, configs=agg,
+        machine=_machine(),
+        threads_per_run=threads,
+        jobs=jobs,
+        root=root,
+        train_wall_s=t_train,
+        test_sets={
+            str(sz): dict(
+                hash=testset_hash(ts),
+                n_id=len(ts["test_id"][0]),
+                n_ood=len(ts["test_ood"][0]),
+                seed=TEST_SEED,
+                removed_as_in_training=[ts["test_id_removed"], ts["test_ood_removed"]],
+                excluded_training_seeds=list(EXCLUDE_SEEDS),
+            )
+            for sz, ts in test_sets.items()
+        },
+        eval_steps=list(steps),
+        lyap_boards=lyap_boards,
+        configs=agg,
         fig3=fig3_analysis(records, [n for n in configs if lyap_target(n) is not None] + ["original"]),
-        status=dict(finished=len(runs) - len(unfinished), unfinished=[(r["config"], r["seed"], r["status"])
-                                                                      for r in unfinished]),
+        status=dict(
+            finished=len(runs) - len(unfinished), unfinished=[(r["config"], r["seed"], r["status"]) for r in unfinished]
+        ),
         resume_command=("python -m fastjac.train.sweep " + " ".join(argv)) if argv is not None else None,
-        runs=records)
+        runs=records,
+    )
     summary = _clean(summary)
     if png_dir:
         summary["figures"] = plot_all(summary, records, png_dir)
@@ -674,11 +830,19 @@ def sweep(configs: Sequence[str], seeds: Sequence[int], *, root: str = "runs/swe
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m fastjac.train.sweep", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="grids: " + "; ".join(f"{k}: {' '.join(v)}" for k, v in GRIDS.items()))
-    p.add_argument("--grid", nargs="+", default=[], help="named grids (fig3, fig4, fig5, fig3_batch, sudoku6); "
-                   "GRID@SEEDS (e.g. fig3@0-2) gives that grid its own seeds instead of --seeds")
+    p = argparse.ArgumentParser(
+        prog="python -m fastjac.train.sweep",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="grids: " + "; ".join(f"{k}: {' '.join(v)}" for k, v in GRIDS.items()),
+    )
+    p.add_argument(
+        "--grid",
+        nargs="+",
+        default=[],
+        help="named grids (fig3, fig4, fig5, fig3_batch, sudoku6); "
+        "GRID@SEEDS (e.g. fig3@0-2) gives that grid its own seeds instead of --seeds",
+    )
     p.add_argument("--configs", nargs="+", default=[], help="configuration names (see CONFIGS) besides the grids")
     p.add_argument("--seeds", nargs="+", default=["0-2"], help="seeds: ints or ranges, e.g. 0-4 (default 0-2)")
     p.add_argument("--root", default="runs/sweep", help="run folders: ROOT/<config>/seed<k>/ (default runs/sweep)")
@@ -719,12 +883,25 @@ def main(argv: Optional[List[str]] = None) -> int:
                 raise ValueError(f"{name}: expected an int >= {lo}, got {v}")
         root = os.path.join(a.root, "quick") if a.quick else a.root
         out = a.out or os.path.join(root, "sweep.json")
-        summary = sweep(configs, seeds, runs=runs, root=root, jobs=a.jobs, threads=a.threads, train=not a.no_train,
-                        out=out,
-                        png_dir=a.png_dir or os.path.dirname(os.path.abspath(out)), cache_dir=a.cache_dir,
-                        steps=a.steps, lyap_boards=a.lyap_boards, nice=a.nice, progress=not a.quiet,
-                        argv=[x for x in argv if x != "--no-train"], extra=QUICK_FLAGS if a.quick else (),
-                        n_test=200 if a.quick else 500)
+        summary = sweep(
+            configs,
+            seeds,
+            runs=runs,
+            root=root,
+            jobs=a.jobs,
+            threads=a.threads,
+            train=not a.no_train,
+            out=out,
+            png_dir=a.png_dir or os.path.dirname(os.path.abspath(out)),
+            cache_dir=a.cache_dir,
+            steps=a.steps,
+            lyap_boards=a.lyap_boards,
+            nice=a.nice,
+            progress=not a.quiet,
+            argv=[x for x in argv if x != "--no-train"],
+            extra=QUICK_FLAGS if a.quick else (),
+            n_test=200 if a.quick else 500,
+        )
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -736,11 +913,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     for name, agg in summary["configs"].items():
         s = agg["stats"]
 
-        def f(k):
+        def f(k, s=s):
             m = s.get(k, {}).get("mean")
             return "-" if m is None else f"{m:.3f}" + ("" if s[k]["sd"] is None else f"+-{s[k]['sd']:.3f}")
-        print(f"  {name:24s} n={len(agg['seeds'])}  ID {f('test_id/T16/board')}  OOD {f('test_ood/T16/board')}  "
-              f"lambda_max {f('lambda_max')}")
+
+        print(
+            f"  {name:24s} n={len(agg['seeds'])}  ID {f('test_id/T16/board')}  OOD {f('test_ood/T16/board')}  "
+            f"lambda_max {f('lambda_max')}"
+        )
     if st["unfinished"]:
         print(f"resume: {summary['resume_command']}")
     return 0
@@ -750,5 +930,22 @@ if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())
 
 
-__all__ = ["CONFIGS", "GRIDS", "TAUS", "TEST_SEED", "common_test_set", "testset_hash", "train_runs", "train_command",
-           "evaluate_run", "aggregate", "sweep", "main", "status", "run_dir", "baseline_of", "markdown", "QUICK_FLAGS"]
+__all__ = [
+    "CONFIGS",
+    "GRIDS",
+    "TAUS",
+    "TEST_SEED",
+    "common_test_set",
+    "testset_hash",
+    "train_runs",
+    "train_command",
+    "evaluate_run",
+    "aggregate",
+    "sweep",
+    "main",
+    "status",
+    "run_dir",
+    "baseline_of",
+    "markdown",
+    "QUICK_FLAGS",
+]

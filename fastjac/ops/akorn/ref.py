@@ -6,6 +6,7 @@
 
 Shapes: X, Y [..., S, D]; W [G, N, N] with G * N = D.
 """
+
 from __future__ import annotations
 
 from typing import Tuple

@@ -14,6 +14,7 @@ so nothing of size L x S is ever allocated (only the caller's own bias, if any).
 ``block_n`` arguments, else ``FASTJAC_CPP_FLASH_TILES="BM,BN"`` (tests force tiny tiles with it), else the kernel's
 L2-sized default. Not differentiable in the inputs' graph (the ops are leaves for autograd).
 """
+
 from __future__ import annotations
 
 import os
@@ -55,6 +56,7 @@ def flash_available(build: bool = False) -> Optional[str]:
         return None
     # the backend owns building and loading the library; the op layer only asks it (lazily: no import cycle)
     from ...backends import cpp as _be
+
     if _be.is_loaded():  # e.g. loaded by backend="cpp" after an earlier call here said it was not built
         _available[None] = True
         return None
@@ -71,6 +73,7 @@ def flash_available(build: bool = False) -> Optional[str]:
 
 def _ops():
     from .._utils import compiled_ops
+
     return compiled_ops()
 
 
@@ -86,8 +89,17 @@ def _check_qkv(q: Tensor, k: Tensor, v: Tensor) -> None:
         raise ValueError(f"k, v: expected q's dtype {q.dtype}, got {k.dtype}, {v.dtype}")
 
 
-def flash_forward(q: Tensor, k: Tensor, v: Tensor, *, scale: float, causal: bool, bias: Optional[Tensor] = None,
-                  block_m: int = 0, block_n: int = 0) -> Tuple[Tensor, Tensor]:
+def flash_forward(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    scale: float,
+    causal: bool,
+    bias: Optional[Tensor] = None,
+    block_m: int = 0,
+    block_n: int = 0,
+) -> Tuple[Tensor, Tensor]:
     """Softmax attention o = softmax(scale q k^T + bias) v and the row log-sum-exp, flash-tiled on the CPU.
 
     q [B, H, L, E], k [B, H, S, E], v [B, H, S, Ev] (float32/float64, any strides); ``bias`` an additive float mask
@@ -108,9 +120,22 @@ def flash_forward(q: Tensor, k: Tensor, v: Tensor, *, scale: float, causal: bool
     return _ops().flash_fwd(q, k, v, float(scale), bool(causal), bias, bm, bn)
 
 
-def flash_jvp(q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, qd: Tensor, kd: Tensor, vd: Tensor, *,
-              scale: float, causal: bool, bias: Optional[Tensor] = None, block_m: int = 0,
-              block_n: int = 0) -> Tensor:
+def flash_jvp(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    o: Tensor,
+    lse: Tensor,
+    qd: Tensor,
+    kd: Tensor,
+    vd: Tensor,
+    *,
+    scale: float,
+    causal: bool,
+    bias: Optional[Tensor] = None,
+    block_m: int = 0,
+    block_n: int = 0,
+) -> Tensor:
     """K tangents of flash attention at once: od [K, B, H, L, Ev] for qd [K, B, H, L, E], kd [K, B, H, S, E],
     vd [K, B, H, S, Ev], given the forward's o and lse (``flash_forward``). The bias has no tangent. 0 on fully
     masked rows. All K tangents share each recomputed [BM, BN] tile of p; no [L, S] buffer is allocated.
@@ -132,14 +157,16 @@ def flash_jvp(q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, qd: Tenso
             shape = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
             raise ValueError(f"{name}: expected [K, {', '.join(map(str, ref.shape))}], got {shape}")
     if not (qd.shape[0] == kd.shape[0] == vd.shape[0]):
-        raise ValueError(f"qd, kd, vd: expected the same number of tangents, got {qd.shape[0]}, {kd.shape[0]}, "
-                         f"{vd.shape[0]}")
+        raise ValueError(
+            f"qd, kd, vd: expected the same number of tangents, got {qd.shape[0]}, {kd.shape[0]}, {vd.shape[0]}"
+        )
     bm, bn = _tiles(block_m, block_n)
     od = _ops().flash_jvp(q, k, v, o, lse, qd, kd, vd, float(scale), bool(causal), bias, bm, bn)
     return od.permute(0, 1, 3, 2, 4)
 
 
 # ------------------------------------------------------------------------------------------------ model level
+
 
 @dataclass
 class FlashAttnCache:
@@ -200,7 +227,7 @@ def msa_jvp_cpp(c: FlashAttnCache, T: Tensor, *, wqkv: Optional[Tensor] = None) 
     H, dh, dv = p.heads, p.wq.shape[-1], p.wv.shape[-1]
     W = qkv_weight(p) if wqkv is None else wqkv
     P = (T.reshape(K * B * S, D) @ W).view(K, B, S, H, 2 * dh + dv).permute(0, 1, 3, 2, 4)  # [K, B, H, S, .]
-    qd, kd, vd = P[..., :dh], P[..., dh:2 * dh], P[..., 2 * dh:]
+    qd, kd, vd = P[..., :dh], P[..., dh : 2 * dh], P[..., 2 * dh :]
     bm, bn = _tiles(0, 0)
     od = _ops().flash_jvp(c.q, c.k, c.v, c.o, c.lse, qd, kd, vd, float(p.beta), bool(p.causal), None, bm, bn)
     if p.wo is None:  # od: [K, B, S, H, dv]

@@ -4,6 +4,7 @@ This is the ``backend="torch"`` implementation and the readable reference for th
 derivation is in this folder's README.md. Every function works on a batched state ``[B, S, D]``; tangents and
 cotangents may carry extra leading dimensions (k tangents: ``[k, B, S, D]``) that broadcast against the cache.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -134,8 +135,16 @@ def msa_vjp(c: AttnCache, G: Tensor) -> Tensor:
     )
 
 
-def msa_jacobian_rows(c: AttnCache, i0: int, i1: int, *, left: Optional[Tensor] = None, scale=1.0,
-                      batch: slice = slice(None), out: Optional[Tensor] = None) -> Tensor:
+def msa_jacobian_rows(
+    c: AttnCache,
+    i0: int,
+    i1: int,
+    *,
+    left: Optional[Tensor] = None,
+    scale=1.0,
+    batch: slice = slice(None),
+    out: Optional[Tensor] = None,
+) -> Tensor:
     """Dense blocks ``scale * left_i @ J[i, m]``, J[i, m] = dMSA_i/dx_m, for the rows i in [i0, i1).
 
     Returns [B, I, D, S, D] in the layout (i, a, m, b): entry [z, i, a, m, b] is d(left MSA)[z, i, a] / dX[z, m, b].

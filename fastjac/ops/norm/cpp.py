@@ -5,6 +5,7 @@ Kernel ``norm_jvp_fwd`` (csrc/norm_jvp.cpp) -> custom op ``torch.ops.fastjac.nor
 (ref.py, README.md) per group of N features, ``gamma * (u / s - w (w . u) / (alpha s^3))`` with u centred for
 "layer", reading w and s from the forward cache: each tangent is read and written once.
 """
+
 from __future__ import annotations
 
 import torch
@@ -25,9 +26,11 @@ def norm_residual_jvp_cpp(c: NormCache, T: Tensor, R: Tensor, eta) -> Tensor:
         torch.Size([4, 2, 5, 6])
     """
     from .._utils import compiled_ops as ops
+
     if T.dim() != 4 or T.shape[1:] != c.out.shape or R.shape != T.shape:
-        raise ValueError(f"T, R: expected [K, {', '.join(map(str, c.out.shape))}], got {tuple(T.shape)} and "
-                         f"{tuple(R.shape)}")
+        raise ValueError(
+            f"T, R: expected [K, {', '.join(map(str, c.out.shape))}], got {tuple(T.shape)} and {tuple(R.shape)}"
+        )
     p = c.params
     eta_t = torch.as_tensor(eta, dtype=T.dtype).detach().reshape(())
     return ops().norm_residual_jvp(T, R, c.w, c.s, p.gamma, eta_t, p.kind, p.group)

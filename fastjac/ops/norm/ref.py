@@ -8,6 +8,7 @@ The three non-trivial kinds share one shape of derivative (README.md in this fol
 a diagonal-plus-rank-one N x N block per group. Its inner matrix is symmetric, so the VJP is the same formula
 applied to gamma * g.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -83,7 +84,7 @@ def norm_forward(Z: Tensor, p: NormParams) -> Tensor:
 def _inner(c: NormCache, u: Tensor, dim: int) -> Tensor:
     # (I/s - w w^T/(alpha s^3)) u along the group axis `dim` (u already centred for "layer")
     wu = (c.w * u).sum(dim, keepdim=True)
-    return u / c.s - c.w * (wu / (c.alpha * c.s ** 3))
+    return u / c.s - c.w * (wu / (c.alpha * c.s**3))
 
 
 def norm_jvp(c: NormCache, T: Tensor) -> Tensor:
@@ -120,9 +121,9 @@ def norm_left_apply(c: NormCache, M: Tensor, i0: int = 0) -> Tensor:
         return M
     B, I, D, K = M.shape
     G, N = D // p.group, p.group
-    w, s = c.w[:, i0:i0 + I], c.s[:, i0:i0 + I]  # [B, I, G, N], [B, I, G, 1]
+    w, s = c.w[:, i0 : i0 + I], c.s[:, i0 : i0 + I]  # [B, I, G, N], [B, I, G, 1]
     gam = torch.ones(G, N, dtype=M.dtype, device=M.device) if p.gamma is None else p.gamma.view(G, N)
-    left = (gam * w / (c.alpha * s ** 3)).unsqueeze(-1)  # [B, I, G, N, 1]
+    left = (gam * w / (c.alpha * s**3)).unsqueeze(-1)  # [B, I, G, N, 1]
     right = w.unsqueeze(-2)  # [B, I, G, 1, N]
     if p.kind == "layer":
         left = torch.cat([left, (gam / (N * s)).unsqueeze(-1)], -1)  # [B, I, G, N, 2]

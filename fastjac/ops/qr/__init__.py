@@ -2,6 +2,7 @@
 
 ``ref.py``: the algorithm and torch primitives; ``triton.py``: fused kernels (Gram, apply+Gram, apply).
 """
+
 from __future__ import annotations
 
 from typing import Optional

@@ -13,6 +13,7 @@ which ``‖Q1ᵀQ1 − I‖_F <= 1/2`` guarantees (then cond(Q1) <= sqrt(3)); a 
 Cholesky fails (rank loss: a normalised step maps radial directions to 0), is redone with Householder
 (``torch.linalg.qr``) instead of returning a wrong Q. ``log|R_ii|`` of an exactly rank-deficient column is -inf.
 """
+
 from __future__ import annotations
 
 from typing import Callable, Tuple
@@ -75,8 +76,13 @@ def householder_qr(M: Tensor, out: Tensor = None) -> Tuple[Tensor, Tensor]:
     return Q, logd
 
 
-def cholesky_qr2(M: Tensor, gram: Callable = gram_ref, apply_gram: Callable = apply_gram_ref,
-                 apply: Callable = apply_ref, out: Tensor = None) -> Tuple[Tensor, Tensor, Tensor]:
+def cholesky_qr2(
+    M: Tensor,
+    gram: Callable = gram_ref,
+    apply_gram: Callable = apply_gram_ref,
+    apply: Callable = apply_ref,
+    out: Tensor = None,
+) -> Tuple[Tensor, Tensor, Tensor]:
     """CholeskyQR2 of M [..., n, k] with the given n-long primitives; Householder for samples that break down.
 
     Returns (Q [..., n, k], log|diag R| [..., k] float64, fell_back [...] bool). ``out`` may be M itself (or share

@@ -12,6 +12,7 @@ The VJP stays the analytic torch path (ref.py, under no_grad), which needs the p
 by the Triton backend) only when a VJP asks for them. Not differentiable in the weights: use backend="torch" for
 Jacobian-based training losses.
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -86,7 +87,6 @@ class CppItrSALinearization(_CppStep, ItrSADenseFactors, ItrSALinearization):
             return norm_residual_jvp_cpp(self.norm, T.contiguous(), self._msa_jvp(T), self.p.eta)
 
 
-
 class CppAKOrNLinearization(_CppStep, AKOrNDenseFactors, AKOrNLinearization):
     """AKOrN X' = Pi_osc(X + eta (Omega X + Proj_X(C + MSA(X)))) linearised at X [B, S, D] on the C++ kernels.
 
@@ -105,7 +105,6 @@ class CppAKOrNLinearization(_CppStep, AKOrNDenseFactors, AKOrNLinearization):
             return norm_residual_jvp_cpp(self.norm, T, R.contiguous(), self.p.eta)
 
 
-
 def step_dense_cpp(lin, out: Optional[Tensor] = None) -> Tensor:
     """The dense step Jacobian [B, S*D, S*D] of a C++ linearisation, written by ``torch.ops.fastjac.step_dense_flash_``.
 
@@ -115,6 +114,7 @@ def step_dense_cpp(lin, out: Optional[Tensor] = None) -> Tensor:
     written exactly once.
     """
     from .._utils import compiled_ops as ops
+
     X = lin.X
     out = dense_out(X, out)
     c = lin._fc
@@ -123,8 +123,9 @@ def step_dense_cpp(lin, out: Optional[Tensor] = None) -> Tensor:
         L, E = lin._row_factors()
         vo, oo = _out_proj_h(c.v, p.wo), _out_proj_h(c.o, p.wo)  # [B, H, S, D]: the per-head output projections
         wvoT = (p.wv if p.wo is None else p.wv @ p.wo).transpose(-1, -2)  # [H, D(a), D(b)]
-        ops().step_dense_flash_(c.q, c.k, vo, oo, L, E, wvoT, p.wq, p.wk, float(lin.p.eta.detach()),
-                                float(p.beta), bool(p.causal), out)
+        ops().step_dense_flash_(
+            c.q, c.k, vo, oo, L, E, wvoT, p.wq, p.wk, float(lin.p.eta.detach()), float(p.beta), bool(p.causal), out
+        )
     return out
 
 
@@ -133,6 +134,7 @@ def step_dense_factored(lin, out: Optional[Tensor] = None) -> Tensor:
     in torch ops (``factors.dense_factors``, from the [B, H, S, S] probabilities), expanded by
     ``torch.ops.fastjac.step_dense_``."""
     from .._utils import compiled_ops as ops
+
     X = lin.X
     B, S, D = X.shape
     out = dense_out(X, out)

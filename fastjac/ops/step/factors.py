@@ -8,12 +8,14 @@ applications it needs: ``_left(M, b, i0)`` applies L_i (the normalisation's diag
 AKOrN's per-oscillator projection) in O(D K) per token, and ``_diag_E(Dg, b, i0)`` returns L_i Dg + E_i.
 Nothing here imports triton or the compiled extension.
 """
+
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
-from .._utils import blockdiag as _blockdiag, group as _g
+from .._utils import blockdiag as _blockdiag
+from .._utils import group as _g
 from ..akorn.ref import antisym
 from ..attention.ref import _out_proj_h
 from ..norm.ref import NormCache, norm_left_apply
@@ -21,7 +23,7 @@ from ..norm.ref import NormCache, norm_left_apply
 
 def _sample(c: NormCache, b: int) -> NormCache:
     """The norm cache of sample b alone (norm_left_apply reads rows of every sample it is given)."""
-    one = lambda t: None if t is None else t[b:b + 1]  # noqa: E731
+    one = lambda t: None if t is None else t[b : b + 1]  # noqa: E731
     return NormCache(c.params, one(c.w), one(c.s), one(c.out))
 
 
@@ -32,8 +34,10 @@ def dense_out(X: Tensor, out=None) -> Tensor:
     if out is None:
         return torch.empty(B, S * D, S * D, dtype=X.dtype, device=X.device)
     if out.shape != (B, S * D, S * D) or out.dtype != X.dtype or out.stride(-1) != 1:
-        raise ValueError(f"out: expected a [{B}, {S * D}, {S * D}] {X.dtype} tensor with contiguous rows, got "
-                         f"{tuple(out.shape)} {out.dtype}")
+        raise ValueError(
+            f"out: expected a [{B}, {S * D}, {S * D}] {X.dtype} tensor with contiguous rows, got "
+            f"{tuple(out.shape)} {out.dtype}"
+        )
     return out
 
 
@@ -60,7 +64,7 @@ class AKOrNDenseFactors:
         # L_i = N_i P_i with P_i = I - X_g X_g^T per oscillator g
         I, D, K = M.shape
         N = self.p.osc_dim
-        Xg = _g(self.X[b, i0:i0 + I], N)  # [I, G, N]
+        Xg = _g(self.X[b, i0 : i0 + I], N)  # [I, G, N]
         Mg = M.reshape(I, D // N, N, K)
         PM = Mg - Xg.unsqueeze(-1) * (Xg.unsqueeze(-2) @ Mg)
         return norm_left_apply(_sample(self.norm, b), PM.reshape(I, D, K).unsqueeze(0), i0)[0]
@@ -69,8 +73,8 @@ class AKOrNDenseFactors:
         # E_i = N_i (I + eta blockdiag(Omega_g - X_g Y_g^T - <Y_g, X_g> I))
         I, D, _ = Dg.shape
         N = self.p.osc_dim
-        Xg = _g(self.X[b, i0:i0 + I], N)
-        Yg = _g(self.Y.expand_as(self.X)[b, i0:i0 + I], N)
+        Xg = _g(self.X[b, i0 : i0 + I], N)
+        Yg = _g(self.Y.expand_as(self.X)[b, i0 : i0 + I], N)
         eyeN = torch.eye(N, dtype=Dg.dtype, device=Dg.device)
         blk = antisym(self.p.omega) - Xg.unsqueeze(-1) * Yg.unsqueeze(-2) - (Xg * Yg).sum(-1)[..., None, None] * eyeN
         inner = torch.eye(D, dtype=Dg.dtype, device=Dg.device) + self.p.eta.detach() * _blockdiag(blk)

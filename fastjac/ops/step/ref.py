@@ -7,6 +7,7 @@ A linearisation runs the forward pass once, keeps the attention probabilities an
 and then answers any number of JVPs, VJPs and dense-row requests from that cache. All tensors are batched
 [B, S, D]; tangents may carry extra leading dims ([k, B, S, D]).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -15,8 +16,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .._utils import blockdiag as _blockdiag, group as _g
-from ..akorn.ref import omega_apply, omega_vjp, proj_jvp, proj_vjp, proj_forward, antisym
+from .._utils import blockdiag as _blockdiag
+from .._utils import group as _g
+from ..akorn.ref import antisym, omega_apply, omega_vjp, proj_forward, proj_jvp, proj_vjp
 from ..attention.ref import AttnParams, msa_cache, msa_jacobian_rows, msa_jvp, msa_vjp
 from ..base import BatchedLinearization
 from ..norm.ref import NormParams, norm_cache, norm_jacobian_blocks, norm_jvp, norm_vjp
@@ -77,8 +79,15 @@ class StepLinearization(BatchedLinearization):
             bs = slice(b, b + 1)
             for i0 in range(0, S, chunk):
                 i1 = min(S, i0 + chunk)
-                msa_jacobian_rows(self.attn, i0, i1, left=None if L is None else L[bs, i0:i1], scale=self.p.eta,
-                                  batch=bs, out=rows[bs, i0:i1])
+                msa_jacobian_rows(
+                    self.attn,
+                    i0,
+                    i1,
+                    left=None if L is None else L[bs, i0:i1],
+                    scale=self.p.eta,
+                    batch=bs,
+                    out=rows[bs, i0:i1],
+                )
             rows[b, idx, :, idx, :] += E[b]
         return out
 
@@ -135,8 +144,11 @@ class AKOrNLinearization(StepLinearization):
         P = _blockdiag(torch.eye(N, dtype=Xg.dtype, device=Xg.device) - Xg.unsqueeze(-1) * Xg.unsqueeze(-2))
         # d(Omega X + Proj_X(Y))/dX_i on the diagonal, per oscillator: Omega_g - X_g Y_g^T - <Y_g, X_g> I
         s = (Xg * Yg).sum(-1)[..., None, None]
-        blk = antisym(self.p.omega) - Xg.unsqueeze(-1) * Yg.unsqueeze(-2) - s * torch.eye(N, dtype=Xg.dtype,
-                                                                                           device=Xg.device)
+        blk = (
+            antisym(self.p.omega)
+            - Xg.unsqueeze(-1) * Yg.unsqueeze(-2)
+            - s * torch.eye(N, dtype=Xg.dtype, device=Xg.device)
+        )
         Nb = norm_jacobian_blocks(self.norm)
         eye = torch.eye(self.X.shape[-1], dtype=Xg.dtype, device=Xg.device)
         return Nb @ P, Nb @ (eye + self.p.eta * _blockdiag(blk))

@@ -4,6 +4,7 @@ The forward runs the flash attention kernel once; every JVP is the k-tangent att
 (``fastjac/ops/attention/triton.py``) followed by the fused residual + normalisation kernel
 (``fastjac/ops/norm/triton.py``); the dense Jacobian is ``dense_triton.step_dense_triton``.
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -56,7 +57,7 @@ class _TritonAttention:
         with torch.no_grad():
             if step >= G.shape[0]:
                 return vjp_one(G)
-            return torch.cat([vjp_one(G[j:j + step]) for j in range(0, G.shape[0], step)])
+            return torch.cat([vjp_one(G[j : j + step]) for j in range(0, G.shape[0], step)])
 
     def dense(self, out: Optional[Tensor] = None) -> Tensor:
         """The step Jacobian [B, S*D, S*D], token-major, from ``_step_dense_fwd_kernel``."""
@@ -81,7 +82,6 @@ class TritonItrSALinearization(_TritonAttention, ItrSADenseFactors, ItrSALineari
 
     def vjp(self, G: Tensor) -> Tensor:
         return self._vjp_chunked(G, super().vjp)
-
 
 
 class TritonAKOrNLinearization(_TritonAttention, AKOrNDenseFactors, AKOrNLinearization):
