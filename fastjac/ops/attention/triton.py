@@ -17,7 +17,6 @@ what makes the kernel fit the register file and shared memory at tensor-core til
 tiles did not). The softmax normalisation (max, sum, lse) and o are computed once, by the forward, for all k
 tangents. Nothing of size S x S reaches global memory.
 """
-
 from __future__ import annotations
 
 from typing import Optional, Tuple
@@ -38,32 +37,11 @@ DTYPES = (torch.float32, torch.float64) + HALF
 
 @triton.jit(do_not_specialize=["S", "H"])
 def _attn_fwd_kernel(
-    q_ptr,
-    k_ptr,
-    v_ptr,
-    o_ptr,
-    lse_ptr,
-    S,
-    DH,
-    DV,
-    H,
-    beta,
-    sq_b,
-    sq_h,
-    sq_s,
-    sv_b,
-    sv_h,
-    sv_s,
-    so_b,
-    so_h,
-    so_s,  # q and k share strides; all last dims contiguous
-    CAUSAL: tl.constexpr,
-    BM: tl.constexpr,
-    BN: tl.constexpr,
-    BDH: tl.constexpr,
-    BV: tl.constexpr,
-    PREC: tl.constexpr,
-    F64: tl.constexpr,
+    q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr,
+    S, DH, DV, H, beta,
+    sq_b, sq_h, sq_s, sv_b, sv_h, sv_s, so_b, so_h, so_s,  # q and k share strides; all last dims contiguous
+    CAUSAL: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BDH: tl.constexpr, BV: tl.constexpr,
+    PREC: tl.constexpr, F64: tl.constexpr,
 ):
     ACC: tl.constexpr = tl.float64 if F64 else tl.float32
     pid_m, pid_bh, pid_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -83,12 +61,10 @@ def _attn_fwd_kernel(
     for j0 in range(0, hi, BN):
         rn = j0 + tl.arange(0, BN)  # keys [BN]
         n_ok = rn < S
-        kT = tl.load(
-            k_ptr + qo + rn[None, :] * sq_s + rd[:, None], mask=d_ok[:, None] & n_ok[None, :], other=0.0
-        )  # [BDH, BN]
-        v = tl.load(
-            v_ptr + vo + rn[:, None] * sv_s + rv[None, :], mask=n_ok[:, None] & v_ok[None, :], other=0.0
-        )  # [BN, BV]
+        kT = tl.load(k_ptr + qo + rn[None, :] * sq_s + rd[:, None], mask=d_ok[:, None] & n_ok[None, :],
+                     other=0.0)  # [BDH, BN]
+        v = tl.load(v_ptr + vo + rn[:, None] * sv_s + rv[None, :], mask=n_ok[:, None] & v_ok[None, :],
+                    other=0.0)  # [BN, BV]
         s = tl.dot(q, kT, input_precision=PREC, out_dtype=ACC) * beta  # [BM, BN]
         keep = n_ok[None, :]
         if CAUSAL:
@@ -102,56 +78,21 @@ def _attn_fwd_kernel(
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC, out_dtype=ACC)
         m_i = m_new
     o = acc / l_i[:, None]  # [BM, BV]
-    tl.store(
-        o_ptr + b.to(tl.int64) * so_b + h * so_h + rm[:, None] * so_s + rv[None, :],
-        o.to(o_ptr.dtype.element_ty),
-        mask=m_ok[:, None] & v_ok[None, :],
-    )
+    tl.store(o_ptr + b.to(tl.int64) * so_b + h * so_h + rm[:, None] * so_s + rv[None, :],
+             o.to(o_ptr.dtype.element_ty), mask=m_ok[:, None] & v_ok[None, :])
     if pid_v == 0:
-        tl.store(lse_ptr + pid_bh.to(tl.int64) * S + rm, (m_i + tl.log(l_i)).to(lse_ptr.dtype.element_ty), mask=m_ok)
+        tl.store(lse_ptr + pid_bh.to(tl.int64) * S + rm, (m_i + tl.log(l_i)).to(lse_ptr.dtype.element_ty),
+                 mask=m_ok)
 
 
 @triton.jit(do_not_specialize=["S", "H"])
 def _attn_jvp_fwd_kernel(
-    q_ptr,
-    k_ptr,
-    v_ptr,
-    o_ptr,
-    lse_ptr,
-    qd_ptr,
-    kd_ptr,
-    vd_ptr,
-    od_ptr,
-    S,
-    DH,
-    DV,
-    H,
-    beta,
-    sq_b,
-    sq_h,
-    sq_s,
-    sv_b,
-    sv_h,
-    sv_s,
-    so_b,
-    so_h,
-    so_s,
-    sqd_t,
-    sqd_b,
-    sqd_h,
-    sqd_s,
-    svd_t,
-    svd_b,
-    svd_h,
-    svd_s,  # qd, kd share strides; vd, od share strides
-    CAUSAL: tl.constexpr,
-    BM: tl.constexpr,
-    BN: tl.constexpr,
-    BDH: tl.constexpr,
-    BV: tl.constexpr,
-    PREC: tl.constexpr,
-    F64: tl.constexpr,
-    DSPLIT: tl.constexpr,
+    q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, qd_ptr, kd_ptr, vd_ptr, od_ptr,
+    S, DH, DV, H, beta,
+    sq_b, sq_h, sq_s, sv_b, sv_h, sv_s, so_b, so_h, so_s,
+    sqd_t, sqd_b, sqd_h, sqd_s, svd_t, svd_b, svd_h, svd_s,  # qd, kd share strides; vd, od share strides
+    CAUSAL: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BDH: tl.constexpr, BV: tl.constexpr,
+    PREC: tl.constexpr, F64: tl.constexpr, DSPLIT: tl.constexpr,
 ):
     # DSPLIT = 2 splits the head dim into two halves of BDH / 2: the products over dh are two tl.dots each, which
     # halves the operand registers of FFMA (IEEE float32) and float64 products at BDH = 128
@@ -212,17 +153,11 @@ def _attn_jvp_fwd_kernel(
         acc = tl.dot(p.to(vd.dtype), vd, acc, input_precision=PREC, out_dtype=ACC)
         acc = tl.dot(pl.to(v.dtype), v, acc, input_precision=PREC, out_dtype=ACC)  # [BM, BV]
         acc_l += tl.sum(pl, 1)
-    o = tl.load(
-        o_ptr + b.to(tl.int64) * so_b + h * so_h + rm[:, None] * so_s + rv[None, :],
-        mask=m_ok[:, None] & v_ok[None, :],
-        other=0.0,
-    ).to(ACC)  # [BM, BV]
+    o = tl.load(o_ptr + b.to(tl.int64) * so_b + h * so_h + rm[:, None] * so_s + rv[None, :],
+                mask=m_ok[:, None] & v_ok[None, :], other=0.0).to(ACC)  # [BM, BV]
     od = acc - acc_l[:, None] * o
-    tl.store(
-        od_ptr + vdo + rm[:, None] * svd_s + rv[None, :],
-        od.to(od_ptr.dtype.element_ty),
-        mask=m_ok[:, None] & v_ok[None, :],
-    )
+    tl.store(od_ptr + vdo + rm[:, None] * svd_s + rv[None, :], od.to(od_ptr.dtype.element_ty),
+             mask=m_ok[:, None] & v_ok[None, :])
 
 
 def _interp_blocks(dv: int) -> Tuple[int, int, int]:
@@ -231,9 +166,8 @@ def _interp_blocks(dv: int) -> Tuple[int, int, int]:
     return 64, 64, min(_pow2(dv), 64)
 
 
-def launch_config(
-    kind: str, q: Tensor, dv: int, precision: Optional[str] = None, blocks: Optional[Tuple[int, ...]] = None
-):
+def launch_config(kind: str, q: Tensor, dv: int, precision: Optional[str] = None,
+                  blocks: Optional[Tuple[int, ...]] = None):
     """(BM, BN, BDH, BV, extra constexprs, options) for ``kind`` in {"attn_fwd", "attn_jvp"}: the launch table's
     entry on a GPU (``fastjac/ops/_launch.py``), small tiles under the interpreter (where the tangent kernel splits
     the head dim in two halves from BDH = 64 on, so the tests run that path too). ``blocks`` = (BM, BN, BV) or the
@@ -248,10 +182,8 @@ def launch_config(
         extra = {"DSPLIT": 2 if _pow2(dh) >= 64 else 1} if kind == "attn_jvp" else {}
         return BM, BN, _pow2(dh), BV, extra, {}
     if blocks is not None:
-        raise ValueError(
-            "blocks: tile overrides are for the interpreter tests; on a GPU the verified launch table "
-            "(fastjac/ops/_launch.py) decides"
-        )
+        raise ValueError("blocks: tile overrides are for the interpreter tests; on a GPU the verified launch table "
+                         "(fastjac/ops/_launch.py) decides")
     dc = _launch.dtype_class(q.dtype, precision_for(q.dtype, precision))
     BDH, cfg = _launch.config(kind, arch, dc, _pow2(dh))
     extra = {"DSPLIT": dict(cfg.tiles).get("DSPLIT", 1)} if kind == "attn_jvp" else {}
@@ -265,18 +197,8 @@ def default_blocks(dh: int, dv: int, k: int = 1) -> Tuple[int, int, int, int]:
     return BM, BN, 1, BV
 
 
-def attn_fwd_launch(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    beta: float,
-    causal: bool,
-    o: Tensor,
-    lse: Tensor,
-    *,
-    precision: Optional[str] = None,
-    blocks: Optional[Tuple[int, ...]] = None,
-) -> None:
+def attn_fwd_launch(q: Tensor, k: Tensor, v: Tensor, beta: float, causal: bool, o: Tensor, lse: Tensor, *,
+                    precision: Optional[str] = None, blocks: Optional[Tuple[int, ...]] = None) -> None:
     """Launch ``_attn_fwd_kernel``: o [B, H, S, dv] (any float dtype, last dim contiguous) and lse [B, H, S]
     (contiguous, float32, float64 for float64 inputs). q, k [B, H, S, dh], v [B, H, S, dv], last dims contiguous."""
     B, H, S, dh = q.shape
@@ -284,58 +206,22 @@ def attn_fwd_launch(
     BM, BN, BDH, BV, _, opts = launch_config("attn_fwd", q, dv, precision, blocks)
     grid = (triton.cdiv(S, BM), B * H, triton.cdiv(dv, BV))
     _attn_fwd_kernel[grid](
-        q,
-        k,
-        v,
-        o,
-        lse,
-        S,
-        dh,
-        dv,
-        H,
-        float(beta),
-        q.stride(0),
-        q.stride(1),
-        q.stride(2),
-        v.stride(0),
-        v.stride(1),
-        v.stride(2),
-        o.stride(0),
-        o.stride(1),
-        o.stride(2),
-        CAUSAL=bool(causal),
-        BM=BM,
-        BN=BN,
-        BDH=BDH,
-        BV=BV,
-        PREC=precision_for(q.dtype, precision),
-        F64=q.dtype == torch.float64,
-        **opts,
-    )
+        q, k, v, o, lse, S, dh, dv, H, float(beta),
+        q.stride(0), q.stride(1), q.stride(2), v.stride(0), v.stride(1), v.stride(2),
+        o.stride(0), o.stride(1), o.stride(2),
+        CAUSAL=bool(causal), BM=BM, BN=BN, BDH=BDH, BV=BV, PREC=precision_for(q.dtype, precision),
+        F64=q.dtype == torch.float64, **opts)
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def attn_jvp_launch(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    qd: Optional[Tensor],
-    kd: Optional[Tensor],
-    vd: Optional[Tensor],
-    beta: float,
-    causal: bool,
-    *,
-    o: Optional[Tensor] = None,
-    od: Optional[Tensor] = None,
-    precision: Optional[str] = None,
-    blocks: Optional[Tuple[int, ...]] = None,
-    num_warps: Optional[int] = None,
-    o_acc: Optional[Tensor] = None,
-    lse: Optional[Tensor] = None,
-):
+def attn_jvp_launch(q: Tensor, k: Tensor, v: Tensor, qd: Optional[Tensor], kd: Optional[Tensor],
+                    vd: Optional[Tensor], beta: float, causal: bool, *, o: Optional[Tensor] = None,
+                    od: Optional[Tensor] = None, precision: Optional[str] = None,
+                    blocks: Optional[Tuple[int, ...]] = None, num_warps: Optional[int] = None,
+                    o_acc: Optional[Tensor] = None, lse: Optional[Tensor] = None):
     """Attention forward and/or K-tangent JVP. q, k [B, H, S, dh]; v [B, H, S, dv]; qd, kd [K, B, H, S, dh] and
     vd [K, B, H, S, dv], or all None (forward only). Writes o [B, H, S, dv] (if given) and od [K, B, H, S, dv].
 
@@ -349,11 +235,8 @@ def attn_jvp_launch(
     has_t = qd is not None
     if o_acc is None or lse is None:
         acc_dt = _acc_dtype(q.dtype)
-        o_acc = (
-            o
-            if (o is not None and o.dtype == acc_dt and o.stride(-1) == 1)
-            else torch.empty(B, H, S, dv, dtype=acc_dt, device=q.device)
-        )
+        o_acc = o if (o is not None and o.dtype == acc_dt and o.stride(-1) == 1) else \
+            torch.empty(B, H, S, dv, dtype=acc_dt, device=q.device)
         lse = torch.empty(B, H, S, dtype=acc_dt, device=q.device)
         attn_fwd_launch(q, k, v, beta, causal, o_acc, lse, precision=precision, blocks=blocks)
     if o is not None and o.data_ptr() != o_acc.data_ptr():
@@ -369,47 +252,17 @@ def attn_jvp_launch(
     BM, BN, BDH, BV, extra, opts = launch_config("attn_jvp", q, dv, precision, blocks)
     grid = (triton.cdiv(S, BM), B * H, K * triton.cdiv(dv, BV))
     _attn_jvp_fwd_kernel[grid](
-        q,
-        k,
-        v,
-        o_acc,
-        lse,
-        qd,
-        kd,
-        vd,
-        od,
-        S,
-        dh,
-        dv,
-        H,
-        float(beta),
-        q.stride(0),
-        q.stride(1),
-        q.stride(2),
-        v.stride(0),
-        v.stride(1),
-        v.stride(2),
-        o_acc.stride(0),
-        o_acc.stride(1),
-        o_acc.stride(2),
-        *qd.stride()[:4],
-        *vd.stride()[:4],
-        CAUSAL=bool(causal),
-        BM=BM,
-        BN=BN,
-        BDH=BDH,
-        BV=BV,
-        PREC=precision_for(q.dtype, precision),
-        F64=q.dtype == torch.float64,
-        **extra,
-        **opts,
-    )
+        q, k, v, o_acc, lse, qd, kd, vd, od, S, dh, dv, H, float(beta),
+        q.stride(0), q.stride(1), q.stride(2), v.stride(0), v.stride(1), v.stride(2),
+        o_acc.stride(0), o_acc.stride(1), o_acc.stride(2),
+        *qd.stride()[:4], *vd.stride()[:4],
+        CAUSAL=bool(causal), BM=BM, BN=BN, BDH=BDH, BV=BV, PREC=precision_for(q.dtype, precision),
+        F64=q.dtype == torch.float64, **extra, **opts)
     return o, od
 
 
-def attn_flops(
-    S: int, dh: int, dv: int, k: int, *, B: int = 1, H: int = 1, causal: bool = False, BV: Optional[int] = None
-) -> dict:
+def attn_flops(S: int, dh: int, dv: int, k: int, *, B: int = 1, H: int = 1, causal: bool = False,
+               BV: Optional[int] = None) -> dict:
     """Multiply-add FLOPs (2 per MAC) of the attention part of one k-tangent JVP call, this design against the
     one-tangent-per-call baseline (a JVP-flash kernel that redoes the forward for every tangent) and against the
     former shared-softmax kernel with [KT, BM, BN] tiles. ``two_pass`` counts the forward launch too;
@@ -422,35 +275,25 @@ def attn_flops(
     ours = fwd + k * per_tangent
     baseline = k * (fwd + 2 * pairs * (2 * dh + 2 * dv))
     shared = fwd + k * 2 * pairs * (2 * dh + 2 * dv)
-    return dict(
-        two_pass=ours,
-        two_pass_cached_forward=k * per_tangent,
-        one_tangent_per_call=baseline,
-        shared_softmax_3d=shared,
-        ratio_vs_baseline=ours / baseline,
-    )
+    return dict(two_pass=ours, two_pass_cached_forward=k * per_tangent, one_tangent_per_call=baseline,
+                shared_softmax_3d=shared, ratio_vs_baseline=ours / baseline)
 
 
 def _check_qkv(q: Tensor, k: Tensor, v: Tensor) -> None:
     if q.dim() != 4 or k.shape != q.shape or v.dim() != 4 or v.shape[:3] != q.shape[:3]:
-        raise ValueError(
-            f"q, k, v: expected [B, H, S, dh], [B, H, S, dh], [B, H, S, dv], got {tuple(q.shape)}, "
-            f"{tuple(k.shape)}, {tuple(v.shape)}"
-        )
+        raise ValueError(f"q, k, v: expected [B, H, S, dh], [B, H, S, dh], [B, H, S, dv], got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")
     if q.dtype not in DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
-        raise TypeError(
-            f"q: expected float32, float64, bfloat16 or float16 for q, k, v alike, got {q.dtype}, {k.dtype}, {v.dtype}"
-        )
+        raise TypeError(f"q: expected float32, float64, bfloat16 or float16 for q, k, v alike, got {q.dtype}, "
+                        f"{k.dtype}, {v.dtype}")
     check_dtype_runs(q.dtype)
 
 
 def check_dtype_runs(dtype: torch.dtype) -> None:
     """bfloat16 cannot run under the interpreter (numpy has no bfloat16: results would be garbage), so refuse."""
     if INTERPRET and dtype == torch.bfloat16:
-        raise TypeError(
-            "q: bfloat16 does not run under the Triton interpreter (numpy has no bfloat16); its kernels "
-            "are verified by compilation only (python -m fastjac aot)"
-        )
+        raise TypeError("q: bfloat16 does not run under the Triton interpreter (numpy has no bfloat16); its kernels "
+                        "are verified by compilation only (python -m fastjac aot)")
 
 
 def _forward(q: Tensor, k: Tensor, v: Tensor, beta: float, causal: bool, precision, blocks):
@@ -462,19 +305,9 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, beta: float, causal: bool, precisi
     return o_acc, lse
 
 
-def attention_jvp_triton(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    qd: Tensor,
-    kd: Tensor,
-    vd: Tensor,
-    beta: float,
-    causal: bool,
-    *,
-    precision: Optional[str] = None,
-    blocks: Optional[Tuple[int, ...]] = None,
-) -> Tuple[Tensor, Tensor]:
+def attention_jvp_triton(q: Tensor, k: Tensor, v: Tensor, qd: Tensor, kd: Tensor, vd: Tensor, beta: float,
+                         causal: bool, *, precision: Optional[str] = None,
+                         blocks: Optional[Tuple[int, ...]] = None) -> Tuple[Tensor, Tensor]:
     """Per-head attention output and its JVPs for K tangents, sharing one softmax (one forward, then the tangent
     pass on the saved log-sum-exp).
 
@@ -492,28 +325,20 @@ def attention_jvp_triton(
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     qd, kd, vd = qd.contiguous(), kd.contiguous(), vd.contiguous()
     if qd.shape[1:] != q.shape or kd.shape != qd.shape or vd.shape[1:] != v.shape or vd.shape[0] != qd.shape[0]:
-        raise ValueError(
-            f"qd, kd, vd: expected [K, *q.shape], [K, *q.shape], [K, *v.shape], got {tuple(qd.shape)}, "
-            f"{tuple(kd.shape)}, {tuple(vd.shape)}"
-        )
+        raise ValueError(f"qd, kd, vd: expected [K, *q.shape], [K, *q.shape], [K, *v.shape], got {tuple(qd.shape)}, "
+                         f"{tuple(kd.shape)}, {tuple(vd.shape)}")
     if qd.dtype != q.dtype or kd.dtype != q.dtype or vd.dtype != q.dtype:
         raise TypeError(f"qd, kd, vd: expected {q.dtype} like q, got {qd.dtype}, {kd.dtype}, {vd.dtype}")
     o_acc, lse = _forward(q, k, v, beta, causal, precision, blocks)
     od = torch.empty_like(vd)
-    attn_jvp_launch(q, k, v, qd, kd, vd, beta, causal, od=od, precision=precision, blocks=blocks, o_acc=o_acc, lse=lse)
+    attn_jvp_launch(q, k, v, qd, kd, vd, beta, causal, od=od, precision=precision, blocks=blocks,
+                    o_acc=o_acc, lse=lse)
     return o_acc.to(q.dtype), od
 
 
-def attention_forward_triton(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    beta: float,
-    causal: bool,
-    *,
-    precision: Optional[str] = None,
-    blocks: Optional[Tuple[int, ...]] = None,
-) -> Tensor:
+def attention_forward_triton(q: Tensor, k: Tensor, v: Tensor, beta: float, causal: bool, *,
+                             precision: Optional[str] = None,
+                             blocks: Optional[Tuple[int, ...]] = None) -> Tensor:
     """o = softmax(beta q k^T) v per head, flash style (no S x S tensor). q, k [B, H, S, dh]; v [B, H, S, dv]."""
     _check_qkv(q, k, v)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
@@ -522,11 +347,8 @@ def attention_forward_triton(
 
 def msa_project(X: Tensor, p: AttnParams) -> Tuple[Tensor, Tensor, Tensor]:
     """(q, k, v) per head from X [B, S, D]: [B, H, S, dh], [B, H, S, dh], [B, H, S, dv] (torch GEMMs)."""
-    return (
-        _project(X, p.wq, p.bq).contiguous(),
-        _project(X, p.wk, p.bk).contiguous(),
-        _project(X, p.wv, p.bv).contiguous(),
-    )
+    return _project(X, p.wq, p.bq).contiguous(), _project(X, p.wk, p.bk).contiguous(), \
+        _project(X, p.wv, p.bv).contiguous()
 
 
 # The forward's statistics travel with q: msa_forward_triton attaches (o in the accumulation dtype, lse, the
@@ -537,16 +359,8 @@ _FWD_ATTR = "_fastjac_attn_fwd"
 
 def _saved_forward(q: Tensor, k: Tensor, v: Tensor, p: AttnParams, precision):
     saved = getattr(q, _FWD_ATTR, None)
-    key = (
-        q._version,
-        k.data_ptr(),
-        k._version,
-        v.data_ptr(),
-        v._version,
-        float(p.beta),
-        bool(p.causal),
-        precision_for(q.dtype, precision),
-    )
+    key = (q._version, k.data_ptr(), k._version, v.data_ptr(), v._version, float(p.beta), bool(p.causal),
+           precision_for(q.dtype, precision))
     if saved is not None and saved[0] == key:
         return saved[1], saved[2]
     return None, None
@@ -565,16 +379,8 @@ def msa_forward_triton(X: Tensor, p: AttnParams, *, precision: Optional[str] = N
     q, k, v = msa_project(X, p)
     _check_qkv(q, k, v)
     o_acc, lse = _forward(q, k, v, p.beta, p.causal, precision, None)
-    key = (
-        q._version,
-        k.data_ptr(),
-        k._version,
-        v.data_ptr(),
-        v._version,
-        float(p.beta),
-        bool(p.causal),
-        precision_for(q.dtype, precision),
-    )
+    key = (q._version, k.data_ptr(), k._version, v.data_ptr(), v._version, float(p.beta), bool(p.causal),
+           precision_for(q.dtype, precision))
     setattr(q, _FWD_ATTR, (key, o_acc, lse))
     o = o_acc.to(q.dtype)
     out = _out_proj(o, p.wo)
@@ -583,16 +389,8 @@ def msa_forward_triton(X: Tensor, p: AttnParams, *, precision: Optional[str] = N
     return out, q, k, v, o
 
 
-def msa_jvp_triton(
-    p: AttnParams,
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    T: Tensor,
-    *,
-    precision: Optional[str] = None,
-    blocks: Optional[Tuple[int, ...]] = None,
-) -> Tensor:
+def msa_jvp_triton(p: AttnParams, q: Tensor, k: Tensor, v: Tensor, T: Tensor, *,
+                   precision: Optional[str] = None, blocks: Optional[Tuple[int, ...]] = None) -> Tensor:
     """d MSA[T] for K tangents T [K, B, S, D] at the state whose projections are q, k [B, H, S, dh], v [B, H, S, dv].
 
     The tangent projections (T Wq etc.) are torch GEMMs; the attention part is the tangent kernel on the
@@ -614,7 +412,6 @@ def msa_jvp_triton(
     if o_acc is None:
         o_acc, lse = _forward(q, k, v, p.beta, p.causal, precision, blocks)
     od = torch.empty_like(vd)
-    attn_jvp_launch(
-        q, k, v, qd, kd, vd, p.beta, p.causal, od=od, precision=precision, blocks=blocks, o_acc=o_acc, lse=lse
-    )
+    attn_jvp_launch(q, k, v, qd, kd, vd, p.beta, p.causal, od=od, precision=precision, blocks=blocks,
+                    o_acc=o_acc, lse=lse)
     return _out_proj(od, p.wo)

@@ -12,7 +12,6 @@ A tile is [BR rows, BG groups, BN features]: groups of any N (not only powers of
 axis under a mask. bfloat16 / float16 inputs are computed in float32 and rounded once on the store. On a GPU the
 tile and num_warps come from the verified launch table (``fastjac/ops/_launch.py``).
 """
-
 from __future__ import annotations
 
 from typing import Optional
@@ -32,24 +31,9 @@ _KINDS = {"none": 0, "l2": 1, "rms": 2, "layer": 3}
 
 @triton.jit(do_not_specialize=["R", "BS"])
 def _norm_jvp_fwd_kernel(
-    t_ptr,
-    r_ptr,
-    w_ptr,
-    s_ptr,
-    g_ptr,
-    eta_ptr,
-    out_ptr,
-    R,
-    BS,
-    D,
-    G,
-    N,
-    alpha,
-    KIND: tl.constexpr,
-    HAS_GAMMA: tl.constexpr,
-    BR: tl.constexpr,
-    BG: tl.constexpr,
-    BN: tl.constexpr,
+    t_ptr, r_ptr, w_ptr, s_ptr, g_ptr, eta_ptr, out_ptr,
+    R, BS, D, G, N, alpha,
+    KIND: tl.constexpr, HAS_GAMMA: tl.constexpr, BR: tl.constexpr, BG: tl.constexpr, BN: tl.constexpr,
     F64: tl.constexpr,
 ):
     ACC: tl.constexpr = tl.float64 if F64 else tl.float32  # bfloat16 / float16 inputs compute in float32
@@ -66,9 +50,8 @@ def _norm_jvp_fwd_kernel(
         if KIND == 3:
             u = tl.where(ok, u - (tl.sum(u, 2) / N)[:, :, None], 0.0)
         w = tl.load(w_ptr + cr[:, None, None] * D + col, mask=ok, other=0.0).to(ACC)  # [BR, BG, BN]
-        s = tl.load(s_ptr + cr[:, None] * G + rg[None, :], mask=(rr[:, None] < R) & (rg[None, :] < G), other=1.0).to(
-            ACC
-        )  # [BR, BG]
+        s = tl.load(s_ptr + cr[:, None] * G + rg[None, :], mask=(rr[:, None] < R) & (rg[None, :] < G),
+                    other=1.0).to(ACC)  # [BR, BG]
         wu = tl.sum(w * u, 2)  # [BR, BG]
         u = u / s[:, :, None] - w * (wu / (alpha * s * s * s))[:, :, None]
         if HAS_GAMMA:
@@ -102,27 +85,9 @@ def norm_jvp_launch(c: NormCache, T: Tensor, R: Tensor, eta: Tensor, out: Tensor
     gam = p.gamma.contiguous() if (kind and p.gamma is not None) else dummy
     alpha = 1.0 if p.kind == "l2" else float(N)
     _norm_jvp_fwd_kernel[(triton.cdiv(rows, BR),)](
-        T,
-        R,
-        w,
-        s,
-        gam,
-        eta,
-        out,
-        rows,
-        B * S,
-        D,
-        G,
-        N,
-        alpha,
-        KIND=kind,
-        HAS_GAMMA=bool(kind and p.gamma is not None),
-        BR=BR,
-        BG=BG,
-        BN=BN,
-        F64=T.dtype == torch.float64,
-        **opts,
-    )
+        T, R, w, s, gam, eta, out, rows, B * S, D, G, N, alpha,
+        KIND=kind, HAS_GAMMA=bool(kind and p.gamma is not None), BR=BR, BG=BG, BN=BN,
+        F64=T.dtype == torch.float64, **opts)
     return out
 
 
@@ -139,13 +104,11 @@ def norm_residual_jvp_triton(c: NormCache, T: Tensor, R: Tensor, eta, out: Optio
         torch.Size([4, 2, 5, 6])
     """
     if T.dim() != 4 or T.shape[1:] != c.out.shape or R.shape != T.shape:
-        raise ValueError(
-            f"T, R: expected [K, {', '.join(map(str, c.out.shape))}], got {tuple(T.shape)} and {tuple(R.shape)}"
-        )
+        raise ValueError(f"T, R: expected [K, {', '.join(map(str, c.out.shape))}], got {tuple(T.shape)} and "
+                         f"{tuple(R.shape)}")
     if T.dtype not in DTYPES or R.dtype != T.dtype:
-        raise TypeError(
-            f"T: expected float32, float64, bfloat16 or float16 for T and R alike, got {T.dtype}, {R.dtype}"
-        )
+        raise TypeError(f"T: expected float32, float64, bfloat16 or float16 for T and R alike, got {T.dtype}, "
+                        f"{R.dtype}")
     if INTERPRET and T.dtype == torch.bfloat16:
         raise TypeError("T: bfloat16 does not run under the Triton interpreter (numpy has no bfloat16)")
     T, R = T.contiguous(), R.contiguous()

@@ -8,7 +8,6 @@ Products run with ``input_precision="ieee"``: TF32 would spoil the Gram matrix t
 BLOCK_N, num_warps and num_stages come from the verified launch table (``fastjac/ops/_launch.py``); the derivation
 is in this folder's README.md.
 """
-
 from __future__ import annotations
 
 from typing import Optional, Tuple
@@ -25,23 +24,8 @@ MAX_K = 128  # larger k: the torch primitives (cuBLAS GEMMs are already efficien
 
 
 @triton.jit(do_not_specialize=["n"])
-def _qr_gram_kernel(
-    M,
-    W,
-    P,
-    n,
-    k,
-    s_mb,
-    s_mn,
-    s_mk,
-    s_wb,
-    s_pb,
-    s_pc,
-    APPLY: tl.constexpr,
-    ACC: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-):
+def _qr_gram_kernel(M, W, P, n, k, s_mb, s_mn, s_mk, s_wb, s_pb, s_pc,
+                    APPLY: tl.constexpr, ACC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid, b, nprog = tl.program_id(0), tl.program_id(1), tl.num_programs(0)
     cols = tl.arange(0, BLOCK_K)
     kmask = cols < k
@@ -50,11 +34,8 @@ def _qr_gram_kernel(
     acc = tl.zeros((BLOCK_K, BLOCK_K), dtype=ACC)
     for start in range(pid * BLOCK_N, n, nprog * BLOCK_N):
         rows = start + tl.arange(0, BLOCK_N)
-        a = tl.load(
-            M + b * s_mb + rows[:, None] * s_mn + cols[None, :] * s_mk,
-            mask=(rows[:, None] < n) & kmask[None, :],
-            other=0.0,
-        )  # [BN, BK]
+        a = tl.load(M + b * s_mb + rows[:, None] * s_mn + cols[None, :] * s_mk,
+                    mask=(rows[:, None] < n) & kmask[None, :], other=0.0)  # [BN, BK]
         if APPLY:
             a = tl.dot(a, w, input_precision="ieee").to(a.dtype)
         acc += tl.dot(tl.trans(a), a, input_precision="ieee")
@@ -62,9 +43,8 @@ def _qr_gram_kernel(
 
 
 @triton.jit(do_not_specialize=["n"])
-def _qr_apply_kernel(
-    M, W, Q, n, k, s_mb, s_mn, s_mk, s_wb, s_qb, s_qn, s_qk, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr
-):
+def _qr_apply_kernel(M, W, Q, n, k, s_mb, s_mn, s_mk, s_wb, s_qb, s_qn, s_qk,
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid, b = tl.program_id(0), tl.program_id(1)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = tl.arange(0, BLOCK_K)
@@ -100,22 +80,9 @@ def qr_gram_launch(M: Tensor, W: Optional[Tensor] = None) -> Tensor:
     nprog = max(1, min(triton.cdiv(n, BN), 256 if M.is_cuda else 4))
     P = torch.empty(B, nprog, BK, BK, dtype=M.dtype, device=M.device)
     Wp = _pad_w(W, BK) if W is not None else P  # P: a placeholder pointer, never read when APPLY is off
-    _qr_gram_kernel[(nprog, B)](
-        M,
-        Wp,
-        P,
-        n,
-        k,
-        *M.stride(),
-        Wp.stride(0),
-        P.stride(0),
-        P.stride(1),
-        APPLY=W is not None,
-        ACC=tl.float64 if M.dtype == torch.float64 else tl.float32,
-        BLOCK_N=BN,
-        BLOCK_K=BK,
-        **opts,
-    )
+    _qr_gram_kernel[(nprog, B)](M, Wp, P, n, k, *M.stride(), Wp.stride(0), P.stride(0), P.stride(1),
+                                APPLY=W is not None, ACC=tl.float64 if M.dtype == torch.float64 else tl.float32,
+                                BLOCK_N=BN, BLOCK_K=BK, **opts)
     return P.sum(1)[:, :k, :k]
 
 
@@ -125,18 +92,12 @@ def qr_apply_launch(M: Tensor, W: Tensor, out: Optional[Tensor] = None) -> Tenso
     BN, BK, opts = _blocks(k, "qr_apply", M.dtype, M.device)
     Q = torch.empty_like(M) if out is None else out
     Wp = _pad_w(W, BK)
-    _qr_apply_kernel[(triton.cdiv(n, BN), B)](
-        M, Wp, Q, n, k, *M.stride(), Wp.stride(0), *Q.stride(), BLOCK_N=BN, BLOCK_K=BK, **opts
-    )
+    _qr_apply_kernel[(triton.cdiv(n, BN), B)](M, Wp, Q, n, k, *M.stride(), Wp.stride(0), *Q.stride(),
+                                             BLOCK_N=BN, BLOCK_K=BK, **opts)
     return Q
 
 
 def cholesky_qr2_triton(M: Tensor, out: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
     """CholeskyQR2 of M [B, n, k] with the fused kernels; see ``ref.cholesky_qr2`` for the returns."""
-    return cholesky_qr2(
-        M,
-        gram=qr_gram_launch,
-        apply_gram=qr_gram_launch,
-        apply=lambda M_, W, out=None: qr_apply_launch(M_, W, out),
-        out=out,
-    )
+    return cholesky_qr2(M, gram=qr_gram_launch, apply_gram=qr_gram_launch,
+                        apply=lambda M_, W, out=None: qr_apply_launch(M_, W, out), out=out)

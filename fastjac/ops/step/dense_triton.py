@@ -18,7 +18,6 @@ once: no S^2 D^2 intermediate, and the kernel's time is that of writing the outp
 accumulated in float32 and rounded once on the store. On a GPU the tiles and num_warps come from the verified launch
 table (``fastjac/ops/_launch.py``).
 """
-
 from __future__ import annotations
 
 from typing import Optional
@@ -38,33 +37,10 @@ DENSE_FACTOR_BYTES = (32 if INTERPRET else 512) * 2**20
 
 @triton.jit(do_not_specialize=["S", "H", "I", "i0"])
 def _step_dense_fwd_kernel(
-    a_ptr,
-    r1_ptr,
-    u_ptr,
-    rb_ptr,
-    e_ptr,
-    out_ptr,
-    S,
-    D,
-    H,
-    I,
-    i0,
-    ld_out,
-    sa_h,
-    sa_i,
-    sr_i,
-    sr_h,
-    sr_a,
-    su_h,
-    su_i,
-    su_m,
-    srb_i,
-    srb_h,
-    se_i,
-    BR: tl.constexpr,
-    BM: tl.constexpr,
-    BB: tl.constexpr,
-    F64: tl.constexpr,
+    a_ptr, r1_ptr, u_ptr, rb_ptr, e_ptr, out_ptr,
+    S, D, H, I, i0, ld_out,
+    sa_h, sa_i, sr_i, sr_h, sr_a, su_h, su_i, su_m, srb_i, srb_h, se_i,
+    BR: tl.constexpr, BM: tl.constexpr, BB: tl.constexpr, F64: tl.constexpr,
 ):
     ACC: tl.constexpr = tl.float64 if F64 else tl.float32  # bfloat16 / float16 factors accumulate in float32
     rr = tl.program_id(0) * BR + tl.arange(0, BR)  # rows of this chunk, r = (i - i0) * D + a  [BR]
@@ -78,23 +54,18 @@ def _step_dense_fwd_kernel(
     acc = tl.zeros((BR, BM, BB), ACC)
     for h in range(H):
         av = tl.load(a_ptr + h * sa_h + i[:, None] * sa_i + rm[None, :], mask=ok_rm, other=0.0).to(ACC)  # [BR, BM]
-        r1 = tl.load(
-            r1_ptr + il[:, None] * sr_i + h * sr_h + a[:, None] * sr_a + rc[None, :], mask=ok_rc, other=0.0
-        ).to(ACC)  # [BR, BB]
-        uv = tl.load(u_ptr + h * su_h + il[:, None] * su_i + rm[None, :] * su_m + a[:, None], mask=ok_rm, other=0.0).to(
-            ACC
-        )  # [BR, BM]
+        r1 = tl.load(r1_ptr + il[:, None] * sr_i + h * sr_h + a[:, None] * sr_a + rc[None, :], mask=ok_rc,
+                     other=0.0).to(ACC)  # [BR, BB]
+        uv = tl.load(u_ptr + h * su_h + il[:, None] * su_i + rm[None, :] * su_m + a[:, None], mask=ok_rm,
+                     other=0.0).to(ACC)  # [BR, BM]
         rb = tl.load(rb_ptr + i[:, None] * srb_i + h * srb_h + rc[None, :], mask=ok_rc, other=0.0).to(ACC)  # [BR, BB]
         acc += av[:, :, None] * r1[:, None, :] + uv[:, :, None] * rb[:, None, :]
     ev = tl.load(e_ptr + il[:, None] * se_i + a[:, None] * D + rc[None, :], mask=ok_rc, other=0.0).to(ACC)  # [BR, BB]
     acc += tl.where(rm[None, :, None] == i[:, None, None], ev[:, None, :], 0.0)
     # int64: a dense Jacobian passes 2^31 elements at S*D ~ 46k
     off = (i0 * D + rr).to(tl.int64)[:, None, None] * ld_out + rm[None, :, None] * D + rc[None, None, :]
-    tl.store(
-        out_ptr + off,
-        acc.to(out_ptr.dtype.element_ty),
-        mask=r_ok[:, None, None] & m_ok[None, :, None] & c_ok[None, None, :],
-    )
+    tl.store(out_ptr + off, acc.to(out_ptr.dtype.element_ty),
+             mask=r_ok[:, None, None] & m_ok[None, :, None] & c_ok[None, None, :])
 
 
 def _dense_blocks(D: int, dtype: torch.dtype = torch.float32, device="cpu"):
@@ -108,9 +79,8 @@ def _dense_blocks(D: int, dtype: torch.dtype = torch.float32, device="cpu"):
     return cfg["BR"], cfg["BM"], cfg["BB"], cfg.options()
 
 
-def step_dense_launch(
-    A: Tensor, R1: Tensor, U: Tensor, rb: Tensor, Ed: Tensor, out: Tensor, i0: int, i1: int, blocks=None
-) -> None:
+def step_dense_launch(A: Tensor, R1: Tensor, U: Tensor, rb: Tensor, Ed: Tensor, out: Tensor, i0: int, i1: int,
+                      blocks=None) -> None:
     """Launch ``_step_dense_fwd_kernel`` for one sample and the rows i in [i0, i1).
 
     A [H, S, S]; R1 [I, H, D, D] (stride 0 over I allowed); U [H, I, S, D]; rb [S, H, D]; Ed [I, D, D];
@@ -126,35 +96,10 @@ def step_dense_launch(
     BR, BM, BB, opts = (*blocks, {}) if blocks is not None else _dense_blocks(D, out.dtype, out.device)
     grid = (triton.cdiv(I * D, BR), triton.cdiv(S, BM), triton.cdiv(D, BB))
     _step_dense_fwd_kernel[grid](
-        A,
-        R1,
-        U,
-        rb,
-        Ed,
-        out,
-        S,
-        D,
-        H,
-        I,
-        i0,
-        out.stride(0),
-        A.stride(0),
-        A.stride(1),
-        R1.stride(0),
-        R1.stride(1),
-        R1.stride(2),
-        U.stride(0),
-        U.stride(1),
-        U.stride(2),
-        rb.stride(0),
-        rb.stride(1),
-        Ed.stride(0),
-        BR=BR,
-        BM=BM,
-        BB=BB,
-        F64=out.dtype == torch.float64,
-        **opts,
-    )
+        A, R1, U, rb, Ed, out, S, D, H, I, i0, out.stride(0),
+        A.stride(0), A.stride(1), R1.stride(0), R1.stride(1), R1.stride(2), U.stride(0), U.stride(1), U.stride(2),
+        rb.stride(0), rb.stride(1), Ed.stride(0),
+        BR=BR, BM=BM, BB=BB, F64=out.dtype == torch.float64, **opts)
 
 
 def step_dense_triton(lin, out: Optional[Tensor] = None) -> Tensor:
@@ -181,3 +126,5 @@ def step_dense_triton(lin, out: Optional[Tensor] = None) -> Tensor:
                 i1 = min(S, i0 + chunk)
                 step_dense_launch(*dense_factors(lin, b, i0, i1), out[b], i0, i1)
     return out
+
+
