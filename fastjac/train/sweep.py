@@ -771,9 +771,12 @@ def sweep(
     for name, seed in runs:
         d = run_dir(root, name, seed)
         # a run that finished while the others were evaluated counts as not finished in this summary
-        rec: Dict[str, Any] = dict(config=name, seed=seed, dir=d,
-                                   status="finished" if d in evals else status(root, name, seed).replace(
-                                       "finished", "interrupted"))
+        rec: Dict[str, Any] = dict(
+            config=name,
+            seed=seed,
+            dir=d,
+            status="finished" if d in evals else status(root, name, seed).replace("finished", "interrupted"),
+        )
         if rec["status"] == "finished":
             with open(os.path.join(d, "DONE")) as f:
                 rec["wall_s"] = json.load(f).get("wall_s")
