@@ -153,3 +153,39 @@ def test_sweep_cli_no_train_and_errors(tiny, tmp_path, capsys):
     ]
     assert SW.baseline_of("akorn") == "akorn" and SW.baseline_of("s6_lyap_t0") == "s6_original"
     assert SW.lyap_target("lyap_w1_board_t-0.15") == -0.15
+
+
+def test_sweep_imports_finished_runs_of_an_earlier_summary(tiny, tmp_path, monkeypatch):
+    """Run folders that were not kept: --import takes their records from the earlier summary JSON, trains nothing
+    for them, and refuses a summary evaluated on another test set or other T values."""
+    import shutil
+
+    out = str(tmp_path / "first.json")
+    s = SW.sweep(["original", "tiny_spec"], [0], out=out, **tiny)
+    shutil.rmtree(SW.run_dir(tiny["root"], "tiny_spec", 0))
+    assert SW.status(tiny["root"], "tiny_spec", 0) == "missing"
+
+    def no_popen(*a, **k):
+        raise AssertionError("an imported run was trained again")
+
+    monkeypatch.setattr(SW.subprocess, "Popen", no_popen)
+    s2 = SW.sweep(["original", "tiny_spec"], [0], imports=[out], **tiny)
+    rec = {r["config"]: r for r in s2["runs"]}
+    assert rec["tiny_spec"]["imported_from"] == out and "imported_from" not in rec["original"]
+    assert s2["imported_runs"] == 1 and s2["status"]["finished"] == 2
+    assert s2["configs"]["tiny_spec"]["stats"] == s["configs"]["tiny_spec"]["stats"]
+    with pytest.raises(ValueError, match="evaluated with"):
+        SW.sweep(["original", "tiny_spec"], [0], imports=[out], **dict(tiny, steps=(2,)))
+    with pytest.raises(ValueError, match="not a readable sweep summary"):
+        SW.sweep(["tiny_spec"], [0], imports=[str(tmp_path / "nope.json")], **tiny)
+    # NAME@SEEDS on --configs; --import of a file that is not a summary is exit status 2
+    out3 = str(tmp_path / "c.json")
+    argv = ["--configs", "original@5", "tiny_spec@6-7", "--root", tiny["root"], "--no-train", "--out", out3]
+    argv += ["--quiet", "--lyap-boards", "0", "--jobs", "1"]
+    assert SW.main(argv) == 0
+    assert sorted(map(tuple, json.load(open(out3))["status"]["unfinished"])) == [
+        ("original", 5, "missing"),
+        ("tiny_spec", 6, "missing"),
+        ("tiny_spec", 7, "missing"),
+    ]
+    assert SW.main(argv + ["--import", str(tmp_path / "nope.json")]) == 2

@@ -88,7 +88,7 @@ for _w, _agg in ((1.0, "board"), (1.0, "batch"), (0.1, "board")):
 for _tau in (-0.3, -0.15, 0.0, 0.1, 0.3):  # the controlled Fig. 3 grid: the term every second step (half the cost)
     _p, _f = _lyap_cfg(_tau, 1.0, "board", every=2)
     CONFIGS[f"lyap_t{_tau:g}"] = (f"Lyapunov tau={_tau:g}", _p, _f)
-for _tau in (-0.15, 0.0, 0.1):
+for _tau in (-0.3, -0.15, 0.0, 0.1):
     _p, _f = _lyap_cfg(_tau, 1.0, "board", "cpu6", every=2)
     CONFIGS[f"s6_lyap_t{_tau:g}"] = (f"6x6 Lyapunov tau={_tau:g}", _p, _f)
 for _n in ("spec_1e-4", "jac_frob"):
@@ -102,7 +102,8 @@ GRIDS: Dict[str, List[str]] = {
     "fig3": [f"lyap_t{t:g}" for t in TAUS],
     "fig3_every1": [f"lyap_w1_board_t{t:g}" for t in TAUS],
     "fig3_batch": [f"lyap_w1_batch_t{t:g}" for t in TAUS],
-    "sudoku6": ["s6_original", "s6_lyap_t0"],
+    # Original against the best regulariser of the 4x4 Fig. 5 sweep (Lyapunov tau = -0.3: OOD +0.143 +- 0.060, n=3)
+    "sudoku6": ["s6_original", "s6_lyap_t-0.3"],
 }
 
 
@@ -708,6 +709,25 @@ def _machine() -> Dict[str, Any]:
     )
 
 
+def load_imports(paths: Sequence[str], runs: Sequence[Tuple[str, int]]) -> Dict[Tuple[str, int], Dict[str, Any]]:
+    """The finished run records of the summary JSONs ``paths`` that belong to ``runs``: {(config, seed): record}
+    (the first file that has a run wins), each marked with ``imported_from``. Only strict JSON is read."""
+    out: Dict[Tuple[str, int], Dict[str, Any]] = {}
+    want = set(runs)
+    for p in paths:
+        try:
+            with open(p) as f:
+                summary = json.load(f)
+            recs = summary["runs"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"imports: {p!r} is not a readable sweep summary JSON ({e})") from None
+        for r in recs:
+            key = (r.get("config"), r.get("seed"))
+            if key in want and key not in out and r.get("status") == "finished" and r.get("metrics"):
+                out[key] = dict(r, imported_from=p)
+    return out
+
+
 def sweep(
     configs: Sequence[str],
     seeds: Sequence[int],
@@ -728,11 +748,18 @@ def sweep(
     n_train_exclude: Optional[int] = None,
     extra: Sequence[str] = (),
     runs: Optional[Sequence[Tuple[str, int]]] = None,
+    imports: Sequence[str] = (),
 ) -> Dict[str, Any]:
     """Train (unless ``train=False``) and evaluate the grid ``configs`` x ``seeds`` (or the explicit (config, seed)
     pairs ``runs``); returns the summary dict
     (also written to ``out`` as JSON, with PNGs in ``png_dir``). ``n_test`` / ``n_train_exclude``: the common test
-    set's size and the training-set size whose boards it excludes (:func:`common_test_set`)."""
+    set's size and the training-set size whose boards it excludes (:func:`common_test_set`).
+
+    ``imports``: earlier summary JSONs (``--import``) whose finished runs stand in for runs whose folders are not
+    finished under ``root`` (e.g. run folders that were not kept): such a run is not trained again, its record is
+    taken as it is (``imported_from`` names the file) and only if it was evaluated on this very common test set
+    (same hash, same T values, same number of Lyapunov boards); otherwise a ValueError. A run finished under
+    ``root`` always wins over an imported one."""
     from concurrent.futures import ProcessPoolExecutor
 
     from tqdm.auto import tqdm
@@ -742,17 +769,34 @@ def sweep(
     for n in configs:
         if n not in CONFIGS:
             raise ValueError(f"configs: unknown {n!r}; expected some of {sorted(CONFIGS)}")
+    imported = load_imports(imports, runs)
     t0 = time.time()
     if train:
+        todo = [r for r in runs if r not in imported or status(root, *r) == "interrupted"]
         train_runs(
-            runs, root, jobs=jobs, threads=threads, cache_dir=cache_dir, nice=nice, progress=progress, extra=extra
+            todo, root, jobs=jobs, threads=threads, cache_dir=cache_dir, nice=nice, progress=progress, extra=extra
         )
     t_train = time.time() - t0
     sizes = {n: (6 if CONFIGS[n][1] == "cpu6" else 4) for n in configs}
     tkw = dict(n_test=n_test, n_train=n_train_exclude, cache_dir=cache_dir or None)
     done = [r for r in runs if status(root, *r) == "finished"]
+    imported = {r: v for r, v in imported.items() if r not in done}
     # the common test set of every board size that has a finished run (built once here, cached by the generator)
-    test_sets = {sz: common_test_set(sz, **tkw) for sz in sorted({sizes[n] for n, _ in done})}
+    test_sets = {sz: common_test_set(sz, **tkw) for sz in sorted({sizes[n] for n, _ in done + list(imported)})}
+    for (name, seed), rec in imported.items():
+        want = dict(
+            test_hash=testset_hash(test_sets[sizes[name]]), steps=[int(t) for t in steps], lyap_boards=lyap_boards
+        )
+        got = dict(
+            test_hash=rec.get("test_hash"),
+            steps=sorted(int(t) for t in rec["eval"]["test_id"]),
+            lyap_boards=(rec.get("lyapunov") or {}).get("boards", 0),
+        )
+        if got != want:
+            raise ValueError(
+                f"imports: {rec['imported_from']}: run {name} seed {seed} was evaluated with {got}, this sweep "
+                f"evaluates with {want}; train it again (remove it from the import) or match the settings"
+            )
     jobs_args = [(run_dir(root, *r), sizes[r[0]], tkw, tuple(steps), lyap_boards, threads) for r in done]
     evals: Dict[str, Any] = {}
     bar = tqdm(total=len(jobs_args), desc="eval", unit="run", disable=not progress)
@@ -770,6 +814,9 @@ def sweep(
     records = []
     for name, seed in runs:
         d = run_dir(root, name, seed)
+        if (name, seed) in imported:
+            records.append(imported[(name, seed)])
+            continue
         # a run that finished while the others were evaluated counts as not finished in this summary
         rec: Dict[str, Any] = dict(
             config=name,
@@ -823,6 +870,8 @@ def sweep(
         status=dict(
             finished=len(runs) - len(unfinished), unfinished=[(r["config"], r["seed"], r["status"]) for r in unfinished]
         ),
+        imported_runs=len(imported),
+        imported_from=list(imports),
         resume_command=("python -m fastjac.train.sweep " + " ".join(argv)) if argv is not None else None,
         runs=records,
     )
@@ -849,7 +898,21 @@ def _parser() -> argparse.ArgumentParser:
         help="named grids (fig3, fig4, fig5, fig3_batch, sudoku6); "
         "GRID@SEEDS (e.g. fig3@0-2) gives that grid its own seeds instead of --seeds",
     )
-    p.add_argument("--configs", nargs="+", default=[], help="configuration names (see CONFIGS) besides the grids")
+    p.add_argument(
+        "--configs",
+        nargs="+",
+        default=[],
+        help="configuration names (see CONFIGS) besides the grids; NAME@SEEDS gives one its own seeds",
+    )
+    p.add_argument(
+        "--import",
+        dest="imports",
+        nargs="+",
+        default=[],
+        metavar="JSON",
+        help="earlier summary JSONs whose finished runs (same common test set) stand in for runs not finished under "
+        "ROOT: they are not trained again",
+    )
     p.add_argument("--seeds", nargs="+", default=["0-2"], help="seeds: ints or ranges, e.g. 0-4 (default 0-2)")
     p.add_argument("--root", default="runs/sweep", help="run folders: ROOT/<config>/seed<k>/ (default runs/sweep)")
     p.add_argument("--jobs", type=int, default=2, help="parallel processes (default 2)")
@@ -867,10 +930,26 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _sigterm_as_interrupt():
+    """SIGTERM (``kill``, a batch scheduler) unwinds like Ctrl-C, so :func:`train_runs` stops its children (they
+    checkpoint) instead of leaving them running orphaned."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    return signal.signal(signal.SIGTERM, handler)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     """``python -m fastjac.train.sweep`` / ``python -m fastjac sweep``; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
     a = _parser().parse_args(argv)
+    old_term = _sigterm_as_interrupt()
     try:
         seeds = _seeds(a.seeds)
         runs: List[Tuple[str, int]] = []
@@ -879,7 +958,9 @@ def main(argv: Optional[List[str]] = None) -> int:
             if g not in GRIDS:
                 raise ValueError(f"--grid: unknown {g!r}; expected some of {sorted(GRIDS)}")
             runs += [(n, s) for n in GRIDS[g] for s in (_seeds([sd]) if sd else seeds)]
-        runs += [(n, s) for n in a.configs for s in seeds]
+        for c in a.configs:
+            c, _, sd = c.partition("@")
+            runs += [(c, s) for s in (_seeds([sd]) if sd else seeds)]
         runs = list(dict.fromkeys(runs))
         configs = list(dict.fromkeys(n for n, _ in runs))
         if not configs:
@@ -907,10 +988,19 @@ def main(argv: Optional[List[str]] = None) -> int:
             argv=[x for x in argv if x != "--no-train"],
             extra=QUICK_FLAGS if a.quick else (),
             n_test=200 if a.quick else 500,
+            imports=a.imports,
         )
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted: the runs checkpointed; the same command resumes them", file=sys.stderr)
+        return 130
+    finally:
+        if old_term is not None:
+            import signal
+
+            signal.signal(signal.SIGTERM, old_term)
     if a.markdown:
         with open(a.markdown, "w") as f:
             f.write(markdown(summary))
@@ -953,5 +1043,6 @@ __all__ = [
     "run_dir",
     "baseline_of",
     "markdown",
+    "load_imports",
     "QUICK_FLAGS",
 ]
