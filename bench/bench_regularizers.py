@@ -130,8 +130,13 @@ def main(argv=None):
         opt = torch.optim.Adam(net.parameters(), lr=1e-3)
         return timeit(make_step(cfg, net, opt, P, S), mt) / cfg.reg_every
 
+    def make(**kw):
+        cfg = TrainConfig.preset("cpu", **kw)
+        net = build_net(cfg)
+        return make_step(cfg, net, torch.optim.Adam(net.parameters(), lr=1e-3), P, S)
+
     if args.lyap_only:
-        lyap_cases(results, step_time, args.out)
+        lyap_cases(results, make, args.out, rounds=5 if args.quick else 15)
         return
     plain = step_time()
     results["plain_step_s"] = plain
@@ -208,30 +213,68 @@ def main(argv=None):
     print(f"wrote {args.out}")
 
 
-LYAP_CASES = [  # (name, TrainConfig overrides): lyap k=4, T=16 on lyap_boards boards of the batch of 64
-    ("lyap k=4 iters=0, 4 boards", dict(lyap=1.0, lyap_k=4, lyap_iters=0, lyap_boards=4)),
-    ("lyap k=4 iters=1, 4 boards (default iters)", dict(lyap=1.0, lyap_k=4, lyap_iters=1, lyap_boards=4)),
-    ("lyap k=4 iters=1, 8 boards", dict(lyap=1.0, lyap_k=4, lyap_iters=1, lyap_boards=8)),
-    ("lyap k=4 iters=1, 1 board", dict(lyap=1.0, lyap_k=4, lyap_iters=1, lyap_boards=1)),
-    (
-        "lyap k=4 iters=1, 4 boards, reg_every 2 (Fig. 3 runs)",
-        dict(lyap=1.0, lyap_k=4, lyap_iters=1, lyap_boards=4, reg_every=2),
-    ),
-    ("lyap k=4 iters=1, 4 boards, reg_every 4", dict(lyap=1.0, lyap_k=4, lyap_iters=1, lyap_boards=4, reg_every=4)),
+_L = dict(lyap=1.0, lyap_k=4, lyap_iters=1)
+LYAP_CASES = [  # (name, TrainConfig overrides, implementation): lyap k=4, T=16 on lyap_boards boards of the batch of 64
+    # "kframe": the previous version (lambda_max = lyapunov(...)[:, 0], k tangents and QRs differentiated);
+    # "ritz": lyapunov_max (one differentiable tangent, the Ritz vector; same value and gradient), the current one
+    ("k-frame (previous), iters=0, 4 boards", dict(_L, lyap_iters=0, lyap_boards=4), "kframe"),
+    ("k-frame (previous), iters=1, 4 boards", dict(_L, lyap_boards=4), "kframe"),
+    ("k-frame (previous), iters=1, 4 boards, reg_every 2", dict(_L, lyap_boards=4, reg_every=2), "kframe"),
+    ("Ritz, iters=1, 1 board", dict(_L, lyap_boards=1), "ritz"),
+    ("Ritz, iters=1, 4 boards (default)", dict(_L, lyap_boards=4), "ritz"),
+    ("Ritz, iters=1, 8 boards", dict(_L, lyap_boards=8), "ritz"),
+    ("Ritz, iters=1, 4 boards, reg_every 2 (Fig. 3 runs)", dict(_L, lyap_boards=4, reg_every=2), "ritz"),
+    ("Ritz, iters=1, 4 boards, reg_every 4", dict(_L, lyap_boards=4, reg_every=4), "ritz"),
+    ("Ritz, iters=1, 8 boards, reg_every 4", dict(_L, lyap_boards=8, reg_every=4), "ritz"),
+    ("Ritz, iters=1, 16 boards, reg_every 8", dict(_L, lyap_boards=16, reg_every=8), "ritz"),
 ]
 
 
-def lyap_cases(results, step_time, out):
-    """The Lyapunov step's overhead: each case against the plain step timed before and after the cases."""
-    p0 = step_time()
-    times = {name: step_time(**kw) for name, kw in LYAP_CASES}
-    p1 = step_time()
-    plain = (p0 + p1) / 2
-    results["plain_step_s"] = dict(before=p0, after=p1, mean=plain)
-    print(f"plain training step: {p0 * 1e3:.1f} ms before, {p1 * 1e3:.1f} ms after the cases")
-    for name, t in times.items():
-        results["step_ratios"][name] = dict(seconds=t, ratio=t / plain)
-        print(f"  + {name:54s} {t * 1e3:7.1f} ms   {t / plain:5.2f}x plain")
+def _kframe_max(step, X0, **kw):
+    """The previous implementation of the penalty's lambda_max: the k-tangent frame differentiated through."""
+    return R.lyapunov(step, X0, **kw)[..., 0]
+
+
+def lyap_cases(results, make, out, rounds=15):
+    """The Lyapunov step's overhead. This machine's timings drift by 2x within a minute (shared VM), so the cases
+    are interleaved: every round times the plain step and each case once (a case = ``reg_every`` consecutive
+    steps, divided by ``reg_every``), and a case's ratio is the median over rounds of (case / plain of the same
+    round)."""
+    import statistics
+
+    ritz = R.lyapunov_max
+    fns = {"plain": (make(), "ritz", 1)}
+    for name, kw, impl in LYAP_CASES:
+        fns[name] = (make(**kw), impl, kw.get("reg_every", 1))
+    per = {name: [] for name in fns}
+    try:
+        for r in range(rounds + 1):  # round 0 is the warm-up
+            for name, (fn, impl, every) in fns.items():
+                R.lyapunov_max = _kframe_max if impl == "kframe" else ritz
+                t = time.perf_counter()
+                fn()
+                if r:
+                    per[name].append((time.perf_counter() - t) / every)
+    finally:
+        R.lyapunov_max = ritz
+    plain = per["plain"]
+    results["plain_step_s"] = dict(median=statistics.median(plain), min=min(plain), max=max(plain), rounds=rounds)
+    print(
+        f"plain training step: median {statistics.median(plain) * 1e3:.1f} ms ({min(plain) * 1e3:.1f} ... "
+        f"{max(plain) * 1e3:.1f}) over {rounds} rounds"
+    )
+    for name, ts in per.items():
+        if name == "plain":
+            continue
+        ratios = sorted(t / p for t, p in zip(ts, plain))
+        q = lambda f: ratios[min(len(ratios) - 1, int(f * len(ratios)))]  # noqa: E731
+        results["step_ratios"][name] = dict(
+            seconds=statistics.median(ts), ratio=statistics.median(ratios), ratio_q25=q(0.25), ratio_q75=q(0.75)
+        )
+        print(
+            f"  + {name:54s} {statistics.median(ts) * 1e3:7.1f} ms   {statistics.median(ratios):5.2f}x plain "
+            f"(quartiles {q(0.25):.2f} ... {q(0.75):.2f})"
+        )
     results["load_average_at_end"] = os.getloadavg()
     results["threads"] = torch.get_num_threads()
     os.makedirs(os.path.dirname(out), exist_ok=True)

@@ -295,6 +295,43 @@ def test_lyapunov_batched_penalty_alias_and_trivial():
     assert all(torch.isfinite(p.grad).all() for p in _params(m) if p.grad is not None)
 
 
+@pytest.mark.parametrize("kind", ["itrsa", "akorn"])
+@pytest.mark.parametrize("iters", [0, 1, 3])
+def test_lyapunov_max_same_value_and_gradient_as_the_k_frame(kind, iters):
+    """lyapunov_max (one differentiable tangent: the Ritz vector) against lyapunov(...)[:, 0] (k tangents, QR
+    every step, svdvals) and against the dense oracle svdvals(P Q0) with Q0 = lyapunov's aligned frame; weights and
+    X0 gradients to 1e-8 (float64), batched with odd sizes."""
+    m, X, C = _model(kind, D=6, H=2, S=5, seed=12)
+    Xb = torch.stack([X, 0.8 * X + 0.05, X.flip(0)]).requires_grad_(True)
+    if kind == "akorn":
+        Xb = m.project(Xb.detach()).requires_grad_(True)
+    h, k, seed = 5, 3, 4
+    ours = R.lyapunov_max(m, Xb, C=C, horizon=h, k=k, iters=iters, seed=seed)
+    ref = R.lyapunov(m, Xb, C=C, horizon=h, k=k, iters=iters, seed=seed)[:, 0]
+    assert ours.shape == (3,) and torch.allclose(ours, ref, atol=1e-12, rtol=0)
+    ts = _params(m) + [Xb]
+    w = torch.tensor([1.0, -0.4, 0.6], dtype=F64)
+    _close(_grads((ours * w).sum(), ts), _grads((ref * w).sum(), ts))
+    one = R.lyapunov_max(m, Xb[1], C=C, horizon=h, k=k, iters=iters, seed=seed + 1)  # sample b uses seed + b
+    assert one.dim() == 0 and abs(one.item() - ours[1].item()) < 1e-12
+    # the penalty's default (which="max") goes through lyapunov_max: same value and gradient as the k-frame form
+    p = R.lyapunov_penalty(m, Xb, C=C, horizon=h, k=k, iters=iters, seed=seed, target=0.05)
+    ref = R.lyapunov(m, Xb, C=C, horizon=h, k=k, iters=iters, seed=seed)[:, 0]  # a fresh graph
+    q = ((ref - 0.05) ** 2).mean()
+    assert abs(p.item() - q.item()) < 1e-12
+    _close(_grads(p, ts), _grads(q, ts))
+
+
+def test_lyapunov_max_trivial_and_bad_input():
+    m, X, C = _model("itrsa", D=4, H=1, S=2, seed=13, norm="none", eta=0.0)  # eta = 0, no norm: J = I
+    lam = R.lyapunov_max(m, X, C=C, horizon=3, k=2)
+    assert abs(lam.item()) < 1e-12  # the identity map: every exponent 0
+    with pytest.raises(ValueError, match="k: expected at most"):
+        R.lyapunov_max(m, X, k=99)
+    with pytest.raises(ValueError, match="X0"):
+        R.lyapunov_max(m, X[0])
+
+
 # ----------------------------------------------------------------------------------------------- backends, errors
 
 
