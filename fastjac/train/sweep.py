@@ -618,16 +618,16 @@ def markdown(summary: Dict[str, Any]) -> str:
         return f"{d['mean']:+.3f}" + ("" if d.get("sd") is None else f" ± {d['sd']:.3f}") + f" (n={d['n']})"
 
     lines = [
-        "| config | n | ID board T=16 | OOD board T=16 | OOD board T=64 | OOD cell T=16 | lambda_max "
-        "| mean exponent | OOD board T=16 vs baseline, same seed |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| config | n | ID board T=16 | OOD board T=16 | OOD board T=64 | ID cell T=16 | OOD cell T=16 | lambda_max "
+        "| mean exponent | OOD board T=16 vs baseline, same seed | OOD cell T=16 vs baseline, same seed |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for n in agg:
         lines.append(
             f"| {agg[n]['label']} | {len(agg[n]['seeds'])} | {ms(n, 'test_id/T16/board')} | "
-            f"{ms(n, 'test_ood/T16/board')} | {ms(n, 'test_ood/T64/board')} | {ms(n, 'test_ood/T16/cell')} | "
-            f"{ms(n, 'lambda_max', sign=True)} | {ms(n, 'lambda_mean', sign=True)} | "
-            f"{dm(n, 'test_ood/T16/board')} |"
+            f"{ms(n, 'test_ood/T16/board')} | {ms(n, 'test_ood/T64/board')} | {ms(n, 'test_id/T16/cell')} | "
+            f"{ms(n, 'test_ood/T16/cell')} | {ms(n, 'lambda_max', sign=True)} | {ms(n, 'lambda_mean', sign=True)} | "
+            f"{dm(n, 'test_ood/T16/board')} | {dm(n, 'test_ood/T16/cell')} |"
         )
     tg = [n for n in agg if "target" in agg[n]]
     if tg:
@@ -655,7 +655,8 @@ def markdown(summary: Dict[str, Any]) -> str:
             )
     lines += [
         "",
-        "| config | finished runs (seeds) | wall time of a run, s: mean (min-max) | optimizer time, s: mean |",
+        "| config | finished runs (seeds; i: imported) | wall time of a run, s: mean (min-max) "
+        "| optimizer time, s: mean |",
         "|---|---|---|---|",
     ]
     for n in agg:
@@ -663,7 +664,8 @@ def markdown(summary: Dict[str, Any]) -> str:
         w = [r["wall_s"] for r in rs if r.get("wall_s") is not None]
         t = [r["train_time_s"] for r in rs if r.get("train_time_s") is not None]
         lines.append(
-            f"| {agg[n]['label']} | {len(rs)} ({', '.join(str(r['seed']) for r in rs)}) | "
+            f"| {agg[n]['label']} | {len(rs)} "
+            f"({', '.join(str(r['seed']) + ('i' if r.get('imported_from') else '') for r in rs)}) | "
             + (f"{np.mean(w):.0f} ({min(w):.0f}-{max(w):.0f})" if w else "-")
             + " | "
             + (f"{np.mean(t):.0f}" if t else "-")
