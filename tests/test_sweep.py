@@ -189,3 +189,12 @@ def test_sweep_imports_finished_runs_of_an_earlier_summary(tiny, tmp_path, monke
         ("tiny_spec", 7, "missing"),
     ]
     assert SW.main(argv + ["--import", str(tmp_path / "nope.json")]) == 2
+
+
+def test_stats_ci95_is_the_t_interval():
+    """ci95 = t_{0.975, n-1} sd / sqrt(n) (t from tables: 4.303 at df 2, 2.776 at df 4); None for one value."""
+    s = SW._stats([1.0, 2.0, 3.0])
+    assert abs(s["ci95"] - 4.303 / 3**0.5) < 1e-9 and s["sd"] == 1.0
+    s5 = SW._stats([0.1, 0.3, 0.2, 0.5, 0.4])
+    assert abs(s5["ci95"] - 2.776 * np.std([0.1, 0.3, 0.2, 0.5, 0.4], ddof=1) / 5**0.5) < 1e-9
+    assert SW._stats([1.0])["ci95"] is None and SW._stats([])["n"] == 0

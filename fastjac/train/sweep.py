@@ -374,14 +374,23 @@ def _eval_job(args):
 # ------------------------------------------------------------------------------------------------- aggregation
 
 
+#: two-sided 95 % quantiles of Student's t for 1..10 degrees of freedom (more: 2.0, conservative from df 11 on)
+_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228)
+
+
 def _stats(v: Sequence[float]) -> Dict[str, Any]:
+    """mean, sd, n, the values, and ``ci95``: the half-width of the 95 % t-interval of the mean (None for n < 2).
+    For same-seed differences, "the interval excludes 0" is what the docs call distinguishable from seed noise."""
     a = np.asarray([x for x in v if x is not None and math.isfinite(x)], dtype=np.float64)
     if len(a) == 0:
         return dict(mean=None, sd=None, n=0)
+    n = len(a)
+    sd = float(a.std(ddof=1)) if n > 1 else None
     return dict(
         mean=float(a.mean()),
-        sd=float(a.std(ddof=1)) if len(a) > 1 else None,
-        n=int(len(a)),
+        sd=sd,
+        n=int(n),
+        ci95=(_T975[n - 2] if n - 1 <= len(_T975) else 2.0) * sd / math.sqrt(n) if n > 1 else None,
         values=[float(x) for x in a],
     )
 
@@ -618,10 +627,12 @@ def markdown(summary: Dict[str, Any]) -> str:
         return f.format(v["mean"]) + (f" ± {v['sd']:.{nd}f}" if v.get("sd") is not None else "")
 
     def dm(name, key):
+        """mean ± sd (n), with * when the 95 % t-interval of the same-seed difference excludes 0"""
         d = agg[name].get("diff_vs_baseline", {}).get(key, {})
         if d.get("mean") is None:
             return "-"
-        return f"{d['mean']:+.3f}" + ("" if d.get("sd") is None else f" ± {d['sd']:.3f}") + f" (n={d['n']})"
+        star = "*" if d.get("ci95") is not None and abs(d["mean"]) > d["ci95"] else ""
+        return f"{d['mean']:+.3f}" + ("" if d.get("sd") is None else f" ± {d['sd']:.3f}") + f" (n={d['n']}){star}"
 
     lines = [
         "| config | n | ID board T=16 | OOD board T=16 | OOD board T=64 | ID cell T=16 | OOD cell T=16 | lambda_max "
@@ -635,6 +646,26 @@ def markdown(summary: Dict[str, Any]) -> str:
             f"{ms(n, 'test_ood/T16/cell')} | {ms(n, 'lambda_max', sign=True)} | {ms(n, 'lambda_mean', sign=True)} | "
             f"{dm(n, 'test_ood/T16/board')} | {dm(n, 'test_ood/T16/cell')} |"
         )
+    dkeys = ("lambda_max", "test_id/T16/board", "test_ood/T16/board", "test_ood/T64/board", "test_id/T16/cell")
+    dkeys += ("test_ood/T16/cell",)
+    withd = [n for n in agg if agg[n].get("diff_vs_baseline")]
+    if withd:
+        lines += [
+            "",
+            "Same-seed differences against the baseline (mean ± sd over the seeds both have, n; * = the 95 % "
+            "t-interval excludes 0, i.e. distinguishable from seed noise):",
+            "",
+            "| config | baseline | lambda_max | ID board T=16 | OOD board T=16 | OOD board T=64 | ID cell T=16 "
+            "| OOD cell T=16 |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for n in withd:
+            b = agg[n]["baseline"]
+            lines.append(
+                f"| {agg[n]['label']} | {agg[b]['label'] if b in agg else b} | "
+                + " | ".join(dm(n, k) for k in dkeys)
+                + " |"
+            )
     tg = [n for n in agg if "target" in agg[n]]
     if tg:
         lines += [
