@@ -916,8 +916,10 @@ def sweep(
         eval_steps=list(steps),
         lyap_boards=lyap_boards,
         configs=agg,
-        # 4x4 only: the 6x6 runs are another task, pooling them would mix two accuracy scales
-        fig3=fig3_analysis(
+        # the controlled Fig. 3 grid with Original; and every 4x4 target run pooled (the 6x6 runs are another task:
+        # pooling them would mix two accuracy scales)
+        fig3=fig3_analysis(records, GRIDS["fig3"] + ["original"]),
+        fig3_pooled_4x4=fig3_analysis(
             records, [n for n in configs if lyap_target(n) is not None and baseline_of(n) == "original"] + ["original"]
         ),
         status=dict(
