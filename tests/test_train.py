@@ -39,6 +39,8 @@ def _cfg(tmp_path, name, **kw):
         probes=2,
         lyap_k=2,
         warmup=2,
+        reg_warmup=0,  # these tests exercise the terms from the first step; the automatic schedule is tested below
+        reg_ramp=0,
     )
     base.update(kw)
     return TrainConfig(**base)
@@ -211,6 +213,22 @@ def test_fingerprint_new_fields_and_cli_flags():
     for bad in (dict(lyap_iters=-1), dict(lyap_form="hinge"), dict(lyap_aggregate="x"), dict(reg_warmup=1.5)):
         with pytest.raises(ValueError, match=next(iter(bad))):
             TrainConfig(**bad).validate()
+
+
+def test_automatic_schedule_with_the_lyapunov_term():
+    """reg_warmup / reg_ramp = -1 (the defaults): 10 % of the configured steps each with lyap > 0, else 0; an
+    explicit value wins; the fingerprint of a run without the Lyapunov term is what it was before."""
+    c = TrainConfig.preset("cpu", lyap=1.0).validate()
+    assert (c.reg_warmup, c.reg_ramp) == (250, 250)  # 125 steps x 20 epochs
+    assert (TrainConfig.preset("cpu", spec=1e-4).validate().reg_warmup, TrainConfig().validate().reg_ramp) == (0, 0)
+    c = TrainConfig.preset("cpu", lyap=1.0, reg_warmup=0).validate()
+    assert (c.reg_warmup, c.reg_ramp) == (0, 250)
+    assert TrainConfig.preset("cpu6", lyap=1.0).validate().reg_warmup == 750  # 250 steps x 30 epochs
+    fp = lambda **kw: loop._fingerprint(TrainConfig(**kw).validate())  # noqa: E731
+    assert fp() == fp(reg_warmup=0, reg_ramp=0) and fp(spec=1e-3) == fp(spec=1e-3, reg_warmup=0)
+    assert fp(lyap=1.0) == fp(lyap=1.0, reg_warmup=250, reg_ramp=250) != fp(lyap=1.0, reg_warmup=0, reg_ramp=0)
+    with pytest.raises(ValueError, match="reg_warmup: expected an int >= 0, or -1"):
+        TrainConfig(reg_warmup=-2).validate()
 
 
 def test_warmup_and_heldout_log_do_not_touch_training_rng(tmp_path, data):

@@ -45,8 +45,8 @@ _HELP = {
     "lyap_form": "squared | above | below (one-sided hinges)",
     "lyap_aggregate": "board | batch (penalise the mean)",
     "lyap_boards": "boards per step for the Lyapunov term (0: reg-samples)",
-    "reg_warmup": "steps with every regulariser off",
-    "reg_ramp": "steps of linear weight ramp after the warm-up",
+    "reg_warmup": "steps with every regulariser off (-1: 10 %% of the steps with --lyap, else 0)",
+    "reg_ramp": "steps of linear weight ramp after the warm-up (-1: 10 %% of the steps with --lyap, else 0)",
     "lyap_log_boards": "held-out boards whose lambda_max is logged each epoch (0: off)",
 }
 
