@@ -45,6 +45,8 @@ def json_safe(obj: Any) -> Any:
         return [json_safe(v) for v in obj]
     if obj is None or isinstance(obj, (bool, int, str)):
         return obj
+    if getattr(obj, "ndim", None) == 0 and hasattr(obj, "item"):  # numpy scalars (np.int64, np.bool_, ...)
+        return json_safe(obj.item())
     return str(obj)
 
 

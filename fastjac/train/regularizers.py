@@ -591,19 +591,8 @@ def lyapunov(
     """
     fr = _Frame(step, X0, C, horizon, k, iters, seed, backend)
     S, D, n, k, X = fr.S, fr.D, fr.n, fr.k, fr.X
-    V = fr.as_tangent(fr.Q0)
-    Rprod = None
     try:
-        for lin in fr.lins:
-            W = lin.jvp(V)
-            Qm, R = torch.linalg.qr(fr.as_matrix(W).double())
-            # a positive diagonal (QR's signs are arbitrary; sigma of the product does not depend on them)
-            sgn = torch.sign(torch.diagonal(R, dim1=-2, dim2=-1)).detach()
-            sgn = torch.where(sgn == 0, torch.ones_like(sgn), sgn)
-            Qm, R = Qm * sgn.unsqueeze(-2), R * sgn.unsqueeze(-1)
-            Rprod = R if Rprod is None else R @ Rprod
-            V = fr.as_tangent(Qm.to(X.dtype))
-        sv = torch.linalg.svdvals(Rprod)  # [B, k], descending
+        sv = torch.linalg.svdvals(fr.frame_product())  # [B, k], descending
     except torch.linalg.LinAlgError:  # NaN/inf reached the QR/SVD: only when the finiteness checks are off
         raise fr.nonfinite() from None
     tiny = torch.finfo(torch.float64).tiny
@@ -669,6 +658,21 @@ class _Frame:
                 Q0 = Q
         self.Q0 = Q0
 
+    def frame_product(self) -> Tensor:
+        """The k tangents of Q0 pushed through the horizon, a QR every step: the accumulated triangular factor
+        ``R_{h-1} ... R_0`` [B, k, k] (float64), with ``P Q0 = Q_h R_{h-1} ... R_0``; differentiable unless called
+        under no_grad."""
+        V, Rprod = self.as_tangent(self.Q0), None
+        for lin in self.lins:
+            Qm, R = torch.linalg.qr(self.as_matrix(lin.jvp(V)).double())
+            # a positive diagonal (QR's signs are arbitrary; sigma of the product does not depend on them)
+            sgn = torch.sign(torch.diagonal(R, dim1=-2, dim2=-1)).detach()
+            sgn = torch.where(sgn == 0, torch.ones_like(sgn), sgn)
+            Qm, R = Qm * sgn.unsqueeze(-2), R * sgn.unsqueeze(-1)
+            Rprod = R if Rprod is None else R @ Rprod
+            V = self.as_tangent(Qm.to(self.X.dtype))
+        return Rprod
+
     def as_tangent(self, M: Tensor) -> Tensor:  # [B, n, j] -> [j, B, S, D]
         j = M.shape[-1]
         return M.permute(2, 0, 1).reshape(j, self.B, self.S, self.D)
@@ -721,12 +725,7 @@ def lyapunov_max(
     X = fr.X
     try:
         with torch.no_grad():  # the Ritz vector of span(Q0): the k-tangent pass without a graph
-            V, Rprod = fr.as_tangent(fr.Q0), None
-            for lin in fr.lins:
-                Qm, R = torch.linalg.qr(fr.as_matrix(lin.jvp(V)).double())
-                Rprod = R if Rprod is None else R @ Rprod
-                V = fr.as_tangent(Qm.to(X.dtype))
-            v1 = torch.linalg.svd(Rprod)[2][:, 0, :]  # [B, k]: top right singular vector (Vh's first row)
+            v1 = torch.linalg.svd(fr.frame_product())[2][:, 0, :]  # [B, k]: top right singular vector (Vh[0])
             y = (fr.Q0.double() @ v1.unsqueeze(-1)).to(X.dtype)  # [B, n, 1]
         w = fr.as_tangent(y)[0]  # [B, S, D]
         logs = []

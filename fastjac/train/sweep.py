@@ -44,6 +44,9 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from .._checks import json_safe
+from .._io import write_json
+
 #: seed of the common test set (no training run uses it: training seeds are small ints)
 TEST_SEED = 424_242
 #: training sets of these seeds are removed from the common test set
@@ -53,7 +56,6 @@ EVAL_STEPS = (4, 8, 16, 32, 64, 128)
 # the Lyapunov-target runs: k = 4 tangents, one alignment pass (the unbiased default), 4 boards a step, no penalty
 # for the first 2 epochs (250 steps) then a linear ramp over 2 more (at initialisation lambda_max ~ -1.5: a full
 # weight would swamp the cross-entropy)
-_LYAP = ["--lyap-k", "4", "--lyap-iters", "1", "--reg-warmup", "250", "--reg-ramp", "250"]
 
 
 def _lyap_cfg(
@@ -61,10 +63,8 @@ def _lyap_cfg(
 ) -> Tuple[str, list]:
     return (
         preset,
-        ["--lyap", str(weight), "--lyap-target", str(tau)]
-        + _LYAP[:4]
-        + ["--lyap-boards", str(boards)]
-        + _LYAP[4:]
+        ["--lyap", str(weight), "--lyap-target", str(tau), "--lyap-k", "4", "--lyap-iters", "1"]
+        + ["--lyap-boards", str(boards), "--reg-warmup", "250", "--reg-ramp", "250"]
         + (["--lyap-aggregate", aggregate] if aggregate != "board" else [])
         + (["--reg-every", str(every)] if every != 1 else []),
     )
@@ -238,13 +238,14 @@ def train_runs(
                 procs.remove(item)
                 d = run_dir(root, *key)
                 if p.returncode == 0 and os.path.exists(os.path.join(d, "results.json")):
-                    _write_json(
+                    write_json(
                         os.path.join(d, "DONE"),
                         dict(
                             wall_s=time.time() - t0,
                             cmd=cmd[1:],
                             finished=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                         ),
+                        fallback=False,
                     )
                 else:
                     failed.add(key)
@@ -260,30 +261,6 @@ def train_runs(
             log.close()
         bar.close()
     return {r: status(root, *r) for r in runs}
-
-
-def _write_json(path: str, obj: Any) -> None:
-    tmp = path + f".tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, allow_nan=False, default=_nan_none)
-    os.replace(tmp, path)
-
-
-def _nan_none(o):  # pragma: no cover - numpy scalars
-    if isinstance(o, (np.floating, np.integer)):
-        return o.item()
-    raise TypeError(type(o).__name__)
-
-
-def _clean(x):
-    """NaN/inf -> None (strict JSON)."""
-    if isinstance(x, dict):
-        return {k: _clean(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_clean(v) for v in x]
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    return x
 
 
 # ------------------------------------------------------------------------------------------------- common test set
@@ -366,7 +343,7 @@ def evaluate_run(
             v = np.asarray(ly["per_board_" + k])
             ly[k + "_se"] = float(v.std(ddof=1) / math.sqrt(len(v))) if len(v) > 1 else float("nan")
     res = dict(key=key, eval=ev, lyapunov=ly, eval_s=time.perf_counter() - t0)
-    _write_json(path, _clean(res))
+    write_json(path, res, fallback=False)  # strict JSON, atomic; a failure raises
     return res
 
 
@@ -935,12 +912,12 @@ def sweep(
         resume_command=("python -m fastjac.train.sweep " + " ".join(argv)) if argv is not None else None,
         runs=records,
     )
-    summary = _clean(summary)
+    summary = json_safe(summary)
     if png_dir:
         summary["figures"] = plot_all(summary, records, png_dir)
     if out:
         os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-        _write_json(out, summary)
+        write_json(out, summary, fallback=False)
     return summary
 
 
